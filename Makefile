@@ -1,0 +1,60 @@
+# The two commands a new user needs: `make demo` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CACHE ?= $(HOME)/.cache/fedkube
+# Reinstall only when the dependency list changes.
+INSTALL_STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
+OPENFL_VENV := $(CACHE)/openfl-1.6-venv
+OPENFL_STAMP := $(OPENFL_VENV)/.installed
+
+.PHONY: install demo test lint typecheck unit testenv openfl protos crds clean bench
+
+install: $(INSTALL_STAMP)
+
+$(INSTALL_STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	@rm -f $(VENV)/.installed-* && touch $@
+
+demo: install
+	$(VENV)/bin/fedkube demo
+
+# The reference peer: OpenFL 1.6 from PyPI in a virtualenv of its own (it pins protobuf<5).
+openfl: $(OPENFL_STAMP)
+
+$(OPENFL_STAMP):
+	rm -rf $(OPENFL_VENV)
+	$(PYTHON) -m venv $(OPENFL_VENV)
+	$(OPENFL_VENV)/bin/pip install -q --upgrade pip
+	$(OPENFL_VENV)/bin/pip install -q 'openfl==1.6'
+	touch $@
+
+# The Kubernetes test control plane, built from Go modules and cached under $(CACHE).
+testenv:
+	bash tools/k8s-testenv/build.sh
+
+lint: install
+	$(VENV)/bin/ruff check fedkube tests tools benchmarks
+
+typecheck: install
+	$(VENV)/bin/mypy fedkube
+
+unit: install
+	$(VENV)/bin/pytest -m "not k8s and not compat" -q
+
+test: install openfl testenv lint typecheck
+	FEDKUBE_OPENFL_PYTHON=$(OPENFL_VENV)/bin/python \
+	KUBEBUILDER_ASSETS=$${KUBEBUILDER_ASSETS:-$$(bash tools/k8s-testenv/build.sh)/bin} \
+	$(VENV)/bin/pytest -q
+
+protos: install
+	$(PY) tools/gen_protos.py
+
+bench: install openfl
+	FEDKUBE_OPENFL_PYTHON=$(OPENFL_VENV)/bin/python $(PY) -m benchmarks.health_checks
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache demo-output

@@ -1,0 +1,1 @@
+"""Typed models shared by every role: configuration files, experiment statuses, CRDs."""

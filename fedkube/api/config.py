@@ -1,0 +1,129 @@
+"""Configuration files of the director and the envoy, validated with pydantic.
+
+The CLI flags map onto these models one to one; a YAML file given with ``--config`` fills
+the same fields, and flags given on the command line win over the file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_PORT = 50051
+DEFAULT_HEALTH_CHECK_PERIOD = 60.0
+
+Port = Annotated[int, Field(ge=1, le=65535)]
+Name = Annotated[str, Field(min_length=1, max_length=253, pattern=r"^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$")]
+
+
+class ConfigError(ValueError):
+    """A configuration file or flag is invalid; the message names the field."""
+
+
+def parse_shape(value: str | list[Any] | tuple[Any, ...]) -> list[str]:
+    """'8,8' or [8, 8] -> ['8', '8'] (OpenFL carries shapes as lists of strings)."""
+    items = value.split(",") if isinstance(value, str) else list(value)
+    shape = [str(item).strip() for item in items]
+    if not shape or any(not dim.isdigit() or int(dim) <= 0 for dim in shape):
+        raise ValueError(f"a shape is a comma-separated list of positive integers, got {value!r}")
+    return shape
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TLSSettings(_Strict):
+    """``insecure`` (plaintext; identity from the ``client_id`` header) or mutual TLS."""
+
+    insecure: bool = False
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+
+    @model_validator(mode="after")
+    def _complete(self) -> TLSSettings:
+        files = (self.ca, self.cert, self.key)
+        if self.insecure and any(files):
+            raise ValueError("insecure mode takes no ca/cert/key")
+        if not self.insecure and not all(files):
+            raise ValueError("mTLS needs ca, cert and key (or set insecure: true)")
+        for path in files:
+            if path is not None and not path.is_file():
+                raise ValueError(f"no such file: {path}")
+        return self
+
+
+class DirectorConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: Port = DEFAULT_PORT
+    data_dir: Path = Path("fedkube-data")
+    sample_shape: list[str] = Field(default_factory=lambda: ["8", "8"])
+    target_shape: list[str] = Field(default_factory=lambda: ["1"])
+    health_check_period: float = Field(default=DEFAULT_HEALTH_CHECK_PERIOD, gt=0, le=3600)
+    tls: TLSSettings
+
+    _shapes = field_validator("sample_shape", "target_shape", mode="before")(parse_shape)
+
+
+class ShardSettings(_Strict):
+    """Which shard loader serves this envoy's data, and its options."""
+
+    loader: str = Field(default="digits", min_length=1)
+    options: dict[str, str | int | float | bool] = Field(default_factory=dict)
+
+
+class EnvoyConfig(_Strict):
+    name: Name
+    director: str = Field(pattern=r"^[^:\s]+:\d{1,5}$", description="host:port of the director")
+    shard: ShardSettings = Field(default_factory=ShardSettings)
+    cuda_devices: list[Annotated[int, Field(ge=0)]] = Field(default_factory=list)
+    runtime: Literal["process", "pod"] = "process"
+    work_dir: Path = Path("fedkube-envoy")
+    tls: TLSSettings
+    max_backoff: float = Field(default=30.0, gt=0, description="cap of the reconnect delay, s")
+
+
+ConfigT = TypeVar("ConfigT", bound=BaseModel)
+
+
+def _format_error(error: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration in {source}:"]
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        lines.append(f"  {where}: {item['msg']}")
+    return "\n".join(lines)
+
+
+def build_config(model: type[ConfigT], file: Path | None, overrides: dict[str, Any]) -> ConfigT:
+    """Merges a YAML file (optional) with flag overrides and validates the result.
+
+    Raises ConfigError with one line per bad field.
+    """
+    data: dict[str, Any] = {}
+    source = "command-line flags"
+    if file is not None:
+        source = str(file)
+        try:
+            loaded = yaml.safe_load(file.read_text())
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"cannot read {file}: {exc}") from exc
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"invalid configuration in {file}: the top level must be a mapping")
+        data.update(loaded)
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if key == "tls" and isinstance(data.get("tls"), dict):
+            data["tls"] = {**data["tls"], **value}
+        else:
+            data[key] = value
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc, source)) from exc

@@ -1,0 +1,239 @@
+"""`fedkube` command line: director, envoy, shards, certs, demo (and more as roles land)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from fedkube.api.config import ConfigError, DirectorConfig, EnvoyConfig, build_config, parse_shape
+
+log = logging.getLogger("fedkube")
+
+EXIT_CONFIG = 2
+EXIT_REFUSED = 3
+
+
+def _tls_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("transport security (mTLS unless --insecure)")
+    group.add_argument("--insecure", action="store_true", default=None,
+                       help="plaintext gRPC; identities are not checked")
+    group.add_argument("--ca", type=Path, help="CA certificate (PEM)")
+    group.add_argument("--cert", type=Path, help="this party's certificate (PEM)")
+    group.add_argument("--key", type=Path, help="this party's private key (PEM)")
+
+
+def _tls_overrides(args: argparse.Namespace) -> dict[str, Any] | None:
+    values = {"insecure": args.insecure, "ca": args.ca, "cert": args.cert, "key": args.key}
+    chosen = {k: v for k, v in values.items() if v is not None}
+    return chosen or None
+
+
+def _options(pairs: Sequence[str]) -> dict[str, str]:
+    result = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--shard-option wants key=value, got {pair!r}")
+        result[key] = value
+    return result
+
+
+def _shape(value: str) -> list[str]:
+    try:
+        return parse_shape(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+# -- director -----------------------------------------------------------------------------
+
+def director_config(args: argparse.Namespace) -> DirectorConfig:
+    return build_config(DirectorConfig, args.config, {
+        "host": args.host, "port": args.port, "data_dir": args.data_dir,
+        "sample_shape": args.sample_shape, "target_shape": args.target_shape,
+        "health_check_period": args.health_check_period, "tls": _tls_overrides(args),
+    })
+
+
+def cmd_director_start(args: argparse.Namespace) -> int:
+    from fedkube.director.server import DirectorServer
+
+    config = director_config(args)
+
+    async def main() -> None:
+        server = DirectorServer(config)
+        await server.serve_forever()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(main())
+    return 0
+
+
+# -- envoy --------------------------------------------------------------------------------
+
+def envoy_config(args: argparse.Namespace) -> EnvoyConfig:
+    shard: dict[str, Any] | None = None
+    if args.shard is not None or args.shard_option:
+        shard = {"loader": args.shard or "digits", "options": _options(args.shard_option)}
+    cuda = [int(i) for i in args.cuda_devices.split(",") if i] if args.cuda_devices else None
+    return build_config(EnvoyConfig, args.config, {
+        "name": args.name, "director": args.director, "shard": shard, "cuda_devices": cuda,
+        "work_dir": args.work_dir, "tls": _tls_overrides(args),
+    })
+
+
+def cmd_envoy_start(args: argparse.Namespace) -> int:
+    from fedkube.envoy_agent.agent import EnvoyAgent, ShardRefused
+    from fedkube.envoy_agent.runtimes import make_runtime
+    from fedkube.tasks.shard import ShardLoaderError, load_shard
+
+    config = envoy_config(args)
+    try:
+        shard = load_shard(config.shard.loader, dict(config.shard.options))
+    except ShardLoaderError as exc:
+        raise ConfigError(str(exc)) from exc
+
+    async def main() -> None:
+        agent = EnvoyAgent(config, shard, runtime=make_runtime(config))
+        await agent.run()
+
+    try:
+        asyncio.run(main())
+    except ShardRefused as exc:
+        log.error("shard not accepted: %s", exc)
+        return EXIT_REFUSED
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+# -- shards -------------------------------------------------------------------------------
+
+def cmd_shards(args: argparse.Namespace) -> int:
+    from fedkube.client import DirectorClient
+
+    with DirectorClient.from_files(args.director, ca=args.ca, cert=args.cert, key=args.key,
+                                   client_id=args.client_id) as client:
+        envoys = client.envoys()
+    if args.output == "json":
+        print(json.dumps([vars(e) for e in envoys], indent=2))
+        return 0
+    from fedkube.ui import shards_table
+
+    from rich.console import Console
+
+    Console().print(shards_table(envoys))
+    return 0
+
+
+# -- certs --------------------------------------------------------------------------------
+
+def cmd_certs(args: argparse.Namespace) -> int:
+    from fedkube.transport import certs
+
+    ca = certs.load_or_create_ca(args.out)
+    made = []
+    if args.director:
+        made.append(certs.write_pair(args.out, "director",
+                                     certs.issue(ca, args.director,
+                                                 hosts=["localhost", "127.0.0.1", *args.san])))
+    for name in [*args.envoy, *args.user]:
+        made.append(certs.write_pair(args.out, name, certs.issue(ca, name)))
+    print(f"CA: {args.out / 'ca.crt'}")
+    for cert, key in made:
+        print(f"{cert}  {key}")
+    return 0
+
+
+# -- demo ---------------------------------------------------------------------------------
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from fedkube.demo import run_demo
+
+    return run_demo(envoys=args.envoys, rounds=args.rounds, non_iid=args.non_iid,
+                    out_dir=args.out, as_json=args.json)
+
+
+# -- parser -------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedkube", description=__doc__)
+    parser.add_argument("--log-level", default="info",
+                        choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--log-format", default="auto", choices=["auto", "rich", "plain", "json"])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    director = commands.add_parser("director", help="run the director").add_subparsers(
+        dest="action", required=True)
+    start = director.add_parser("start", help="start a director")
+    start.add_argument("--host")
+    start.add_argument("--port", type=int)
+    start.add_argument("--data-dir", type=Path)
+    start.add_argument("--sample-shape", type=_shape)
+    start.add_argument("--target-shape", type=_shape)
+    start.add_argument("--health-check-period", type=float, help="seconds")
+    start.add_argument("--config", type=Path, help="director.yaml")
+    _tls_flags(start)
+    start.set_defaults(func=cmd_director_start)
+
+    envoy = commands.add_parser("envoy", help="run an envoy").add_subparsers(
+        dest="action", required=True)
+    start = envoy.add_parser("start", help="start an envoy")
+    start.add_argument("--name")
+    start.add_argument("--director", help="host:port")
+    start.add_argument("--shard", help="shard loader: 'digits' or package.module:Class")
+    start.add_argument("--shard-option", action="append", default=[], metavar="KEY=VALUE")
+    start.add_argument("--cuda-devices", help="comma-separated GPU indices this envoy owns")
+    start.add_argument("--work-dir", type=Path)
+    start.add_argument("--config", type=Path, help="envoy.yaml")
+    _tls_flags(start)
+    start.set_defaults(func=cmd_envoy_start)
+
+    shards = commands.add_parser("shards", help="list the director's registry of shards")
+    shards.add_argument("--director", required=True, help="host:port")
+    shards.add_argument("--output", choices=["table", "json"], default="table")
+    shards.add_argument("--client-id", default="owner")
+    _tls_flags(shards)
+    shards.set_defaults(func=cmd_shards)
+
+    certs = commands.add_parser("certs", help="create a CA and mTLS certificates")
+    certs.add_argument("--out", type=Path, required=True, help="directory for PEM files")
+    certs.add_argument("--director", metavar="HOST", help="issue the director's certificate")
+    certs.add_argument("--san", action="append", default=[], help="extra director host names")
+    certs.add_argument("--envoy", action="append", default=[], metavar="NAME")
+    certs.add_argument("--user", action="append", default=[], metavar="NAME",
+                       help="a model owner's client certificate")
+    certs.set_defaults(func=cmd_certs)
+
+    demo = commands.add_parser("demo", help="a whole federation on this machine")
+    demo.add_argument("--envoys", type=int, default=3)
+    demo.add_argument("--rounds", type=int, default=10)
+    demo.add_argument("--non-iid", action="store_true")
+    demo.add_argument("--out", type=Path, default=Path("demo-output"))
+    demo.add_argument("--json", action="store_true", help="end with one JSON object")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from fedkube.logs import setup_logging
+
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_level, args.log_format)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except ConfigError as exc:
+        print(f"fedkube: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The director: registry of shards and envoys, experiments, and their gRPC service."""

@@ -1,0 +1,363 @@
+"""The director's core: a state machine with the methods of OpenFL 1.6's `Director`.
+
+No gRPC here: the servicer translates messages and errors. Durable state goes through a
+`DirectorStore`; envoy health lives in memory and is flushed to the store in batches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from fedkube.api.experiment import ExperimentStatus
+from fedkube.director.errors import (
+    AlreadyExistsError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    PermissionDeniedError,
+)
+from fedkube.director.store import DirectorStore, ExperimentRecord, ShardRecord
+from fedkube.proto import director_pb2
+
+log = logging.getLogger(__name__)
+
+EXPERIMENT_NAME = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,251}[a-z0-9])?$")
+
+
+@dataclass
+class EnvoyState:
+    """What the director knows of one registered shard and its envoy."""
+
+    name: str
+    shard_info: director_pb2.ShardInfo
+    registered_at: float
+    last_updated: float
+    is_experiment_running: bool = False
+    current_experiment: str | None = None
+
+
+@dataclass(frozen=True)
+class Acknowledgement:
+    accepted: bool
+    reason: str = ""
+
+
+class ExperimentRunner(Protocol):
+    """Runs an experiment once its collaborators are dispatched (the aggregator's side)."""
+
+    def start(self, experiment: ExperimentRecord) -> None: ...
+
+    def stop(self, name: str) -> None: ...
+
+
+@dataclass
+class _Waiters:
+    """Wakes envoys blocked in WaitExperiment when something is dispatched to them."""
+
+    cond: asyncio.Condition = field(default_factory=asyncio.Condition)
+
+
+class Director:
+    def __init__(
+        self,
+        *,
+        store: DirectorStore,
+        data_dir: Path,
+        sample_shape: Sequence[str],
+        target_shape: Sequence[str],
+        health_check_period: float,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.data_dir = data_dir
+        self.sample_shape = list(sample_shape)
+        self.target_shape = list(target_shape)
+        self.health_check_period = health_check_period
+        self.clock = clock
+        self.runner: ExperimentRunner | None = None
+        self._envoys: dict[str, EnvoyState] = {}
+        self._dirty_health: set[str] = set()
+        self._experiments: dict[str, ExperimentRecord] = {}
+        self._waiters = _Waiters()
+        self._load()
+
+    # -- persistence -----------------------------------------------------------------
+
+    def _load(self) -> None:
+        for record in self.store.shards():
+            info = director_pb2.ShardInfo.FromString(record.shard_info)
+            self._envoys[record.name] = EnvoyState(
+                name=record.name, shard_info=info, registered_at=record.registered_at,
+                last_updated=record.last_updated,
+            )
+        for experiment in self.store.experiments():
+            self._experiments[experiment.name] = experiment
+            if experiment.status is ExperimentStatus.IN_PROGRESS:
+                self._assign(experiment)
+        if self._envoys or self._experiments:
+            log.info("restored %d shards and %d experiments from the store",
+                     len(self._envoys), len(self._experiments))
+
+    def flush_health(self) -> int:
+        """Writes the health timestamps changed since the last flush; returns how many."""
+        if not self._dirty_health:
+            return 0
+        dirty, self._dirty_health = self._dirty_health, set()
+        updates = [(name, self._envoys[name].last_updated) for name in dirty
+                   if name in self._envoys]
+        self.store.touch_shards(updates)
+        return len(updates)
+
+    # -- shards and envoys ------------------------------------------------------------
+
+    def acknowledge_shard(self, shard_info: director_pb2.ShardInfo) -> Acknowledgement:
+        name = shard_info.node_info.name
+        if not name:
+            return Acknowledgement(False, "the shard has no node_info.name")
+        sample, target = list(shard_info.sample_shape), list(shard_info.target_shape)
+        if sample != self.sample_shape or target != self.target_shape:
+            reason = (f"shard {name} has sample shape {sample} and target shape {target}; "
+                      f"this federation needs {self.sample_shape} and {self.target_shape}")
+            log.warning("refused shard: %s", reason)
+            return Acknowledgement(False, reason)
+        now = self.clock()
+        previous = self._envoys.get(name)
+        state = EnvoyState(
+            name=name, shard_info=shard_info,
+            registered_at=previous.registered_at if previous else now, last_updated=now,
+            current_experiment=previous.current_experiment if previous else None,
+        )
+        self._envoys[name] = state
+        self.store.put_shard(ShardRecord(name, shard_info.SerializeToString(),
+                                         state.registered_at, now))
+        log.info("accepted shard %s (%d samples)", name, shard_info.n_samples)
+        return Acknowledgement(True)
+
+    def update_envoy_status(
+        self, name: str, *, is_experiment_running: bool,
+        cuda_devices: Sequence[director_pb2.CudaDeviceInfo],
+    ) -> float:
+        """Records a health check; returns the period the envoy should check in at."""
+        state = self._envoys.get(name)
+        if state is None:
+            raise NotFoundError(f"unknown shard {name!r}: register it (UpdateShardInfo) first")
+        state.last_updated = self.clock()
+        state.is_experiment_running = is_experiment_running
+        devices = state.shard_info.node_info.cuda_devices
+        if list(devices) != list(cuda_devices):
+            del devices[:]
+            devices.extend(cuda_devices)
+        self._dirty_health.add(name)
+        return self.health_check_period
+
+    def is_online(self, state: EnvoyState) -> bool:
+        return self.clock() - state.last_updated < 2 * self.health_check_period
+
+    def get_envoys(self) -> list[EnvoyState]:
+        return list(self._envoys.values())
+
+    def get_registered_shards(self) -> list[director_pb2.ShardInfo]:
+        return [state.shard_info for state in self._envoys.values()]
+
+    def get_dataset_info(self) -> tuple[list[str], list[str]]:
+        return self.sample_shape, self.target_shape
+
+    # -- experiments ------------------------------------------------------------------
+
+    def experiment(self, name: str) -> ExperimentRecord:
+        experiment = self._experiments.get(name)
+        if experiment is None:
+            raise NotFoundError(f"no experiment named {name!r}")
+        return experiment
+
+    def _owned(self, caller: str, name: str) -> ExperimentRecord:
+        experiment = self.experiment(name)
+        if experiment.owner != caller:
+            # Same answer as a missing experiment: do not reveal other owners' names.
+            raise NotFoundError(f"no experiment named {name!r}")
+        return experiment
+
+    def experiment_dir(self, name: str) -> Path:
+        return self.data_dir / "experiments" / name
+
+    def validate_new_experiment(self, name: str, collaborators: Sequence[str]) -> None:
+        if not EXPERIMENT_NAME.match(name):
+            raise InvalidArgumentError(
+                f"experiment name {name!r} must be 1-253 lowercase letters, digits, '.', '-' "
+                "or '_', starting and ending with a letter or digit")
+        if name in self._experiments:
+            raise AlreadyExistsError(f"experiment {name!r} already exists")
+        if not collaborators:
+            raise InvalidArgumentError("an experiment needs at least one collaborator")
+        if len(set(collaborators)) != len(collaborators):
+            raise InvalidArgumentError("collaborator names repeat")
+        unknown = sorted(set(collaborators) - set(self._envoys))
+        if unknown:
+            raise InvalidArgumentError(f"unknown collaborators (no such shard): {unknown}")
+
+    def set_new_experiment(
+        self, *, name: str, owner: str, collaborators: Sequence[str], archive_path: Path,
+        total_rounds: int = 0, extra: dict[str, str] | None = None,
+    ) -> ExperimentRecord:
+        """Registers an experiment whose archive is already at archive_path; queues it."""
+        self.validate_new_experiment(name, collaborators)
+        now = self.clock()
+        record = ExperimentRecord(
+            name=name, owner=owner, collaborators=tuple(collaborators),
+            archive_path=str(archive_path), status=ExperimentStatus.PENDING,
+            created_at=now, updated_at=now, total_rounds=total_rounds, extra=extra or {},
+        )
+        self._save(record)
+        log.info("experiment %s submitted by %s for %s", name, owner, list(collaborators))
+        self.schedule()
+        return self._experiments[name]
+
+    def _save(self, record: ExperimentRecord) -> None:
+        self._experiments[record.name] = record
+        self.store.put_experiment(record)
+
+    def update_experiment(self, name: str, **changes: object) -> ExperimentRecord:
+        record = self.experiment(name).evolve(updated_at=self.clock(), **changes)
+        self._save(record)
+        return record
+
+    def busy_shards(self) -> set[str]:
+        return {c for e in self._experiments.values() if e.status is ExperimentStatus.IN_PROGRESS
+                for c in e.collaborators}
+
+    def schedule(self) -> list[str]:
+        """Starts every pending experiment whose shards are all free, oldest first."""
+        started = []
+        busy = self.busy_shards()
+        for experiment in list(self._experiments.values()):
+            if experiment.status is not ExperimentStatus.PENDING:
+                continue
+            if busy.intersection(experiment.collaborators):
+                continue
+            busy.update(experiment.collaborators)
+            record = self.update_experiment(experiment.name, status=ExperimentStatus.IN_PROGRESS)
+            self._assign(record)
+            if self.runner is not None:
+                self.runner.start(record)
+            started.append(record.name)
+            log.info("experiment %s started", record.name)
+        return started
+
+    def queue_position(self, name: str) -> int:
+        """0 when running or done; otherwise 1 + the pending experiments ahead of it."""
+        experiment = self.experiment(name)
+        if experiment.status is not ExperimentStatus.PENDING:
+            return 0
+        pending = [e.name for e in self._experiments.values()
+                   if e.status is ExperimentStatus.PENDING]
+        return pending.index(name) + 1
+
+    def _assign(self, experiment: ExperimentRecord) -> None:
+        for collaborator in experiment.collaborators:
+            state = self._envoys.get(collaborator)
+            if state is not None:
+                state.current_experiment = experiment.name
+        self._notify()
+
+    def _notify(self) -> None:
+        async def wake() -> None:
+            async with self._waiters.cond:
+                self._waiters.cond.notify_all()
+
+        try:
+            asyncio.get_running_loop().create_task(wake())
+        except RuntimeError:  # no loop yet (restoring state at start-up): nobody waits
+            pass
+
+    def _dispatched(self, envoy: str) -> str | None:
+        state = self._envoys.get(envoy)
+        if state is None or state.current_experiment is None:
+            return None
+        experiment = self._experiments.get(state.current_experiment)
+        if experiment is None or experiment.status is not ExperimentStatus.IN_PROGRESS:
+            return None
+        return experiment.name
+
+    async def wait_experiment(self, envoy: str) -> str:
+        """Blocks until an experiment is running for this envoy; returns its name.
+
+        An envoy that reconnects while its experiment runs gets the same name again.
+        """
+        if envoy not in self._envoys:
+            raise NotFoundError(f"unknown shard {envoy!r}: register it first")
+        async with self._waiters.cond:
+            await self._waiters.cond.wait_for(lambda: self._dispatched(envoy) is not None)
+        name = self._dispatched(envoy)
+        assert name is not None
+        return name
+
+    def get_experiment_data(self, name: str, collaborator: str) -> Path:
+        experiment = self.experiment(name)
+        if collaborator not in experiment.collaborators:
+            raise PermissionDeniedError(
+                f"{collaborator!r} is not a collaborator of experiment {name!r}")
+        return Path(experiment.archive_path)
+
+    def finish_experiment(self, name: str, status: ExperimentStatus, error: str = "") -> None:
+        """Marks an experiment done and frees its shards for the next in the queue."""
+        experiment = self.experiment(name)
+        if experiment.status.is_final:
+            return
+        self.update_experiment(name, status=status, error=error)
+        for collaborator in experiment.collaborators:
+            state = self._envoys.get(collaborator)
+            if state is not None and state.current_experiment == name:
+                state.current_experiment = None
+        log.info("experiment %s %s%s", name, status.value, f": {error}" if error else "")
+        self._notify()
+        self.schedule()
+
+    def set_experiment_failed(self, name: str, collaborator: str, code: int,
+                              description: str) -> None:
+        experiment = self.experiment(name)
+        if collaborator not in experiment.collaborators:
+            raise PermissionDeniedError(
+                f"{collaborator!r} is not a collaborator of experiment {name!r}")
+        if experiment.status.is_final:
+            return
+        if self.runner is not None:
+            self.runner.stop(name)
+        self.finish_experiment(
+            name, ExperimentStatus.FAILED,
+            f"collaborator {collaborator} failed (code {code}): {description}")
+
+    def get_experiments_list(self, caller: str) -> list[ExperimentRecord]:
+        return [e for e in self._experiments.values() if e.owner == caller]
+
+    def get_experiment_status(self, caller: str, name: str) -> ExperimentRecord:
+        return self._owned(caller, name)
+
+    def remove_experiment_data(self, caller: str, name: str) -> None:
+        experiment = self._owned(caller, name)
+        if experiment.status is ExperimentStatus.IN_PROGRESS:
+            if self.runner is not None:
+                self.runner.stop(name)
+            self.finish_experiment(name, ExperimentStatus.FAILED, "removed by its owner")
+        del self._experiments[name]
+        self.store.delete_experiment(name)
+        shutil.rmtree(self.experiment_dir(name), ignore_errors=True)
+        log.info("experiment %s removed", name)
+
+    def require_running(self, name: str) -> ExperimentRecord:
+        experiment = self.experiment(name)
+        if experiment.status is not ExperimentStatus.IN_PROGRESS:
+            raise FailedPreconditionError(
+                f"experiment {name!r} is {experiment.status.value}, not in progress")
+        return experiment
+
+    def close(self) -> None:
+        self.flush_health()
+        self.store.close()

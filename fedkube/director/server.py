@@ -1,0 +1,70 @@
+"""Runs a director: the core, its store, the gRPC service, and the health flusher."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import grpc
+
+from fedkube.api.config import DirectorConfig
+from fedkube.director.core import Director
+from fedkube.director.servicer import DirectorService
+from fedkube.director.store import open_store
+from fedkube.proto import director_pb2_grpc
+from fedkube.transport.server import create_server
+from fedkube.transport.tls import TLSFiles
+
+log = logging.getLogger(__name__)
+
+# Health timestamps reach the store at most this often (and at shutdown).
+FLUSH_INTERVAL_S = 2.0
+
+
+class DirectorServer:
+    def __init__(self, config: DirectorConfig) -> None:
+        self.config = config
+        tls = TLSFiles.load(config.tls)
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+        self.director = Director(
+            store=open_store(config.data_dir), data_dir=config.data_dir,
+            sample_shape=config.sample_shape, target_shape=config.target_shape,
+            health_check_period=config.health_check_period,
+        )
+        self.server: grpc.aio.Server
+        self.server, self.port = create_server(config.host, config.port, tls=tls)
+        director_pb2_grpc.add_DirectorServicer_to_server(
+            DirectorService(self.director, tls=tls is not None), self.server)
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self.server.start()
+        self._flusher = asyncio.create_task(self._flush_loop())
+        mode = "insecure" if self.config.tls.insecure else "mTLS"
+        log.info("director listening on %s:%d (%s), data in %s", self.config.host, self.port,
+                 mode, self.config.data_dir)
+
+    async def _flush_loop(self) -> None:
+        interval = min(FLUSH_INTERVAL_S, self.director.health_check_period / 2)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await asyncio.to_thread(self.director.flush_health)
+            except Exception:  # a failed flush is retried next time, never fatal
+                log.exception("could not persist health checks")
+
+    async def stop(self, grace: float | None = 1.0) -> None:
+        if self._flusher is not None:
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flusher
+        await self.server.stop(grace)
+        self.director.close()
+
+    async def serve_forever(self) -> None:
+        await self.start()
+        try:
+            await self.server.wait_for_termination()
+        finally:
+            await self.stop()

@@ -1,0 +1,262 @@
+"""`openfl.director.Director` over grpc.aio: translates messages, checks who is calling,
+and maps the core's errors to gRPC status codes. No state and no rules live here."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+
+from fedkube.director.core import Director
+from fedkube.director.errors import (
+    DirectorError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    PermissionDeniedError,
+    ResourceExhaustedError,
+)
+from fedkube.director.store import ExperimentRecord
+from fedkube.proto import base_pb2, director_pb2, director_pb2_grpc
+from fedkube.transport.identity import caller_identity
+from fedkube.transport.limits import CHUNK_BYTES, MAX_ARCHIVE_BYTES
+
+log = logging.getLogger(__name__)
+
+REASON_HEADER = "fedkube-reason"
+Context = grpc.aio.ServicerContext  # type: ignore[type-arg]
+R = TypeVar("R")
+
+
+def _unary(method: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]:
+    """Turns a DirectorError into the matching gRPC status with its message."""
+
+    @functools.wraps(method)
+    async def wrapper(self: DirectorService, request: Any, context: Context) -> R:
+        try:
+            return await method(self, request, context)
+        except DirectorError as exc:
+            await context.abort(exc.code, str(exc))
+            raise  # unreachable: abort raises
+
+    return wrapper
+
+
+def _streaming(method: Callable[..., AsyncIterator[R]]) -> Callable[..., AsyncIterator[R]]:
+    @functools.wraps(method)
+    async def wrapper(self: DirectorService, request: Any, context: Context) -> AsyncIterator[R]:
+        try:
+            async for item in method(self, request, context):
+                yield item
+        except DirectorError as exc:
+            await context.abort(exc.code, str(exc))
+
+    return wrapper
+
+
+def experiment_description(record: ExperimentRecord) -> base_pb2.ExperimentDescription:
+    progress = record.current_round / record.total_rounds if record.total_rounds else 0.0
+    return base_pb2.ExperimentDescription(
+        name=record.name, status=record.status.value, progress=progress,
+        total_rounds=record.total_rounds, current_round=record.current_round,
+        download_statuses=base_pb2.DownloadStatuses(),
+        collaborators=[base_pb2.CollaboratorDescription(name=c, status=record.status.value,
+                                                        round=record.current_round)
+                       for c in record.collaborators],
+        tasks=[base_pb2.TaskDescription(name="train"), base_pb2.TaskDescription(name="validate")],
+    )
+
+
+class DirectorService(director_pb2_grpc.DirectorServicer):
+    def __init__(self, director: Director, *, tls: bool) -> None:
+        self.director = director
+        self.tls = tls
+        self._uploading: set[str] = set()
+
+    def _caller(self, context: Context) -> str:
+        return caller_identity(context, tls=self.tls)
+
+    def _require_self(self, context: Context, claimed: str) -> None:
+        """Under mTLS an envoy acts only for the shard named in its certificate."""
+        if self.tls:
+            caller = self._caller(context)
+            if caller != claimed:
+                raise PermissionDeniedError(
+                    f"caller {caller!r} may not act for {claimed!r}")
+
+    # -- envoy RPCs ---------------------------------------------------------------------
+
+    @_unary
+    async def UpdateShardInfo(self, request: director_pb2.UpdateShardInfoRequest,
+                              context: Context) -> director_pb2.UpdateShardInfoResponse:
+        self._require_self(context, request.shard_info.node_info.name)
+        ack = self.director.acknowledge_shard(request.shard_info)
+        if ack.reason:
+            context.set_trailing_metadata(((REASON_HEADER, ack.reason),))
+        return director_pb2.UpdateShardInfoResponse(accepted=ack.accepted)
+
+    @_unary
+    async def UpdateEnvoyStatus(self, request: director_pb2.UpdateEnvoyStatusRequest,
+                                context: Context) -> director_pb2.UpdateEnvoyStatusResponse:
+        if self.tls:
+            self._require_self(context, request.name)
+        period = self.director.update_envoy_status(
+            request.name, is_experiment_running=request.is_experiment_running,
+            cuda_devices=request.cuda_devices)
+        response = director_pb2.UpdateEnvoyStatusResponse()
+        response.health_check_period.FromNanoseconds(int(period * 1e9))
+        return response
+
+    @_unary
+    async def WaitExperiment(self, request: director_pb2.WaitExperimentRequest,
+                             context: Context) -> director_pb2.WaitExperimentResponse:
+        self._require_self(context, request.collaborator_name)
+        name = await self.director.wait_experiment(request.collaborator_name)
+        return director_pb2.WaitExperimentResponse(experiment_name=name)
+
+    @_streaming
+    async def GetExperimentData(self, request: director_pb2.GetExperimentDataRequest,
+                                context: Context) -> AsyncIterator[director_pb2.ExperimentData]:
+        self._require_self(context, request.collaborator_name)
+        path = self.director.get_experiment_data(request.experiment_name,
+                                                 request.collaborator_name)
+        with path.open("rb") as archive:
+            while chunk := archive.read(CHUNK_BYTES):
+                yield director_pb2.ExperimentData(size=len(chunk), npbytes=chunk)
+
+    @_unary
+    async def SetExperimentFailed(self, request: director_pb2.SetExperimentFailedRequest,
+                                  context: Context) -> director_pb2.SetExperimentFailedResponse:
+        self._require_self(context, request.collaborator_name)
+        self.director.set_experiment_failed(request.experiment_name, request.collaborator_name,
+                                            request.error_code, request.error_description)
+        return director_pb2.SetExperimentFailedResponse()
+
+    # -- model owner RPCs ---------------------------------------------------------------
+
+    @_unary
+    async def SetNewExperiment(self, request_iterator: AsyncIterator[director_pb2.ExperimentInfo],
+                               context: Context) -> director_pb2.SetNewExperimentResponse:
+        owner = self._caller(context)
+        first: director_pb2.ExperimentInfo | None = None
+        tmp: Path | None = None
+        try:
+            async for message in request_iterator:
+                if first is None:
+                    first = message
+                    if message.name in self._uploading:
+                        raise InvalidArgumentError(f"experiment {message.name!r} is uploading")
+                    self.director.validate_new_experiment(message.name,
+                                                          list(message.collaborator_names))
+                    self._uploading.add(message.name)
+                    directory = self.director.experiment_dir(message.name)
+                    directory.mkdir(parents=True, exist_ok=True)
+                    tmp = directory / "archive.zip.part"
+                    sink = tmp.open("wb")
+                elif message.name != first.name:
+                    raise InvalidArgumentError("experiment name changed within the stream")
+                data = message.experiment_data
+                if data.size != len(data.npbytes):
+                    raise InvalidArgumentError(
+                        f"chunk says {data.size} bytes but carries {len(data.npbytes)}")
+                if sink.tell() + len(data.npbytes) > MAX_ARCHIVE_BYTES:
+                    raise ResourceExhaustedError(
+                        f"experiment archive exceeds {MAX_ARCHIVE_BYTES} bytes")
+                sink.write(data.npbytes)
+            if first is None:
+                raise InvalidArgumentError("empty SetNewExperiment stream")
+            sink.close()
+            assert tmp is not None
+            archive = tmp.with_name("archive.zip")
+            os.replace(tmp, archive)
+            if first.model_proto.tensors:
+                (archive.parent / "initial_model.pb").write_bytes(
+                    first.model_proto.SerializeToString())
+            self.director.set_new_experiment(
+                name=first.name, owner=owner, collaborators=list(first.collaborator_names),
+                archive_path=archive)
+        except BaseException:
+            if tmp is not None:
+                sink.close()
+                tmp.unlink(missing_ok=True)
+            raise
+        finally:
+            if first is not None:
+                self._uploading.discard(first.name)
+        return director_pb2.SetNewExperimentResponse(accepted=True)
+
+    @_unary
+    async def GetExperimentsList(self, request: director_pb2.GetExperimentsListRequest,
+                                 context: Context) -> director_pb2.GetExperimentsListResponse:
+        items = []
+        for record in self.director.get_experiments_list(self._caller(context)):
+            progress = record.current_round / record.total_rounds if record.total_rounds else 0.0
+            items.append(director_pb2.ExperimentListItem(
+                name=record.name, status=record.status.value,
+                collaborators_amount=len(record.collaborators), tasks_amount=2,
+                progress=progress))
+        return director_pb2.GetExperimentsListResponse(experiments=items)
+
+    @_unary
+    async def GetExperimentDescription(
+        self, request: director_pb2.GetExperimentDescriptionRequest, context: Context,
+    ) -> director_pb2.GetExperimentDescriptionResponse:
+        record = self.director.get_experiment_status(self._caller(context), request.name)
+        return director_pb2.GetExperimentDescriptionResponse(
+            experiment=experiment_description(record))
+
+    @_unary
+    async def GetExperimentStatus(self, request: director_pb2.GetExperimentStatusRequest,
+                                  context: Context) -> director_pb2.GetExperimentStatusResponse:
+        record = self.director.get_experiment_status(self._caller(context),
+                                                     request.experiment_name)
+        return director_pb2.GetExperimentStatusResponse(experiment_status=record.status.value)
+
+    @_unary
+    async def GetDatasetInfo(self, request: director_pb2.GetDatasetInfoRequest,
+                             context: Context) -> director_pb2.GetDatasetInfoResponse:
+        sample, target = self.director.get_dataset_info()
+        return director_pb2.GetDatasetInfoResponse(
+            shard_info=director_pb2.ShardInfo(sample_shape=sample, target_shape=target))
+
+    @_unary
+    async def GetTrainedModel(self, request: director_pb2.GetTrainedModelRequest,
+                              context: Context) -> director_pb2.TrainedModelResponse:
+        record = self.director.get_experiment_status(self._caller(context),
+                                                     request.experiment_name)
+        raise FailedPreconditionError(
+            f"experiment {record.name!r} has no trained model: it has not aggregated a round")
+
+    @_streaming
+    async def GetMetricStream(
+        self, request: director_pb2.GetMetricStreamRequest, context: Context,
+    ) -> AsyncIterator[director_pb2.GetMetricStreamResponse]:
+        record = self.director.get_experiment_status(self._caller(context),
+                                                     request.experiment_name)
+        raise FailedPreconditionError(f"experiment {record.name!r} has reported no metrics")
+        yield director_pb2.GetMetricStreamResponse()  # pragma: no cover - makes a generator
+
+    @_unary
+    async def RemoveExperimentData(self, request: director_pb2.RemoveExperimentRequest,
+                                   context: Context) -> director_pb2.RemoveExperimentResponse:
+        self.director.remove_experiment_data(self._caller(context), request.experiment_name)
+        return director_pb2.RemoveExperimentResponse(acknowledgement=True)
+
+    @_unary
+    async def GetEnvoys(self, request: director_pb2.GetEnvoysRequest,
+                        context: Context) -> director_pb2.GetEnvoysResponse:
+        infos = []
+        period = self.director.health_check_period
+        for state in self.director.get_envoys():
+            info = director_pb2.EnvoyInfo(
+                shard_info=state.shard_info, is_online=self.director.is_online(state),
+                is_experiment_running=state.is_experiment_running,
+                experiment_name=state.current_experiment or "")
+            info.last_updated.FromNanoseconds(int(state.last_updated * 1e9))
+            info.valid_duration.FromNanoseconds(int(2 * period * 1e9))
+            infos.append(info)
+        return director_pb2.GetEnvoysResponse(envoy_infos=infos)

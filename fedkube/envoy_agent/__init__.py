@@ -1,0 +1,1 @@
+"""The envoy: registers its shard, reports health with its GPUs, runs collaborators."""

@@ -1,0 +1,207 @@
+"""The envoy agent: shard registration, health checks, experiment dispatch.
+
+Every call to the director is retried with exponential backoff and jitter while the
+director is away (capped at the health-check period, so an envoy is back online within
+two periods of the director's return); the health loop never dies of an outage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TypeVar
+
+import grpc
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_exponential_jitter
+
+from fedkube.api.config import EnvoyConfig
+from fedkube.envoy_agent.nvml import NvmlMonitor
+from fedkube.envoy_agent.runtime import CollaboratorFailed, CollaboratorJob, Runtime
+from fedkube.proto import director_pb2, director_pb2_grpc
+from fedkube.tasks.shard import ShardDescriptor
+from fedkube.transport.channel import open_channel
+from fedkube.transport.tls import TLSFiles
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+REASON_HEADER = "fedkube-reason"
+CALL_TIMEOUT_S = 15.0
+TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+             grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN,
+             grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INTERNAL}
+
+
+class ShardRefused(Exception):
+    """The director does not accept this shard (wrong shapes); retrying will not help."""
+
+
+def _transient(exc: BaseException) -> bool:
+    return isinstance(exc, grpc.aio.AioRpcError) and exc.code() in TRANSIENT
+
+
+class EnvoyAgent:
+    def __init__(self, config: EnvoyConfig, shard: ShardDescriptor, *,
+                 runtime: Runtime | None = None, monitor: NvmlMonitor | None = None) -> None:
+        self.config = config
+        self.shard = shard
+        self.runtime = runtime
+        self.monitor = monitor or NvmlMonitor(config.cuda_devices)
+        self.name = config.name
+        self.period = 1.0  # until the director says otherwise
+        self.running_experiment: str | None = None
+        self._director_down = False
+        self._channel = open_channel(config.director, tls=TLSFiles.load(config.tls),
+                                     client_id=config.name)
+        self._stub = director_pb2_grpc.DirectorStub(self._channel)  # type: ignore[no-untyped-call]
+        self.registered = asyncio.Event()
+
+    # -- retries ------------------------------------------------------------------------
+
+    def _log_retry(self, state: RetryCallState) -> None:
+        if not self._director_down:
+            self._director_down = True
+            exc = state.outcome.exception() if state.outcome else None
+            detail = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else exc
+            log.warning("director %s unreachable (%s); retrying with backoff",
+                        self.config.director, detail)
+
+    async def _call(self, fn: Callable[[], Awaitable[T]]) -> T:
+        """Calls fn until it succeeds or fails with a non-transient error."""
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception(_transient),
+            wait=wait_exponential_jitter(initial=0.2, max=min(self.config.max_backoff,
+                                                              self.period)),
+            before_sleep=self._log_retry, reraise=True,
+        ):
+            with attempt:
+                result = await fn()
+        if self._director_down:
+            self._director_down = False
+            log.info("director %s is reachable again", self.config.director)
+        return result
+
+    # -- registration and health --------------------------------------------------------
+
+    def shard_info(self) -> director_pb2.ShardInfo:
+        return director_pb2.ShardInfo(
+            node_info=director_pb2.NodeInfo(name=self.name, cuda_devices=self.monitor.devices()),
+            shard_description=self.shard.dataset_description, n_samples=len(self.shard),
+            sample_shape=self.shard.sample_shape, target_shape=self.shard.target_shape)
+
+    async def register(self) -> None:
+        request = director_pb2.UpdateShardInfoRequest(shard_info=self.shard_info())
+
+        async def call() -> tuple[director_pb2.UpdateShardInfoResponse, str]:
+            invocation = self._stub.UpdateShardInfo(request, timeout=CALL_TIMEOUT_S)
+            response = await invocation
+            trailers = await invocation.trailing_metadata()
+            reason = dict(trailers or ()).get(REASON_HEADER, "")
+            return response, str(reason)
+
+        response, reason = await self._call(call)
+        if not response.accepted:
+            raise ShardRefused(reason or "the director did not accept the shard "
+                               "(its sample/target shapes differ from the federation's)")
+        log.info("shard %s registered with director %s", self.name, self.config.director)
+        self.registered.set()
+
+    async def health_check(self) -> None:
+        request = director_pb2.UpdateEnvoyStatusRequest(
+            name=self.name, is_experiment_running=self.running_experiment is not None,
+            cuda_devices=self.monitor.devices())
+        try:
+            response = await self._call(
+                lambda: self._stub.UpdateEnvoyStatus(request, timeout=CALL_TIMEOUT_S))
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.NOT_FOUND:
+                raise
+            log.warning("director forgot shard %s; registering again", self.name)
+            await self.register()
+            return
+        period = response.health_check_period.ToTimedelta().total_seconds()
+        if period > 0:
+            self.period = period
+
+    async def health_loop(self) -> None:
+        while True:
+            await self.health_check()
+            await asyncio.sleep(self.period)
+
+    # -- experiments --------------------------------------------------------------------
+
+    async def _download(self, experiment: str, target: Path) -> None:
+        async def call() -> None:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            request = director_pb2.GetExperimentDataRequest(experiment_name=experiment,
+                                                            collaborator_name=self.name)
+            with target.open("wb") as sink:
+                async for chunk in self._stub.GetExperimentData(request):
+                    sink.write(chunk.npbytes)
+
+        await self._call(call)
+
+    async def run_experiment(self, experiment: str) -> None:
+        work_dir = self.config.work_dir / experiment
+        archive = work_dir / "archive.zip"
+        await self._download(experiment, archive)
+        log.info("experiment %s: archive received (%d bytes)", experiment,
+                 archive.stat().st_size)
+        if self.runtime is None:
+            raise CollaboratorFailed("this envoy has no collaborator runtime")
+        job = CollaboratorJob(experiment=experiment, collaborator=self.name, archive=archive,
+                              work_dir=work_dir, cuda_devices=tuple(self.config.cuda_devices))
+        await self.runtime.run(job)
+
+    async def experiment_loop(self) -> None:
+        await self.registered.wait()
+        while True:
+            response = await self._call(lambda: self._stub.WaitExperiment(
+                director_pb2.WaitExperimentRequest(collaborator_name=self.name)))
+            experiment = response.experiment_name
+            log.info("experiment %s dispatched to %s", experiment, self.name)
+            self.running_experiment = experiment
+            try:
+                await self.run_experiment(experiment)
+                log.info("experiment %s: collaborator finished", experiment)
+            except CollaboratorFailed as exc:
+                log.error("experiment %s: collaborator failed: %s", experiment, exc)
+                await self._report_failure(experiment, exc.code, str(exc))
+            except grpc.aio.AioRpcError as exc:
+                log.error("experiment %s: %s", experiment, exc.details())
+                await self._report_failure(experiment, 2, f"envoy error: {exc.details()}")
+            except Exception as exc:  # the envoy outlives any one experiment
+                log.exception("experiment %s: envoy error", experiment)
+                await self._report_failure(experiment, 2, f"envoy error: {exc}")
+            finally:
+                self.running_experiment = None
+                shutil.rmtree(self.config.work_dir / experiment, ignore_errors=True)
+
+    async def _report_failure(self, experiment: str, code: int, description: str) -> None:
+        request = director_pb2.SetExperimentFailedRequest(
+            experiment_name=experiment, collaborator_name=self.name, error_code=code,
+            error_description=description[:4000])
+        try:
+            await self._call(lambda: self._stub.SetExperimentFailed(request,
+                                                                    timeout=CALL_TIMEOUT_S))
+        except grpc.aio.AioRpcError as exc:
+            log.error("could not report the failure of %s: %s", experiment, exc.details())
+
+    # -- lifetime -----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Registers, then checks in and serves experiments until cancelled."""
+        try:
+            await self.register()
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self.health_loop())
+                group.create_task(self.experiment_loop())
+        finally:
+            await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+        self.monitor.close()

@@ -1,0 +1,1 @@
+"""gRPC plumbing shared by every role: servers, channels, TLS, caller identity, chunking."""

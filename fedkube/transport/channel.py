@@ -1,0 +1,55 @@
+"""Client channels: TLS or plaintext, with the caller's `client_id` header on every call."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+
+from fedkube.transport.identity import CLIENT_ID_HEADER
+from fedkube.transport.limits import GRPC_OPTIONS
+from fedkube.transport.tls import TLSFiles, channel_credentials
+
+
+def _with_client_id(details: Any, client_id: str) -> Any:
+    metadata = list(details.metadata or ())
+    metadata.append((CLIENT_ID_HEADER, client_id))
+    return details._replace(metadata=metadata)
+
+
+class _ClientIdInterceptor(
+    grpc.aio.UnaryUnaryClientInterceptor,
+    grpc.aio.UnaryStreamClientInterceptor,
+    grpc.aio.StreamUnaryClientInterceptor,
+    grpc.aio.StreamStreamClientInterceptor,
+):
+    def __init__(self, client_id: str) -> None:
+        self._client_id = client_id
+
+    async def intercept_unary_unary(self, continuation: Callable[..., Any], details: Any,
+                                    request: Any) -> Any:
+        return await continuation(_with_client_id(details, self._client_id), request)
+
+    async def intercept_unary_stream(self, continuation: Callable[..., Any], details: Any,
+                                     request: Any) -> Any:
+        return await continuation(_with_client_id(details, self._client_id), request)
+
+    async def intercept_stream_unary(self, continuation: Callable[..., Any], details: Any,
+                                     request_iterator: Any) -> Any:
+        return await continuation(_with_client_id(details, self._client_id), request_iterator)
+
+    async def intercept_stream_stream(self, continuation: Callable[..., Any], details: Any,
+                                      request_iterator: Any) -> Any:
+        return await continuation(_with_client_id(details, self._client_id), request_iterator)
+
+
+def open_channel(target: str, *, tls: TLSFiles | None, client_id: str,
+                 options: list[tuple[str, Any]] | None = None) -> grpc.aio.Channel:
+    """An asyncio channel to host:port. Under mTLS the certificate says who we are."""
+    opts = [*GRPC_OPTIONS, *(options or [])]
+    interceptors = [_ClientIdInterceptor(client_id)]
+    if tls is None:
+        return grpc.aio.insecure_channel(target, options=opts, interceptors=interceptors)
+    return grpc.aio.secure_channel(target, channel_credentials(tls), options=opts,
+                                   interceptors=interceptors)

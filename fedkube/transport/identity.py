@@ -1,0 +1,22 @@
+"""Who is calling: the client certificate's CN under mTLS, the `client_id` header otherwise.
+
+The header is what OpenFL 1.6 clients send in insecure mode; it proves nothing and is used
+for bookkeeping only.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+CLIENT_ID_HEADER = "client_id"
+ANONYMOUS = "__default__"  # OpenFL's CLIENT_ID_DEFAULT
+
+
+def caller_identity(context: grpc.aio.ServicerContext, *, tls: bool) -> str:  # type: ignore[type-arg]
+    if tls:
+        names = context.auth_context().get("x509_common_name") or []
+        return names[0].decode() if names else ANONYMOUS
+    for key, value in context.invocation_metadata() or ():
+        if key == CLIENT_ID_HEADER:
+            return value if isinstance(value, str) else value.decode()
+    return ANONYMOUS
