@@ -18,37 +18,47 @@ def _with_client_id(details: Any, client_id: str) -> Any:
     return details._replace(metadata=metadata)
 
 
-class _ClientIdInterceptor(
-    grpc.aio.UnaryUnaryClientInterceptor,
-    grpc.aio.UnaryStreamClientInterceptor,
-    grpc.aio.StreamUnaryClientInterceptor,
-    grpc.aio.StreamStreamClientInterceptor,
-):
+class _AddClientId:
     def __init__(self, client_id: str) -> None:
         self._client_id = client_id
 
+    async def _continue(self, continuation: Callable[..., Any], details: Any,
+                        request: Any) -> Any:
+        return await continuation(_with_client_id(details, self._client_id), request)
+
+
+# grpc.aio files each interceptor under the first call type it implements, so each call
+# type needs a class of its own.
+class _UnaryUnary(_AddClientId, grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(self, continuation: Callable[..., Any], details: Any,
                                     request: Any) -> Any:
-        return await continuation(_with_client_id(details, self._client_id), request)
+        return await self._continue(continuation, details, request)
 
+
+class _UnaryStream(_AddClientId, grpc.aio.UnaryStreamClientInterceptor):
     async def intercept_unary_stream(self, continuation: Callable[..., Any], details: Any,
                                      request: Any) -> Any:
-        return await continuation(_with_client_id(details, self._client_id), request)
+        return await self._continue(continuation, details, request)
 
+
+class _StreamUnary(_AddClientId, grpc.aio.StreamUnaryClientInterceptor):
     async def intercept_stream_unary(self, continuation: Callable[..., Any], details: Any,
                                      request_iterator: Any) -> Any:
-        return await continuation(_with_client_id(details, self._client_id), request_iterator)
+        return await self._continue(continuation, details, request_iterator)
 
+
+class _StreamStream(_AddClientId, grpc.aio.StreamStreamClientInterceptor):
     async def intercept_stream_stream(self, continuation: Callable[..., Any], details: Any,
                                       request_iterator: Any) -> Any:
-        return await continuation(_with_client_id(details, self._client_id), request_iterator)
+        return await self._continue(continuation, details, request_iterator)
 
 
 def open_channel(target: str, *, tls: TLSFiles | None, client_id: str,
                  options: list[tuple[str, Any]] | None = None) -> grpc.aio.Channel:
     """An asyncio channel to host:port. Under mTLS the certificate says who we are."""
     opts = [*GRPC_OPTIONS, *(options or [])]
-    interceptors = [_ClientIdInterceptor(client_id)]
+    interceptors: list[Any] = [cls(client_id) for cls in (_UnaryUnary, _UnaryStream,
+                                                           _StreamUnary, _StreamStream)]
     if tls is None:
         return grpc.aio.insecure_channel(target, options=opts, interceptors=interceptors)
     return grpc.aio.secure_channel(target, channel_credentials(tls), options=opts,

@@ -1,0 +1,110 @@
+"""Shared fixtures: certificates, in-process directors on loopback, the OpenFL 1.6 peer."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from fedkube.api.config import DirectorConfig, TLSSettings
+from fedkube.director.server import DirectorServer
+from fedkube.local import Process
+from fedkube.transport import certs
+
+DEFAULT_OPENFL_PYTHON = Path.home() / ".cache/fedkube/openfl-1.6-venv/bin/python"
+
+
+@pytest.fixture(scope="session")
+def openfl_python() -> Path:
+    """The interpreter of the OpenFL 1.6 virtualenv that `make openfl` installs."""
+    path = Path(os.environ.get("FEDKUBE_OPENFL_PYTHON", DEFAULT_OPENFL_PYTHON))
+    if not path.exists():
+        pytest.fail(f"OpenFL 1.6 peer not installed at {path}: run `make openfl` "
+                    "(make test does it)")
+    return path
+
+
+@dataclass(frozen=True)
+class CertDir:
+    path: Path
+
+    def settings(self, name: str) -> TLSSettings:
+        return TLSSettings(ca=self.path / "ca.crt", cert=self.path / f"{name}.crt",
+                           key=self.path / f"{name}.key")
+
+
+@pytest.fixture(scope="session")
+def cert_dir(tmp_path_factory: pytest.TempPathFactory) -> CertDir:
+    """A CA with certificates for the director, envoys env1..env3 and users alice, bob."""
+    path = tmp_path_factory.mktemp("certs")
+    ca = certs.load_or_create_ca(path)
+    certs.write_pair(path, "director", certs.issue(ca, "localhost", hosts=["127.0.0.1"]))
+    for name in ("env1", "env2", "env3", "alice", "bob"):
+        certs.write_pair(path, name, certs.issue(ca, name))
+    return CertDir(path)
+
+
+@pytest.fixture(scope="session")
+def rogue_cert_dir(tmp_path_factory: pytest.TempPathFactory) -> CertDir:
+    """Certificates from another CA, for the same names."""
+    path = tmp_path_factory.mktemp("rogue")
+    ca = certs.load_or_create_ca(path)
+    for name in ("env1", "alice"):
+        certs.write_pair(path, name, certs.issue(ca, name))
+    return CertDir(path)
+
+
+@dataclass
+class RunningDirector:
+    server: DirectorServer
+
+    @property
+    def address(self) -> str:
+        return f"localhost:{self.server.port}"
+
+
+async def start_director(tmp: Path, *, tls: TLSSettings, period: float = 2.0,
+                         sample_shape: list[str] | None = None) -> RunningDirector:
+    config = DirectorConfig(host="127.0.0.1", port=0, data_dir=tmp / "director",
+                            sample_shape=sample_shape or ["8", "8"], target_shape=["1"],
+                            health_check_period=period, tls=tls)
+    server = DirectorServer(config)
+    await server.start()
+    return RunningDirector(server)
+
+
+@pytest.fixture
+async def director(tmp_path: Path) -> AsyncIterator[RunningDirector]:
+    running = await start_director(tmp_path, tls=TLSSettings(insecure=True))
+    yield running
+    await running.server.stop(None)
+
+
+@pytest.fixture
+async def mtls_director(tmp_path: Path, cert_dir: CertDir) -> AsyncIterator[RunningDirector]:
+    running = await start_director(tmp_path, tls=cert_dir.settings("director"))
+    yield running
+    await running.server.stop(None)
+
+
+@pytest.fixture
+def processes(request: pytest.FixtureRequest) -> Iterator[list[Process]]:
+    """Processes a test starts; stopped afterwards, their logs shown if the test failed."""
+    started: list[Process] = []
+    yield started
+    for process in started:
+        process.stop()
+    report = getattr(request.node, "rep_call", None)
+    if report is not None and report.failed:
+        for process in started:
+            print(f"----- {process.name} ({process.log_path}) -----\n{process.output()[-4000:]}")
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
+    report = yield
+    setattr(item, f"rep_{report.when}", report)
+    return report

@@ -1,0 +1,156 @@
+"""The director's gRPC service on loopback: real servers, real channels, real TLS."""
+
+from __future__ import annotations
+
+import asyncio
+import grpc
+import pytest
+
+from fedkube.proto import director_pb2, director_pb2_grpc
+from fedkube.transport.channel import open_channel
+from fedkube.transport.tls import TLSFiles
+from tests.conftest import CertDir, RunningDirector
+
+
+def shard_request(name: str, sample: tuple[str, ...] = ("8", "8")
+                  ) -> director_pb2.UpdateShardInfoRequest:
+    return director_pb2.UpdateShardInfoRequest(shard_info=director_pb2.ShardInfo(
+        node_info=director_pb2.NodeInfo(name=name), shard_description="test shard",
+        n_samples=5, sample_shape=sample, target_shape=["1"]))
+
+
+def stub(address: str, *, client_id: str = "alice",
+         tls: TLSFiles | None = None) -> director_pb2_grpc.DirectorStub:
+    channel = open_channel(address, tls=tls, client_id=client_id)
+    client = director_pb2_grpc.DirectorStub(channel)  # type: ignore[no-untyped-call]
+    client.channel = channel  # type: ignore[attr-defined]  # a stub alone lets its channel close
+    return client
+
+
+async def test_register_health_and_envoy_list(director: RunningDirector) -> None:
+    client = stub(director.address)
+    assert (await client.UpdateShardInfo(shard_request("env1"))).accepted
+    response = await client.UpdateEnvoyStatus(director_pb2.UpdateEnvoyStatusRequest(
+        name="env1", cuda_devices=[director_pb2.CudaDeviceInfo(index=0, name="H100")]))
+    assert response.health_check_period.ToTimedelta().total_seconds() == 2.0
+    envoys = (await client.GetEnvoys(director_pb2.GetEnvoysRequest())).envoy_infos
+    assert [e.shard_info.node_info.name for e in envoys] == ["env1"]
+    assert envoys[0].is_online
+    assert envoys[0].shard_info.node_info.cuda_devices[0].name == "H100"
+    assert envoys[0].valid_duration.ToTimedelta().total_seconds() == 4.0
+    info = await client.GetDatasetInfo(director_pb2.GetDatasetInfoRequest())
+    assert list(info.shard_info.sample_shape) == ["8", "8"]
+
+
+async def test_shape_mismatch_not_accepted_with_reason(director: RunningDirector) -> None:
+    client = stub(director.address)
+    call = client.UpdateShardInfo(shard_request("env1", ("28", "28")))
+    assert not (await call).accepted
+    reason = dict(await call.trailing_metadata())["fedkube-reason"]
+    assert "sample shape ['28', '28']" in reason
+
+
+async def test_unknown_envoy_health_check_is_not_found(director: RunningDirector) -> None:
+    client = stub(director.address)
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await client.UpdateEnvoyStatus(director_pb2.UpdateEnvoyStatusRequest(name="ghost"))
+    assert error.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "ghost" in (error.value.details() or "")
+
+
+async def _submit(client: director_pb2_grpc.DirectorStub, name: str, collaborators: list[str],
+                  payload: bytes) -> director_pb2.SetNewExperimentResponse:
+    async def messages():  # type: ignore[no-untyped-def]
+        for offset in range(0, len(payload), 1 << 20):
+            chunk = payload[offset:offset + (1 << 20)]
+            yield director_pb2.ExperimentInfo(
+                name=name, collaborator_names=collaborators,
+                experiment_data=director_pb2.ExperimentData(size=len(chunk), npbytes=chunk))
+
+    return await client.SetNewExperiment(messages())
+
+
+async def test_submit_dispatch_and_stream_experiment_data(director: RunningDirector) -> None:
+    owner, envoy = stub(director.address, client_id="alice"), stub(director.address,
+                                                                   client_id="env1")
+    await envoy.UpdateShardInfo(shard_request("env1"))
+    waiting = asyncio.ensure_future(envoy.WaitExperiment(
+        director_pb2.WaitExperimentRequest(collaborator_name="env1")))
+    payload = bytes(range(256)) * 20_000  # 5 MB: several chunks each way
+    assert (await _submit(owner, "exp-1", ["env1"], payload)).accepted
+    assert (await asyncio.wait_for(waiting, 10)).experiment_name == "exp-1"
+    received = b"".join([chunk.npbytes async for chunk in envoy.GetExperimentData(
+        director_pb2.GetExperimentDataRequest(experiment_name="exp-1",
+                                              collaborator_name="env1"))])
+    assert received == payload
+    listing = await owner.GetExperimentsList(director_pb2.GetExperimentsListRequest())
+    assert [(e.name, e.status) for e in listing.experiments] == [("exp-1", "in_progress")]
+    bob = stub(director.address, client_id="bob")
+    other = await bob.GetExperimentsList(
+        director_pb2.GetExperimentsListRequest())
+    assert list(other.experiments) == []
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await owner.GetTrainedModel(director_pb2.GetTrainedModelRequest(experiment_name="exp-1"))
+    assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+async def test_bad_submissions_get_clear_statuses(director: RunningDirector) -> None:
+    owner = stub(director.address)
+    await owner.UpdateShardInfo(shard_request("env1"))
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await _submit(owner, "exp", ["nobody"], b"x")
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "unknown collaborators" in (error.value.details() or "")
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await owner.GetExperimentStatus(
+            director_pb2.GetExperimentStatusRequest(experiment_name="nope"))
+    assert error.value.code() == grpc.StatusCode.NOT_FOUND
+    assert await _submit(owner, "exp", ["env1"], b"x")
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await _submit(owner, "exp", ["env1"], b"x")
+    assert error.value.code() == grpc.StatusCode.ALREADY_EXISTS
+
+
+async def test_mtls_identity_mismatch_is_permission_denied(
+        mtls_director: RunningDirector, cert_dir: CertDir) -> None:
+    env1 = stub(mtls_director.address, tls=TLSFiles.from_dir(cert_dir.path, "env1"))
+    assert (await env1.UpdateShardInfo(shard_request("env1"))).accepted
+    await env1.UpdateEnvoyStatus(director_pb2.UpdateEnvoyStatusRequest(name="env1"))
+    env2 = stub(mtls_director.address, tls=TLSFiles.from_dir(cert_dir.path, "env2"))
+    for call in (
+        env2.UpdateEnvoyStatus(director_pb2.UpdateEnvoyStatusRequest(name="env1")),
+        env2.UpdateShardInfo(shard_request("env1")),
+        env2.WaitExperiment(director_pb2.WaitExperimentRequest(collaborator_name="env1")),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await call
+        assert error.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "'env2' may not act for 'env1'" in (error.value.details() or "")
+
+
+async def test_wrong_ca_is_refused_at_handshake(
+        mtls_director: RunningDirector, cert_dir: CertDir, rogue_cert_dir: CertDir) -> None:
+    rogue = TLSFiles(ca=(cert_dir.path / "ca.crt").read_bytes(),
+                     cert=(rogue_cert_dir.path / "env1.crt").read_bytes(),
+                     key=(rogue_cert_dir.path / "env1.key").read_bytes())
+    client = stub(mtls_director.address, tls=rogue)
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await client.UpdateShardInfo(shard_request("env1"), timeout=5)
+    assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+    # and a client that does not trust the director's CA refuses the director
+    distrust = TLSFiles(ca=(rogue_cert_dir.path / "ca.crt").read_bytes(),
+                        cert=(cert_dir.path / "env1.crt").read_bytes(),
+                        key=(cert_dir.path / "env1.key").read_bytes())
+    client = stub(mtls_director.address, tls=distrust)
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await client.UpdateShardInfo(shard_request("env1"), timeout=5)
+    assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert mtls_director.server.director.get_envoys() == []
+
+
+async def test_plaintext_client_cannot_reach_mtls_director(
+        mtls_director: RunningDirector) -> None:
+    client = stub(mtls_director.address)
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await client.GetEnvoys(director_pb2.GetEnvoysRequest(), timeout=5)
+    assert error.value.code() == grpc.StatusCode.UNAVAILABLE
