@@ -101,12 +101,13 @@ def tls_args(cert_dir: Path | None, name: str) -> list[str]:
 
 
 def director_process(work: Path, port: int, *, period: float = 2.0,
-                     cert_dir: Path | None = None, extra: Sequence[str] = ()) -> Process:
-    return Process("director", [
+                     cert_dir: Path | None = None, extra: Sequence[str] = (),
+                     name: str = "director") -> Process:
+    return Process(name, [
         "director", "start", "--host", "127.0.0.1", "--port", str(port),
         "--data-dir", str(work / "director"), "--health-check-period", str(period),
         *tls_args(cert_dir, "director"), *extra,
-    ], work / "logs" / "director.log")
+    ], work / "logs" / f"{name}.log")
 
 
 def envoy_process(work: Path, name: str, port: int, *, index: int, count: int,

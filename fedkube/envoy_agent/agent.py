@@ -54,8 +54,13 @@ class EnvoyAgent:
         self.period = 1.0  # until the director says otherwise
         self.running_experiment: str | None = None
         self._director_down = False
-        self._channel = open_channel(config.director, tls=TLSFiles.load(config.tls),
-                                     client_id=config.name)
+        # Our own backoff decides when to retry; gRPC's reconnect backoff (up to 120 s by
+        # default) must not hold a returning director at bay for longer.
+        self._channel = open_channel(
+            config.director, tls=TLSFiles.load(config.tls), client_id=config.name,
+            options=[("grpc.initial_reconnect_backoff_ms", 100),
+                     ("grpc.min_reconnect_backoff_ms", 100),
+                     ("grpc.max_reconnect_backoff_ms", 1000)])
         self._stub = director_pb2_grpc.DirectorStub(self._channel)  # type: ignore[no-untyped-call]
         self.registered = asyncio.Event()
 

@@ -1,0 +1,151 @@
+"""Directors and envoys as real processes: restarts, outages, refusals, bad configs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from fedkube.client import DirectorClient, EnvoyView
+from fedkube.local import (
+    Process,
+    director_process,
+    envoy_process,
+    free_port,
+    port_open,
+    wait_for,
+)
+
+PERIOD = 1.0
+
+
+def envoys(port: int) -> dict[str, EnvoyView]:
+    try:
+        with DirectorClient(f"localhost:{port}", timeout=2) as client:
+            return {e.name: e for e in client.envoys()}
+    except Exception:  # director not up (yet): no envoys to show
+        return {}
+
+
+def online(port: int, *names: str) -> bool:
+    current = envoys(port)
+    return all(name in current and current[name].online for name in names)
+
+
+def start(processes: list[Process], process: Process) -> Process:
+    processes.append(process.start())
+    return process
+
+
+def test_director_restart_keeps_shards_without_restarting_envoys(
+        tmp_path: Path, processes: list[Process]) -> None:
+    port = free_port()
+    director = start(processes, director_process(tmp_path, port, period=PERIOD))
+    envoy = start(processes, envoy_process(tmp_path, "env1", port, index=0, count=2))
+    wait_for(lambda: online(port, "env1"), timeout=30, message="env1 online")
+    director.kill()
+    assert not port_open(port)
+    restarted = start(processes, director_process(tmp_path, port, period=PERIOD,
+                                                  name="director-restarted"))
+    wait_for(lambda: port_open(port), timeout=30, message="director back")
+    # The registry came back from the store, before any envoy re-registered.
+    assert "restored 1 shards" in restarted.output()
+    wait_for(lambda: online(port, "env1"), timeout=4 * PERIOD + 10, message="env1 online again")
+    assert envoy.running
+    assert "accepted shard env1" not in restarted.output()  # health check, not re-registration
+
+
+def test_envoy_survives_director_outage(tmp_path: Path, processes: list[Process]) -> None:
+    port = free_port()
+    director = start(processes, director_process(tmp_path, port, period=PERIOD))
+    envoy = start(processes, envoy_process(tmp_path, "env1", port, index=0, count=2))
+    wait_for(lambda: online(port, "env1"), timeout=30, message="env1 online")
+    director.stop()
+    outage = 8 * PERIOD  # several periods with nobody answering
+    try:
+        wait_for(lambda: not envoy.running, timeout=outage, message="envoy exit")
+    except TimeoutError:
+        pass
+    assert envoy.running, envoy.output()
+    assert "unreachable" in envoy.output()
+    start(processes, director_process(tmp_path, port, period=PERIOD, name="director-back"))
+    wait_for(lambda: port_open(port), timeout=30, message="director back")
+    wait_for(lambda: online(port, "env1"), timeout=2 * PERIOD + 0.5,
+             message="env1 online within two periods of the director's return")
+    assert "reachable again" in envoy.output()
+
+
+def test_shape_mismatch_refuses_shard_with_reason_and_exit_status(
+        tmp_path: Path, processes: list[Process]) -> None:
+    port = free_port()
+    start(processes, director_process(tmp_path, port, period=PERIOD,
+                                      extra=["--sample-shape", "28,28"]))
+    envoy = start(processes, envoy_process(tmp_path, "env1", port, index=0, count=2))
+    assert envoy.wait(timeout=60) == 3
+    assert "shard not accepted" in envoy.output()
+    assert "this federation needs ['28', '28']" in envoy.output()
+    assert envoys(port) == {}
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "fedkube.cli", *args], capture_output=True,
+                          text=True, timeout=60, cwd=cwd)
+
+
+def test_bad_config_files_get_clear_errors(tmp_path: Path) -> None:
+    bad = tmp_path / "director.yaml"
+    bad.write_text("port: 99999\nhealth_check_period: -1\ncolour: blue\ntls: {insecure: true}\n")
+    result = run_cli("director", "start", "--config", str(bad))
+    assert result.returncode == 2
+    assert "port: Input should be less than or equal to 65535" in result.stderr
+    assert "health_check_period: Input should be greater than 0" in result.stderr
+    assert "colour: Extra inputs are not permitted" in result.stderr
+
+    envoy = tmp_path / "envoy.yaml"
+    envoy.write_text("name: env1\ndirector: nohostport\ntls: {insecure: true}\n")
+    result = run_cli("envoy", "start", "--config", str(envoy))
+    assert result.returncode == 2
+    assert "director: String should match pattern" in result.stderr
+
+    result = run_cli("director", "start", "--ca", str(tmp_path / "missing.crt"))
+    assert result.returncode == 2
+    assert "mTLS needs ca, cert and key" in result.stderr
+
+    envoy.write_text("name: env1\ndirector: localhost:1\ntls: {insecure: true}\n"
+                     "shard: {loader: nosuch}\n")
+    result = run_cli("envoy", "start", "--config", str(envoy))
+    assert result.returncode == 2
+    assert "unknown shard loader 'nosuch'" in result.stderr
+
+    envoy.write_text("- a list\n")
+    result = run_cli("envoy", "start", "--config", str(envoy))
+    assert result.returncode == 2 and "must be a mapping" in result.stderr
+
+
+def test_shards_command_json_and_mtls(tmp_path: Path, processes: list[Process],
+                                      cert_dir: object) -> None:
+    from tests.conftest import CertDir
+
+    assert isinstance(cert_dir, CertDir)
+    port = free_port()
+    start(processes, director_process(tmp_path, port, period=PERIOD, cert_dir=cert_dir.path))
+    start(processes, envoy_process(tmp_path, "env2", port, index=1, count=2,
+                                   cert_dir=cert_dir.path))
+    tls = ["--ca", str(cert_dir.path / "ca.crt"), "--cert", str(cert_dir.path / "alice.crt"),
+           "--key", str(cert_dir.path / "alice.key")]
+
+    def listed() -> list[dict[str, object]]:
+        result = run_cli("shards", "--director", f"localhost:{port}", *tls, "--output", "json")
+        if result.returncode != 0:
+            return []
+        import json
+
+        return list(json.loads(result.stdout))
+
+    wait_for(lambda: bool(listed()) and bool(listed()[0]["online"]), timeout=30,
+             message="env2 listed online")
+    (row,) = listed()
+    assert row["name"] == "env2" and row["sample_shape"] == ["8", "8"]
+    assert row["cuda_devices"] == []
+    table = run_cli("shards", "--director", f"localhost:{port}", *tls)
+    assert table.returncode == 0 and "env2" in table.stdout
