@@ -1,3 +1,3 @@
-"""fedkube: federated learning on Kubernetes, wire-compatible with the OpenFL 1.6 director workflow."""
+"""fedkube: federated learning on Kubernetes, speaking OpenFL 1.6's director protocol."""
 
 __version__ = "0.1.0"

@@ -125,9 +125,9 @@ def cmd_shards(args: argparse.Namespace) -> int:
     if args.output == "json":
         print(json.dumps([vars(e) for e in envoys], indent=2))
         return 0
-    from fedkube.ui import shards_table
-
     from rich.console import Console
+
+    from fedkube.ui import shards_table
 
     Console().print(shards_table(envoys))
     return 0

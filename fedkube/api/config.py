@@ -16,7 +16,8 @@ DEFAULT_PORT = 50051
 DEFAULT_HEALTH_CHECK_PERIOD = 60.0
 
 Port = Annotated[int, Field(ge=0, le=65535, description="0 picks a free port")]
-Name = Annotated[str, Field(min_length=1, max_length=253, pattern=r"^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$")]
+NAME_PATTERN = r"^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$"
+Name = Annotated[str, Field(min_length=1, max_length=253, pattern=NAME_PATTERN)]
 
 
 class ConfigError(ValueError):

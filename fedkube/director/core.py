@@ -12,7 +12,7 @@ import re
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -58,13 +58,6 @@ class ExperimentRunner(Protocol):
     def stop(self, name: str) -> None: ...
 
 
-@dataclass
-class _Waiters:
-    """Wakes envoys blocked in WaitExperiment when something is dispatched to them."""
-
-    cond: asyncio.Condition = field(default_factory=asyncio.Condition)
-
-
 class Director:
     def __init__(
         self,
@@ -86,7 +79,8 @@ class Director:
         self._envoys: dict[str, EnvoyState] = {}
         self._dirty_health: set[str] = set()
         self._experiments: dict[str, ExperimentRecord] = {}
-        self._waiters = _Waiters()
+        # Set and replaced whenever dispatch changes; WaitExperiment calls re-check on it.
+        self._dispatch_changed = asyncio.Event()
         self._load()
 
     # -- persistence -----------------------------------------------------------------
@@ -268,14 +262,8 @@ class Director:
         self._notify()
 
     def _notify(self) -> None:
-        async def wake() -> None:
-            async with self._waiters.cond:
-                self._waiters.cond.notify_all()
-
-        try:
-            asyncio.get_running_loop().create_task(wake())
-        except RuntimeError:  # no loop yet (restoring state at start-up): nobody waits
-            pass
+        changed, self._dispatch_changed = self._dispatch_changed, asyncio.Event()
+        changed.set()
 
     def _dispatched(self, envoy: str) -> str | None:
         state = self._envoys.get(envoy)
@@ -293,10 +281,8 @@ class Director:
         """
         if envoy not in self._envoys:
             raise NotFoundError(f"unknown shard {envoy!r}: register it first")
-        async with self._waiters.cond:
-            await self._waiters.cond.wait_for(lambda: self._dispatched(envoy) is not None)
-        name = self._dispatched(envoy)
-        assert name is not None
+        while (name := self._dispatched(envoy)) is None:
+            await self._dispatch_changed.wait()
         return name
 
     def get_experiment_data(self, name: str, collaborator: str) -> Path:

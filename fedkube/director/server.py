@@ -35,7 +35,7 @@ class DirectorServer:
         self.server: grpc.aio.Server
         self.server, self.port = create_server(config.host, config.port, tls=tls)
         director_pb2_grpc.add_DirectorServicer_to_server(
-            DirectorService(self.director, tls=tls is not None), self.server)
+            DirectorService(self.director, tls=tls is not None), self.server)  # type: ignore[no-untyped-call]
         self._flusher: asyncio.Task[None] | None = None
 
     async def start(self) -> None:

@@ -28,7 +28,7 @@ from fedkube.transport.limits import CHUNK_BYTES, MAX_ARCHIVE_BYTES
 log = logging.getLogger(__name__)
 
 REASON_HEADER = "fedkube-reason"
-Context = grpc.aio.ServicerContext  # type: ignore[type-arg]
+Context = grpc.aio.ServicerContext[Any, Any]
 R = TypeVar("R")
 
 

@@ -208,5 +208,5 @@ class EnvoyAgent:
             await self.close()
 
     async def close(self) -> None:
-        await self._channel.close()
+        await self._channel.close(None)
         self.monitor.close()

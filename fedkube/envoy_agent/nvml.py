@@ -5,6 +5,7 @@ Without a GPU or a driver the monitor logs one line and reports no devices; it n
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Sequence
 
@@ -60,8 +61,6 @@ class NvmlMonitor:
 
     def close(self) -> None:
         if self._nvml is not None:
-            try:
+            with contextlib.suppress(Exception):  # shutting down: nothing to do about it
                 self._nvml.nvmlShutdown()
-            except Exception:  # shutting down: nothing to do about it
-                pass
             self._nvml = None

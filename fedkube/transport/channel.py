@@ -29,25 +29,25 @@ class _AddClientId:
 
 # grpc.aio files each interceptor under the first call type it implements, so each call
 # type needs a class of its own.
-class _UnaryUnary(_AddClientId, grpc.aio.UnaryUnaryClientInterceptor):
+class _UnaryUnary(_AddClientId, grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[type-arg]
     async def intercept_unary_unary(self, continuation: Callable[..., Any], details: Any,
                                     request: Any) -> Any:
         return await self._continue(continuation, details, request)
 
 
-class _UnaryStream(_AddClientId, grpc.aio.UnaryStreamClientInterceptor):
+class _UnaryStream(_AddClientId, grpc.aio.UnaryStreamClientInterceptor):  # type: ignore[type-arg]
     async def intercept_unary_stream(self, continuation: Callable[..., Any], details: Any,
                                      request: Any) -> Any:
         return await self._continue(continuation, details, request)
 
 
-class _StreamUnary(_AddClientId, grpc.aio.StreamUnaryClientInterceptor):
+class _StreamUnary(_AddClientId, grpc.aio.StreamUnaryClientInterceptor):  # type: ignore[type-arg]
     async def intercept_stream_unary(self, continuation: Callable[..., Any], details: Any,
                                      request_iterator: Any) -> Any:
         return await self._continue(continuation, details, request_iterator)
 
 
-class _StreamStream(_AddClientId, grpc.aio.StreamStreamClientInterceptor):
+class _StreamStream(_AddClientId, grpc.aio.StreamStreamClientInterceptor):  # type: ignore[type-arg]
     async def intercept_stream_stream(self, continuation: Callable[..., Any], details: Any,
                                       request_iterator: Any) -> Any:
         return await self._continue(continuation, details, request_iterator)

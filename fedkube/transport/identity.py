@@ -6,15 +6,17 @@ for bookkeeping only.
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
 
 CLIENT_ID_HEADER = "client_id"
 ANONYMOUS = "__default__"  # OpenFL's CLIENT_ID_DEFAULT
 
 
-def caller_identity(context: grpc.aio.ServicerContext, *, tls: bool) -> str:  # type: ignore[type-arg]
+def caller_identity(context: grpc.aio.ServicerContext[Any, Any], *, tls: bool) -> str:
     if tls:
-        names = context.auth_context().get("x509_common_name") or []
+        names = list(context.auth_context().get("x509_common_name") or ())
         return names[0].decode() if names else ANONYMOUS
     for key, value in context.invocation_metadata() or ():
         if key == CLIENT_ID_HEADER:

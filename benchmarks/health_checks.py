@@ -1,0 +1,194 @@
+"""Health checks at scale: fedkube's director vs OpenFL 1.6's, same load client, same run.
+
+One asyncio client speaks the OpenFL wire protocol for N simulated envoys: it registers
+them all (UpdateShardInfo), then each sends UpdateEnvoyStatus every PERIOD seconds with a
+random phase. We record the registration rate, the latency of every health check, and the
+director's CPU time (from /proc) over the measured window.
+
+    python -m benchmarks.health_checks --envoys 5000 --period 2 --duration 20 [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import grpc
+
+from fedkube.local import free_port, port_open, wait_for
+from fedkube.proto import director_pb2, director_pb2_grpc
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+DEFAULT_OPENFL_PYTHON = Path.home() / ".cache/fedkube/openfl-1.6-venv/bin/python"
+
+
+@dataclass
+class Result:
+    director: str
+    envoys: int
+    period_s: float
+    calls_per_s: float
+    registration_per_s: float
+    p50_ms: float
+    p99_ms: float
+    cpu_percent: float
+    errors: int
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
+
+
+def start_fedkube(work: Path, port: int, period: float) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "fedkube.cli", "--log-level", "warning", "director", "start",
+         "--insecure", "--host", "127.0.0.1", "--port", str(port), "--data-dir",
+         str(work / "fedkube-data"), "--health-check-period", str(period)],
+        stdout=subprocess.DEVNULL, stderr=(work / "fedkube.log").open("wb"))
+
+
+def start_openfl(work: Path, port: int, period: float, python: Path) -> subprocess.Popen[bytes]:
+    (work / "director_config.yaml").write_text(
+        f"settings:\n  listen_host: 127.0.0.1\n  listen_port: {port}\n"
+        f"  sample_shape: ['8', '8']\n  target_shape: ['1']\n"
+        f"  envoy_health_check_period: {max(1, int(period))}\n")
+    return subprocess.Popen(
+        [str(python.parent / "fx"), "director", "start", "--disable-tls", "-c",
+         "director_config.yaml"], cwd=work, stdout=subprocess.DEVNULL,
+        stderr=(work / "openfl.log").open("wb"))
+
+
+def shard(i: int) -> director_pb2.UpdateShardInfoRequest:
+    return director_pb2.UpdateShardInfoRequest(shard_info=director_pb2.ShardInfo(
+        node_info=director_pb2.NodeInfo(name=f"envoy-{i:05d}"), shard_description="load",
+        n_samples=100, sample_shape=["8", "8"], target_shape=["1"]))
+
+
+async def load(port: int, pid: int, *, envoys: int, period: float, duration: float,
+               warmup: float, channels: int = 8) -> tuple[float, list[float], float, int]:
+    """Returns (registrations/s, health latencies in s, director CPU s in window, errors)."""
+    chans = [grpc.aio.insecure_channel(f"127.0.0.1:{port}") for _ in range(channels)]
+    stubs = [director_pb2_grpc.DirectorStub(c) for c in chans]  # type: ignore[no-untyped-call]
+    limit = asyncio.Semaphore(512)
+
+    async def register(i: int) -> None:
+        async with limit:
+            response = await stubs[i % channels].UpdateShardInfo(shard(i), timeout=60)
+            assert response.accepted
+
+    started = time.perf_counter()
+    await asyncio.gather(*(register(i) for i in range(envoys)))
+    registration_rate = envoys / (time.perf_counter() - started)
+
+    latencies: list[float] = []
+    errors = 0
+    window_start = time.perf_counter() + warmup
+    window_end = window_start + duration
+    loop = asyncio.get_running_loop()
+
+    async def envoy(i: int) -> None:
+        nonlocal errors
+        stub = stubs[i % channels]
+        request = director_pb2.UpdateEnvoyStatusRequest(name=f"envoy-{i:05d}")
+        next_at = loop.time() + random.uniform(0, period)
+        while True:
+            await asyncio.sleep(max(0.0, next_at - loop.time()))
+            now = time.perf_counter()
+            if now > window_end:
+                return
+            try:
+                await stub.UpdateEnvoyStatus(request, timeout=10)
+                if now >= window_start:
+                    latencies.append(time.perf_counter() - now)
+            except grpc.aio.AioRpcError:
+                errors += 1
+            next_at += period
+
+    tasks = [asyncio.create_task(envoy(i)) for i in range(envoys)]
+    await asyncio.sleep(max(0.0, window_start - time.perf_counter()))
+    cpu_before = cpu_seconds(pid)
+    await asyncio.sleep(max(0.0, window_end - time.perf_counter()))
+    cpu_used = cpu_seconds(pid) - cpu_before
+    await asyncio.gather(*tasks)
+    for channel in chans:
+        await channel.close()
+    return registration_rate, latencies, cpu_used, errors
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+def measure(kind: str, *, envoys: int, period: float, duration: float, warmup: float,
+            openfl_python: Path) -> Result:
+    with tempfile.TemporaryDirectory() as tmp:
+        work, port = Path(tmp), free_port()
+        process = (start_fedkube(work, port, period) if kind == "fedkube"
+                   else start_openfl(work, port, period, openfl_python))
+        try:
+            wait_for(lambda: port_open(port), timeout=60, message=f"{kind} director")
+            rate, latencies, cpu, errors = asyncio.run(load(
+                port, process.pid, envoys=envoys, period=period, duration=duration,
+                warmup=warmup))
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
+    return Result(director=kind, envoys=envoys, period_s=period,
+                  calls_per_s=len(latencies) / duration, registration_per_s=rate,
+                  p50_ms=percentile(latencies, 0.50) * 1e3,
+                  p99_ms=percentile(latencies, 0.99) * 1e3,
+                  cpu_percent=100 * cpu / duration, errors=errors)
+
+
+def table(results: list[Result]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    view = Table(title="Health checks: fedkube (SQLite store) vs OpenFL 1.6 (in memory)")
+    for column in ("director", "envoys", "period s", "calls/s", "registrations/s", "p50 ms",
+                   "p99 ms", "director CPU %", "errors"):
+        view.add_column(column, justify="right")
+    for r in results:
+        view.add_row(r.director, str(r.envoys), f"{r.period_s:g}", f"{r.calls_per_s:.0f}",
+                     f"{r.registration_per_s:.0f}", f"{r.p50_ms:.2f}", f"{r.p99_ms:.2f}",
+                     f"{r.cpu_percent:.0f}", str(r.errors))
+    Console().print(view)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--envoys", default="5000", help="comma-separated envoy counts")
+    parser.add_argument("--period", default="2", help="comma-separated periods, s")
+    parser.add_argument("--duration", type=float, default=20.0)
+    parser.add_argument("--warmup", type=float, default=3.0)
+    parser.add_argument("--directors", default="fedkube,openfl")
+    parser.add_argument("--openfl-python", type=Path, default=Path(os.environ.get(
+        "FEDKUBE_OPENFL_PYTHON", DEFAULT_OPENFL_PYTHON)))
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    results = [
+        measure(kind, envoys=int(n), period=float(p), duration=args.duration,
+                warmup=args.warmup, openfl_python=args.openfl_python)
+        for n in args.envoys.split(",") for p in args.period.split(",")
+        for kind in args.directors.split(",")
+    ]
+    if args.json:
+        print(json.dumps([asdict(r) for r in results]))
+    else:
+        table(results)
+
+
+if __name__ == "__main__":
+    main()
