@@ -52,12 +52,19 @@ def create_ca(common_name: str = "fedkube-ca") -> KeyPair:
     return KeyPair(cert.public_bytes(serialization.Encoding.PEM), _key_pem(key))
 
 
-def issue(ca: KeyPair, common_name: str, *, hosts: list[str] | None = None) -> KeyPair:
-    """A leaf certificate usable as both TLS server and client, with SANs for `hosts`."""
+def issue(ca: KeyPair, common_name: str, *, hosts: list[str] | None = None,
+          organization: str | None = None) -> KeyPair:
+    """A leaf certificate usable as both TLS server and client, with SANs for `hosts`.
+
+    `organization` becomes the subject's O (Kubernetes reads it as the user's group).
+    """
     ca_cert = x509.load_pem_x509_certificate(ca.cert_pem)
     ca_key = serialization.load_pem_private_key(ca.key_pem, password=None)
     assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
     key = ec.generate_private_key(ec.SECP256R1())
+    subject = [x509.NameAttribute(NameOID.COMMON_NAME, common_name)]
+    if organization:
+        subject.insert(0, x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization))
     sans: list[x509.GeneralName] = []
     for host in [common_name, *(hosts or [])]:
         try:
@@ -66,7 +73,7 @@ def issue(ca: KeyPair, common_name: str, *, hosts: list[str] | None = None) -> K
             sans.append(x509.DNSName(host))
     cert = (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+        .subject_name(x509.Name(subject))
         .issuer_name(ca_cert.subject).public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(_now() - dt.timedelta(minutes=5)).not_valid_after(_now() + VALIDITY)

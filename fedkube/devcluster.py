@@ -1,0 +1,251 @@
+"""A real Kubernetes control plane on loopback, with fake GPU nodes, for tests and developers.
+
+etcd, kube-apiserver (RBAC, service accounts, generated certificates), kube-controller-
+manager, kube-scheduler and kwok run as processes from binaries that
+`tools/k8s-testenv/build.sh` compiles (or from $KUBEBUILDER_ASSETS). KWOK marks the fake
+nodes Ready and runs their pods' lifecycles without containers.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import shutil
+import ssl
+import subprocess
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from fedkube.local import free_port, wait_for
+from fedkube.transport import certs
+
+REPO = Path(__file__).resolve().parent.parent
+BUILD_SCRIPT = REPO / "tools" / "k8s-testenv" / "build.sh"
+BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl",
+            "kwok")
+KWOK_ANNOTATION = "kwok.x-k8s.io/node"
+GPU_RESOURCE = "nvidia.com/gpu"
+
+
+@dataclass(frozen=True)
+class FakeNode:
+    name: str
+    gpus: int = 0
+    product: str = "NVIDIA-H100-80GB-HBM3"
+    cpu: str = "32"
+    memory: str = "256Gi"
+
+    def manifest(self) -> dict[str, Any]:
+        capacity = {"cpu": self.cpu, "memory": self.memory, "pods": "110"}
+        labels = {"kubernetes.io/hostname": self.name, "kubernetes.io/os": "linux",
+                  "kubernetes.io/arch": "amd64", "type": "kwok"}
+        taints = []
+        if self.gpus:
+            capacity[GPU_RESOURCE] = str(self.gpus)
+            labels |= {"nvidia.com/gpu.present": "true", "nvidia.com/gpu.product": self.product,
+                       "nvidia.com/gpu.count": str(self.gpus)}
+            taints.append({"key": GPU_RESOURCE, "value": "present", "effect": "NoSchedule"})
+        return {
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": self.name, "labels": labels,
+                         "annotations": {KWOK_ANNOTATION: "fake",
+                                         "node.alpha.kubernetes.io/ttl": "0"}},
+            "spec": {"taints": taints},
+            "status": {"capacity": capacity, "allocatable": capacity,
+                       "nodeInfo": {"kubeletVersion": "fake", "architecture": "amd64",
+                                    "operatingSystem": "linux"}},
+        }
+
+
+DEFAULT_NODES = (FakeNode("gpu-node-1", gpus=8), FakeNode("gpu-node-2", gpus=4,
+                                                           product="NVIDIA-A100-SXM4-40GB"),
+                 FakeNode("cpu-node-1"))
+
+
+def binaries_dir() -> Path:
+    """$KUBEBUILDER_ASSETS when it holds every binary, else the cached build (built if cold)."""
+    assets = os.environ.get("KUBEBUILDER_ASSETS")
+    if assets and all((Path(assets) / name).exists() for name in BINARIES):
+        return Path(assets)
+    out = subprocess.run(["bash", str(BUILD_SCRIPT)], check=True, capture_output=True,
+                         text=True).stdout.strip().splitlines()[-1]
+    return Path(out) / "bin"
+
+
+def kwok_stages(bin_dir: Path) -> list[Path]:
+    stages = bin_dir.parent / "kwok-stages"
+    return [stages / "node/fast/node-initialize.yaml", stages / "node/heartbeat/node-heartbeat.yaml",
+            stages / "pod/fast/pod-ready.yaml", stages / "pod/fast/pod-complete.yaml",
+            stages / "pod/fast/pod-delete.yaml"]
+
+
+def _kubeconfig(path: Path, server: str, ca: bytes, pair: certs.KeyPair) -> Path:
+    def b64(data: bytes) -> str:
+        return base64.b64encode(data).decode()
+
+    path.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "fedkube-test",
+        "clusters": [{"name": "fedkube-test", "cluster": {
+            "server": server, "certificate-authority-data": b64(ca)}}],
+        "users": [{"name": "user", "user": {"client-certificate-data": b64(pair.cert_pem),
+                                            "client-key-data": b64(pair.key_pem)}}],
+        "contexts": [{"name": "fedkube-test",
+                      "context": {"cluster": "fedkube-test", "user": "user"}}],
+    }))
+    return path
+
+
+@dataclass
+class ControlPlane:
+    work: Path
+    bin_dir: Path = field(default_factory=binaries_dir)
+    nodes: tuple[FakeNode, ...] = DEFAULT_NODES
+    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    kubeconfig: Path = Path()
+    server: str = ""
+
+    def _spawn(self, name: str, args: list[str]) -> None:
+        with (self.work / "logs" / f"{name}.log").open("ab") as log:  # the child keeps its copy
+            self.processes[name] = subprocess.Popen(
+                [str(self.bin_dir / name), *args], stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True)
+
+    def logs(self, tail: int = 3000) -> str:
+        parts = []
+        for name in self.processes:
+            text = (self.work / "logs" / f"{name}.log").read_text(errors="replace")
+            parts.append(f"----- {name} -----\n{text[-tail:]}")
+        return "\n".join(parts)
+
+    def start(self, timeout: float = 120) -> ControlPlane:
+        for sub in ("logs", "pki", "etcd"):
+            (self.work / sub).mkdir(parents=True, exist_ok=True)
+        pki = self.work / "pki"
+        ca = certs.create_ca("fedkube-test-ca")
+        certs.write_pair(pki, "ca", ca)
+        certs.write_pair(pki, "apiserver", certs.issue(
+            ca, "kube-apiserver", hosts=["127.0.0.1", "localhost", "10.0.0.1", "kubernetes",
+                                         "kubernetes.default", "kubernetes.default.svc"]))
+        sa_key = ec.generate_private_key(ec.SECP256R1())
+        (pki / "sa.key").write_bytes(sa_key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption()))
+        (pki / "sa.pub").write_bytes(sa_key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+
+        etcd_port, peer_port, api_port = free_port(), free_port(), free_port()
+        self.server = f"https://127.0.0.1:{api_port}"
+        self._spawn("etcd", [
+            "--data-dir", str(self.work / "etcd"), "--unsafe-no-fsync",
+            "--listen-client-urls", f"http://127.0.0.1:{etcd_port}",
+            "--advertise-client-urls", f"http://127.0.0.1:{etcd_port}",
+            "--listen-peer-urls", f"http://127.0.0.1:{peer_port}",
+            "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer_port}",
+            "--initial-cluster", f"default=http://127.0.0.1:{peer_port}",
+            "--log-level", "warn"])
+        self._spawn("kube-apiserver", [
+            f"--etcd-servers=http://127.0.0.1:{etcd_port}", f"--secure-port={api_port}",
+            "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1",
+            f"--tls-cert-file={pki / 'apiserver.crt'}",
+            f"--tls-private-key-file={pki / 'apiserver.key'}",
+            f"--client-ca-file={pki / 'ca.crt'}", f"--cert-dir={pki}",
+            "--service-account-issuer=https://kubernetes.default.svc",
+            f"--service-account-key-file={pki / 'sa.pub'}",
+            f"--service-account-signing-key-file={pki / 'sa.key'}",
+            "--service-cluster-ip-range=10.0.0.0/24", "--authorization-mode=RBAC",
+            "--allow-privileged=true", "--enable-priority-and-fairness=false",
+            "--endpoint-reconciler-type=none", "-v=1"])
+
+        admin = certs.issue(ca, "fedkube-admin", organization="system:masters")
+        self.kubeconfig = _kubeconfig(self.work / "kubeconfig", self.server, ca.cert_pem, admin)
+        cm_config = _kubeconfig(self.work / "controller-manager.kubeconfig", self.server,
+                                ca.cert_pem, certs.issue(ca, "system:kube-controller-manager"))
+        sched_config = _kubeconfig(self.work / "scheduler.kubeconfig", self.server,
+                                   ca.cert_pem, certs.issue(ca, "system:kube-scheduler"))
+        self._wait_ready(ca.cert_pem, admin, timeout)
+        self._spawn("kube-controller-manager", [
+            f"--kubeconfig={cm_config}", f"--authentication-kubeconfig={cm_config}",
+            f"--authorization-kubeconfig={cm_config}", "--leader-elect=false",
+            f"--service-account-private-key-file={pki / 'sa.key'}",
+            f"--root-ca-file={pki / 'ca.crt'}", "--use-service-account-credentials=true",
+            f"--secure-port={free_port()}", "--bind-address=127.0.0.1",
+            "--controllers=*,-nodeipam,-cloud-node-lifecycle", "-v=1"])
+        self._spawn("kube-scheduler", [
+            f"--kubeconfig={sched_config}", f"--authentication-kubeconfig={sched_config}",
+            f"--authorization-kubeconfig={sched_config}", "--leader-elect=false",
+            f"--secure-port={free_port()}", "--bind-address=127.0.0.1", "-v=1"])
+        self._spawn("kwok", [
+            f"--kubeconfig={self.kubeconfig}", "--manage-all-nodes=false",
+            f"--manage-nodes-with-annotation-selector={KWOK_ANNOTATION}=fake",
+            f"--server-address=127.0.0.1:{free_port()}", "--node-ip=127.0.0.1",
+            *[arg for stage in kwok_stages(self.bin_dir) for arg in ("-c", str(stage))]])
+        self.apply([node.manifest() for node in self.nodes])
+        wait_for(self._nodes_ready, timeout=timeout, interval=0.5, message="fake nodes Ready")
+        wait_for(self._default_service_account, timeout=timeout, interval=0.5,
+                 message="the default service account")
+        return self
+
+    def _wait_ready(self, ca_pem: bytes, admin: certs.KeyPair, timeout: float) -> None:
+        context = ssl.create_default_context(cadata=ca_pem.decode())
+        cert, key = self.work / "pki" / "admin.crt", self.work / "pki" / "admin.key"
+        cert.write_bytes(admin.cert_pem)
+        key.write_bytes(admin.key_pem)
+        context.load_cert_chain(cert, key)
+
+        def ready() -> bool:
+            self._check_alive()
+            try:
+                with urllib.request.urlopen(f"{self.server}/readyz", context=context,
+                                            timeout=2) as response:
+                    return bool(response.status == 200)
+            except OSError:
+                return False
+
+        wait_for(ready, timeout=timeout, interval=0.2, message="kube-apiserver /readyz")
+
+    def _check_alive(self) -> None:
+        for name, process in self.processes.items():
+            if process.poll() is not None:
+                raise RuntimeError(f"{name} exited with {process.returncode}\n{self.logs()}")
+
+    def kubectl(self, *args: str, input: str | None = None, check: bool = True
+                ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(self.bin_dir / "kubectl"), f"--kubeconfig={self.kubeconfig}",
+                               *args], input=input, capture_output=True, text=True, check=check,
+                              timeout=120)
+
+    def apply(self, manifests: list[dict[str, Any]]) -> None:
+        self.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(manifests))
+
+    def _nodes_ready(self) -> bool:
+        self._check_alive()
+        out = self.kubectl("get", "nodes", "-o",
+                           "jsonpath={range .items[*]}{.metadata.name}={.status.conditions"
+                           "[?(@.type=='Ready')].status} {end}", check=False).stdout
+        states = dict(item.split("=", 1) for item in out.split())
+        return all(states.get(node.name) == "True" for node in self.nodes)
+
+    def _default_service_account(self) -> bool:
+        return self.kubectl("get", "serviceaccount", "default", check=False).returncode == 0
+
+    def stop(self) -> None:
+        for process in reversed(list(self.processes.values())):
+            if process.poll() is None:
+                process.terminate()
+        deadline = time.monotonic() + 15
+        for process in self.processes.values():
+            try:
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+    def clean(self) -> None:
+        shutil.rmtree(self.work, ignore_errors=True)
