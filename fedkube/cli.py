@@ -21,6 +21,7 @@ EXIT_REFUSED = 3
 
 
 def _tls_flags(parser: argparse.ArgumentParser) -> None:
+    """--insecure, or --ca/--cert/--key for mTLS."""
     group = parser.add_argument_group("transport security (mTLS unless --insecure)")
     group.add_argument("--insecure", action="store_true", default=None,
                        help="plaintext gRPC; identities are not checked")
@@ -133,6 +134,149 @@ def cmd_shards(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- collaborator -------------------------------------------------------------------------
+
+def cmd_collaborator_run(args: argparse.Namespace) -> int:
+    from fedkube.collaborator.run import Collaborator, prepare
+    from fedkube.tasks.shard import load_shard
+    from fedkube.transport.tls import TLSFiles
+
+    plan, task = prepare(args.archive, args.work_dir)
+    shard = load_shard(args.shard, _options(args.shard_option))
+    tls = None if args.insecure else TLSFiles(ca=args.ca.read_bytes(), cert=args.cert.read_bytes(),
+                                              key=args.key.read_bytes())
+    collaborator = Collaborator(target=args.director, experiment=args.experiment,
+                                name=args.name, plan=plan, task=task, shard=shard, tls=tls)
+    try:
+        collaborator.run()
+    finally:
+        collaborator.close()
+    return 0
+
+
+# -- experiments ---------------------------------------------------------------------------
+
+def _client(args: argparse.Namespace) -> Any:
+    from fedkube.client import DirectorClient
+
+    return DirectorClient.from_files(args.director, ca=args.ca, cert=args.cert, key=args.key,
+                                     client_id=args.client_id)
+
+
+def _param(value: str) -> tuple[str, Any]:
+    key, sep, raw = value.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"--param wants key=value, got {value!r}")
+    try:
+        parsed: Any = json.loads(raw)
+    except json.JSONDecodeError:
+        parsed = raw
+    return key, parsed
+
+
+def cmd_experiment(args: argparse.Namespace) -> int:
+    import grpc
+
+    try:
+        with _client(args) as client:
+            return int(EXPERIMENT_ACTIONS[args.action](client, args))
+    except grpc.RpcError as exc:
+        print(f"fedkube: {exc.code().name}: {exc.details()}", file=sys.stderr)  # type: ignore[attr-defined]
+        return 1
+
+
+def _submit(client: Any, args: argparse.Namespace) -> int:
+    from fedkube.api.plan import Plan
+    from fedkube.client import experiment_archive
+
+    files: dict[str, bytes] = {}
+    task = args.task
+    if args.archive:
+        files[args.archive.name] = args.archive.read_bytes()
+        task = task or f"archive:{args.archive.stem}"
+    try:
+        plan = Plan(task=task or "digits-logreg", params=dict(args.param), rounds=args.rounds,
+                    min_collaborators=args.min_collaborators,
+                    round_timeout_s=args.round_timeout)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    archive, model = experiment_archive(plan, files)
+    collaborators = args.collaborators.split(",") if args.collaborators else None
+    client.submit(args.name, archive, collaborators=collaborators, initial_model=model)
+    print(f"experiment {args.name} submitted")
+    return 0
+
+
+def _list(client: Any, args: argparse.Namespace) -> int:
+    rows = client.experiments()
+    if args.output == "json":
+        print(json.dumps([{"name": n, "status": s, "progress": p} for n, s, p in rows]))
+    else:
+        for name, status, progress in rows:
+            print(f"{name:30} {status:12} {progress:6.0%}")
+    return 0
+
+
+def _status_json(status: Any) -> str:
+    from dataclasses import asdict
+
+    return json.dumps({**asdict(status), "round": status.round})
+
+
+def _status(client: Any, args: argparse.Namespace) -> int:
+    status = client.status(args.name)
+    if args.output == "json":
+        print(_status_json(status))
+    else:
+        print(f"{status.name}: {status.status}, round {status.round}/{status.total_rounds}"
+              + (f", {status.metric} last {status.last_metrics} best {status.best_metrics}"
+                 if status.metric else "")
+              + (f", queued at {status.queue_position}" if status.queue_position else "")
+              + (f"\nerror: {status.error}" if status.error else ""))
+    return 0
+
+
+def _wait(client: Any, args: argparse.Namespace) -> int:
+    from fedkube.ui import wait_with_progress
+
+    status = wait_with_progress(client, args.name, timeout=args.timeout)
+    print(_status_json(status))
+    return 0 if status.status == "finished" else 1
+
+
+def _metrics(client: Any, args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    metrics = client.metrics(args.name)
+    if args.output == "json":
+        print(json.dumps([asdict(m) for m in metrics]))
+    else:
+        for m in metrics:
+            print(f"round {m.round:4} {m.origin:16} {m.task:20} {m.name:10} {m.value:.4f}")
+    return 0
+
+
+def _model(client: Any, args: argparse.Namespace) -> int:
+    import numpy as np
+
+    model = client.model(args.name, best=not args.last)
+    np.savez(args.out, **model)
+    print(f"{'last' if args.last else 'best'} model of {args.name} written to {args.out}")
+    return 0
+
+
+def _remove(client: Any, args: argparse.Namespace) -> int:
+    client.remove(args.name)
+    print(f"experiment {args.name} removed")
+    return 0
+
+
+EXPERIMENT_ACTIONS: dict[str, Callable[[Any, argparse.Namespace], int]] = {
+    "submit": _submit, "list": _list, "status": _status, "wait": _wait, "metrics": _metrics,
+    "model": _model, "remove": _remove,
+}
+
+
 # -- certs --------------------------------------------------------------------------------
 
 def cmd_certs(args: argparse.Namespace) -> int:
@@ -202,6 +346,49 @@ def build_parser() -> argparse.ArgumentParser:
     shards.add_argument("--client-id", default="owner")
     _tls_flags(shards)
     shards.set_defaults(func=cmd_shards)
+
+    collaborator = commands.add_parser("collaborator", help="run a collaborator (envoys do)")
+    run = collaborator.add_subparsers(dest="action", required=True).add_parser("run")
+    run.add_argument("--director", required=True)
+    run.add_argument("--experiment", required=True)
+    run.add_argument("--name", required=True)
+    run.add_argument("--archive", type=Path, required=True)
+    run.add_argument("--work-dir", type=Path, required=True)
+    run.add_argument("--shard", default="digits")
+    run.add_argument("--shard-option", action="append", default=[])
+    _tls_flags(run)
+    run.set_defaults(func=cmd_collaborator_run)
+
+    experiment = commands.add_parser("experiment", help="submit and follow experiments")
+    actions = experiment.add_subparsers(dest="action", required=True)
+    for action in EXPERIMENT_ACTIONS:
+        sub = actions.add_parser(action)
+        sub.add_argument("--director", required=True, help="host:port")
+        sub.add_argument("--client-id", default="owner")
+        _tls_flags(sub)
+        if action == "submit":
+            sub.add_argument("--name", required=True)
+        elif action != "list":
+            sub.add_argument("name")
+        if action in ("list", "status", "metrics"):
+            sub.add_argument("--output", choices=["table", "json"], default="table")
+        sub.set_defaults(func=cmd_experiment)
+    submit = actions.choices["submit"]
+    submit.add_argument("--task", help="digits-logreg, digits-mlp (default), or with --archive")
+    submit.add_argument("--archive", type=Path, help="a Python module with init_model, "
+                                                     "train and validate")
+    submit.add_argument("--rounds", type=int, default=10)
+    submit.add_argument("--min-collaborators", type=int)
+    submit.add_argument("--round-timeout", type=float, default=600.0)
+    submit.add_argument("--collaborators", help="comma-separated shard names (default: all "
+                                                "online)")
+    submit.add_argument("--param", type=_param, action="append", default=[], metavar="K=V")
+    actions.choices["wait"].add_argument("--timeout", type=float, default=3600)
+    model = actions.choices["model"]
+    model.add_argument("--out", type=Path, required=True, help="an .npz file")
+    kind = model.add_mutually_exclusive_group()
+    kind.add_argument("--best", action="store_true", default=True)
+    kind.add_argument("--last", action="store_true")
 
     certs = commands.add_parser("certs", help="create a CA and mTLS certificates")
     certs.add_argument("--out", type=Path, required=True, help="directory for PEM files")

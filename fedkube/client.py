@@ -7,16 +7,23 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import grpc
+import numpy as np
+import numpy.typing as npt
 
-from fedkube.proto import director_pb2, director_pb2_grpc
+from fedkube.api.plan import Plan
+from fedkube.proto import base_pb2, director_pb2, director_pb2_grpc
+from fedkube.tasks.archive import build_archive, load_task
 from fedkube.transport.identity import CLIENT_ID_HEADER
-from fedkube.transport.limits import GRPC_OPTIONS
+from fedkube.transport.limits import CHUNK_BYTES, GRPC_OPTIONS
+from fedkube.transport.tensors import model_from_proto, model_to_proto
 from fedkube.transport.tls import TLSFiles, channel_credentials
 
 
@@ -50,6 +57,35 @@ class EnvoyView:
                 for d in shard.node_info.cuda_devices],
             last_health_check=info.last_updated.ToNanoseconds() / 1e9,
         )
+
+
+@dataclass(frozen=True)
+class ExperimentStatus:
+    """An experiment as `fedkube experiment status --output json` prints it."""
+
+    name: str
+    status: str  # pending | in_progress | finished | failed | rejected
+    round: int
+    total_rounds: int
+    metric: str
+    last_metrics: dict[str, float]
+    best_metrics: dict[str, float]
+    error: str
+    queue_position: int
+    collaborators: list[str]
+
+    @property
+    def done(self) -> bool:
+        return self.status in ("finished", "failed", "rejected")
+
+
+@dataclass(frozen=True)
+class Metric:
+    origin: str
+    task: str
+    name: str
+    value: float
+    round: int
 
 
 class DirectorClient:
@@ -87,7 +123,100 @@ class DirectorClient:
                                         metadata=self._metadata, timeout=self.timeout)
         return [EnvoyView.from_proto(info) for info in response.envoy_infos]
 
+    # -- experiments ----------------------------------------------------------------------
+
+    def submit(self, name: str, archive: bytes, *, collaborators: list[str] | None = None,
+               initial_model: base_pb2.ModelProto | None = None) -> None:
+        """Uploads an experiment archive; collaborators default to every online shard."""
+        if collaborators is None:
+            collaborators = sorted(e.name for e in self.envoys() if e.online)
+        model = initial_model or base_pb2.ModelProto()
+
+        def messages() -> Iterator[director_pb2.ExperimentInfo]:
+            view = memoryview(archive)
+            for offset in range(0, max(len(view), 1), CHUNK_BYTES):
+                chunk = bytes(view[offset:offset + CHUNK_BYTES])
+                yield director_pb2.ExperimentInfo(
+                    name=name, collaborator_names=collaborators,
+                    experiment_data=director_pb2.ExperimentData(size=len(chunk), npbytes=chunk),
+                    model_proto=model if offset == 0 else None)
+
+        self._stub.SetNewExperiment(messages(), metadata=self._metadata, timeout=self.timeout)
+
+    def experiments(self) -> list[tuple[str, str, float]]:
+        response = self._stub.GetExperimentsList(director_pb2.GetExperimentsListRequest(),
+                                                 metadata=self._metadata, timeout=self.timeout)
+        return [(e.name, e.status, e.progress) for e in response.experiments]
+
+    def status(self, name: str) -> ExperimentStatus:
+        response, call = self._stub.GetExperimentDescription.with_call(
+            director_pb2.GetExperimentDescriptionRequest(name=name), metadata=self._metadata,
+            timeout=self.timeout)
+        extra = {key.removeprefix("fedkube-"): value
+                 for key, value in (call.trailing_metadata() or ())
+                 if key.startswith("fedkube-")}
+        metric = extra.get("metric", "")
+
+        def figure(key: str) -> dict[str, float]:
+            return {metric: float(extra[key])} if metric and extra.get(key) else {}
+
+        experiment = response.experiment
+        return ExperimentStatus(
+            name=experiment.name, status=experiment.status, round=experiment.current_round,
+            total_rounds=experiment.total_rounds, metric=metric,
+            last_metrics=figure("last-metric"), best_metrics=figure("best-metric"),
+            error=extra.get("error", ""), queue_position=int(extra.get("queue-position", 0)),
+            collaborators=[c.name for c in experiment.collaborators])
+
+    def wait(self, name: str, *, timeout: float = 3600, interval: float = 0.5,
+             on_update: Callable[[ExperimentStatus], None] | None = None) -> ExperimentStatus:
+        deadline = time.monotonic() + timeout
+        while True:
+            status = self.status(name)
+            if on_update is not None:
+                on_update(status)
+            if status.done:
+                return status
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"experiment {name} still {status.status} after {timeout}s")
+            time.sleep(interval)
+
+    def metrics(self, name: str) -> list[Metric]:
+        """Every metric reported so far (follows the stream until the experiment ends)."""
+        stream = self._stub.GetMetricStream(
+            director_pb2.GetMetricStreamRequest(experiment_name=name), metadata=self._metadata)
+        return [Metric(m.metric_origin, m.task_name, m.metric_name, m.metric_value, m.round)
+                for m in stream]
+
+    def model(self, name: str, *, best: bool = True) -> dict[str, npt.NDArray[np.float32]]:
+        kind = director_pb2.GetTrainedModelRequest.BEST_MODEL if best else (
+            director_pb2.GetTrainedModelRequest.LAST_MODEL)
+        response = self._stub.GetTrainedModel(
+            director_pb2.GetTrainedModelRequest(experiment_name=name, model_type=kind),
+            metadata=self._metadata, timeout=self.timeout)
+        return model_from_proto(response.model_proto)
+
+    def remove(self, name: str) -> None:
+        self._stub.RemoveExperimentData(director_pb2.RemoveExperimentRequest(
+            experiment_name=name), metadata=self._metadata, timeout=self.timeout)
+
     def dataset_info(self) -> tuple[list[str], list[str]]:
         response = self._stub.GetDatasetInfo(director_pb2.GetDatasetInfoRequest(),
                                              metadata=self._metadata, timeout=self.timeout)
         return list(response.shard_info.sample_shape), list(response.shard_info.target_shape)
+
+
+def experiment_archive(plan: Plan, files: dict[str, bytes] | None = None
+                       ) -> tuple[bytes, base_pb2.ModelProto]:
+    """The archive and initial model for a plan (user modules go in `files`)."""
+    archive = build_archive(plan, files)
+    workspace = None
+    if files:
+        import tempfile
+
+        from fedkube.tasks.archive import safe_extract
+
+        workspace = Path(tempfile.mkdtemp(prefix="fedkube-submit-"))
+        safe_extract(archive, workspace)
+    task = load_task(plan, workspace)
+    return archive, model_to_proto(task.init_model(plan.params))

@@ -81,9 +81,9 @@ def binaries_dir() -> Path:
 
 def kwok_stages(bin_dir: Path) -> list[Path]:
     stages = bin_dir.parent / "kwok-stages"
-    return [stages / "node/fast/node-initialize.yaml", stages / "node/heartbeat/node-heartbeat.yaml",
-            stages / "pod/fast/pod-ready.yaml", stages / "pod/fast/pod-complete.yaml",
-            stages / "pod/fast/pod-delete.yaml"]
+    return [stages / name for name in (
+        "node/fast/node-initialize.yaml", "node/heartbeat/node-heartbeat.yaml",
+        "pod/fast/pod-ready.yaml", "pod/fast/pod-complete.yaml", "pod/fast/pod-delete.yaml")]
 
 
 def _kubeconfig(path: Path, server: str, ca: bytes, pair: certs.KeyPair) -> Path:

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from rich.table import Table
 
-from fedkube.client import EnvoyView
+from fedkube.client import DirectorClient, EnvoyView, ExperimentStatus
 
 
 def _ago(stamp: float) -> str:
@@ -30,3 +30,25 @@ def shards_table(envoys: Sequence[EnvoyView]) -> Table:
             f"{'x'.join(envoy.sample_shape)} -> {'x'.join(envoy.target_shape)}", gpus,
             envoy.experiment or "-", _ago(envoy.last_health_check), envoy.description)
     return table
+
+
+def wait_with_progress(client: DirectorClient, name: str, *, timeout: float
+                       ) -> ExperimentStatus:
+    """Waits for an experiment with a rich progress bar by round."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.fields[detail]}"), console=Console(stderr=True)) as bar:
+        task = bar.add_task(name, total=None, detail="")
+
+        def update(status: ExperimentStatus) -> None:
+            detail = status.status
+            if status.queue_position:
+                detail += f" (queued, position {status.queue_position})"
+            if status.last_metrics:
+                detail += "  " + "  ".join(f"{k} {v:.4f}" for k, v in status.last_metrics.items())
+            bar.update(task, total=status.total_rounds or None, completed=status.round,
+                       detail=detail)
+
+        return client.wait(name, timeout=timeout, on_update=update)

@@ -6,14 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from fedkube.api.experiment import ExperimentStatus
-from fedkube.director.core import Director
-from fedkube.director.errors import (
+from fedkube.api.errors import (
     AlreadyExistsError,
     InvalidArgumentError,
     NotFoundError,
     PermissionDeniedError,
 )
+from fedkube.api.experiment import ExperimentStatus
+from fedkube.director.core import Director
 from fedkube.director.store import MemoryStore, SqliteStore
 from fedkube.proto import director_pb2
 

@@ -16,14 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from fedkube.api.experiment import ExperimentStatus
-from fedkube.director.errors import (
+from fedkube.api.errors import (
     AlreadyExistsError,
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
     PermissionDeniedError,
 )
+from fedkube.api.experiment import ExperimentStatus
 from fedkube.director.store import DirectorStore, ExperimentRecord, ShardRecord
 from fedkube.proto import director_pb2
 
@@ -52,6 +52,9 @@ class Acknowledgement:
 
 class ExperimentRunner(Protocol):
     """Runs an experiment once its collaborators are dispatched (the aggregator's side)."""
+
+    def inspect(self, archive: Path) -> int:
+        """Validates an uploaded archive (raising DirectorError); returns its rounds."""
 
     def start(self, experiment: ExperimentRecord) -> None: ...
 
@@ -99,6 +102,10 @@ class Director:
         if self._envoys or self._experiments:
             log.info("restored %d shards and %d experiments from the store",
                      len(self._envoys), len(self._experiments))
+
+    def resumable(self) -> list[ExperimentRecord]:
+        """Experiments that were running when the director stopped."""
+        return [e for e in self._experiments.values() if e.status is ExperimentStatus.IN_PROGRESS]
 
     def flush_health(self) -> int:
         """Writes the health timestamps changed since the last flush; returns how many."""
@@ -305,6 +312,19 @@ class Director:
         log.info("experiment %s %s%s", name, status.value, f": {error}" if error else "")
         self._notify()
         self.schedule()
+
+    # -- Outcome callbacks of the aggregator -----------------------------------------------
+
+    def round_closed(self, name: str, *, round_number: int, total_rounds: int,
+                     summary: dict[str, str]) -> None:
+        if name in self._experiments:
+            self.update_experiment(name, current_round=round_number, total_rounds=total_rounds,
+                                   extra=summary)
+
+    def experiment_done(self, name: str, *, error: str | None) -> None:
+        if name in self._experiments:
+            self.finish_experiment(name, ExperimentStatus.FAILED if error
+                                   else ExperimentStatus.FINISHED, error or "")
 
     def set_experiment_failed(self, name: str, collaborator: str, code: int,
                               description: str) -> None:

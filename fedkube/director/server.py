@@ -8,11 +8,13 @@ import logging
 
 import grpc
 
+from fedkube.aggregator.runner import AggregatorRunner
+from fedkube.aggregator.servicer import AggregatorService
 from fedkube.api.config import DirectorConfig
 from fedkube.director.core import Director
 from fedkube.director.servicer import DirectorService
 from fedkube.director.store import open_store
-from fedkube.proto import director_pb2_grpc
+from fedkube.proto import aggregator_pb2_grpc, director_pb2_grpc
 from fedkube.transport.server import create_server
 from fedkube.transport.tls import TLSFiles
 
@@ -34,12 +36,19 @@ class DirectorServer:
         )
         self.server: grpc.aio.Server
         self.server, self.port = create_server(config.host, config.port, tls=tls)
-        director_pb2_grpc.add_DirectorServicer_to_server(
-            DirectorService(self.director, tls=tls is not None), self.server)  # type: ignore[no-untyped-call]
+        self.runner = AggregatorRunner(self.director)
+        self.director.runner = self.runner
+        director_pb2_grpc.add_DirectorServicer_to_server(  # type: ignore[no-untyped-call]
+            DirectorService(self.director, tls=tls is not None), self.server)
+        # Collaborators reach their aggregators on the director's own port.
+        aggregator_pb2_grpc.add_AggregatorServicer_to_server(  # type: ignore[no-untyped-call]
+            AggregatorService(self.runner, tls=tls is not None), self.server)
         self._flusher: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         await self.server.start()
+        for experiment in self.director.resumable():
+            self.runner.start(experiment)
         self._flusher = asyncio.create_task(self._flush_loop())
         mode = "insecure" if self.config.tls.insecure else "mTLS"
         log.info("director listening on %s:%d (%s), data in %s", self.config.host, self.port,

@@ -6,20 +6,22 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
 
-from fedkube.director.core import Director
-from fedkube.director.errors import (
+from fedkube.aggregator.runner import AggregatorRunner
+from fedkube.api.errors import (
     DirectorError,
     FailedPreconditionError,
     InvalidArgumentError,
     PermissionDeniedError,
     ResourceExhaustedError,
 )
+from fedkube.director.core import Director
 from fedkube.director.store import ExperimentRecord
 from fedkube.proto import base_pb2, director_pb2, director_pb2_grpc
 from fedkube.transport.identity import caller_identity
@@ -176,13 +178,16 @@ class DirectorService(director_pb2_grpc.DirectorServicer):
             if first.model_proto.tensors:
                 (archive.parent / "initial_model.pb").write_bytes(
                     first.model_proto.SerializeToString())
+            rounds = self.director.runner.inspect(archive) if self.director.runner else 0
             self.director.set_new_experiment(
                 name=first.name, owner=owner, collaborators=list(first.collaborator_names),
-                archive_path=archive)
+                archive_path=archive, total_rounds=rounds)
         except BaseException:
             if tmp is not None:
                 sink.close()
-                tmp.unlink(missing_ok=True)
+                if first is not None and first.name not in {
+                        e.name for e in self.director.get_experiments_list(owner)}:
+                    shutil.rmtree(tmp.parent, ignore_errors=True)
             raise
         finally:
             if first is not None:
@@ -206,6 +211,13 @@ class DirectorService(director_pb2_grpc.DirectorServicer):
         self, request: director_pb2.GetExperimentDescriptionRequest, context: Context,
     ) -> director_pb2.GetExperimentDescriptionResponse:
         record = self.director.get_experiment_status(self._caller(context), request.name)
+        # What OpenFL's message has no field for travels as trailing metadata.
+        extras = {"fedkube-error": record.error,
+                  "fedkube-queue-position": str(self.director.queue_position(record.name)),
+                  **{f"fedkube-{k.replace('_', '-')}": v for k, v in record.extra.items()}}
+        context.set_trailing_metadata(tuple(
+            (key, value.encode("ascii", "replace").decode()[:2000])
+            for key, value in extras.items() if value))
         return director_pb2.GetExperimentDescriptionResponse(
             experiment=experiment_description(record))
 
@@ -228,8 +240,10 @@ class DirectorService(director_pb2_grpc.DirectorServicer):
                               context: Context) -> director_pb2.TrainedModelResponse:
         record = self.director.get_experiment_status(self._caller(context),
                                                      request.experiment_name)
-        raise FailedPreconditionError(
-            f"experiment {record.name!r} has no trained model: it has not aggregated a round")
+        best = request.model_type == director_pb2.GetTrainedModelRequest.BEST_MODEL
+        model = AggregatorRunner.trained_model(self.director.experiment_dir(record.name),
+                                               best=best)
+        return director_pb2.TrainedModelResponse(model_proto=model)
 
     @_streaming
     async def GetMetricStream(
@@ -237,8 +251,13 @@ class DirectorService(director_pb2_grpc.DirectorServicer):
     ) -> AsyncIterator[director_pb2.GetMetricStreamResponse]:
         record = self.director.get_experiment_status(self._caller(context),
                                                      request.experiment_name)
-        raise FailedPreconditionError(f"experiment {record.name!r} has reported no metrics")
-        yield director_pb2.GetMetricStreamResponse()  # pragma: no cover - makes a generator
+        if not isinstance(self.director.runner, AggregatorRunner):
+            raise FailedPreconditionError("this director runs no aggregators")
+        async for event in self.director.runner.metrics(
+                record.name, self.director.experiment_dir(record.name)):
+            yield director_pb2.GetMetricStreamResponse(
+                metric_origin=event.origin, task_name=event.task, metric_name=event.name,
+                metric_value=event.value, round=event.round)
 
     @_unary
     async def RemoveExperimentData(self, request: director_pb2.RemoveExperimentRequest,

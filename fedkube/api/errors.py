@@ -1,4 +1,4 @@
-"""The director's error taxonomy; the servicer maps each class to one gRPC status code."""
+"""The error taxonomy of the services; servicers map each class to one gRPC status code."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import grpc
 
 
 class DirectorError(Exception):
+    """Base class: a request the service refuses, with the status code that says why."""
+
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
 
 

@@ -1,0 +1,1 @@
+"""Per-experiment aggregation: rounds, streaming FedAvg, best/last models, metrics."""

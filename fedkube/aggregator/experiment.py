@@ -1,0 +1,272 @@
+"""One experiment's rounds: tasks for collaborators, checked results, FedAvg, metrics.
+
+Round r (0-based) hands out the global model m_r; each collaborator validates it on its
+own data, trains from it, and sends both results. The round closes when every
+collaborator has trained, or at the round timeout when a quorum has; m_{r+1} is the
+weighted average. After the last round, one validation-only round scores the final model.
+The best model is the global model with the best aggregated validation metric.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from fedkube.aggregator.fedavg import Model, StreamingFedAvg
+from fedkube.api.errors import InvalidArgumentError, NotFoundError, PermissionDeniedError
+from fedkube.api.plan import Plan
+from fedkube.proto import aggregator_pb2, base_pb2
+from fedkube.transport.tensors import (
+    TensorError,
+    from_named_tensor,
+    model_to_proto,
+    to_named_tensor,
+)
+
+log = logging.getLogger(__name__)
+
+TRAIN, VALIDATE = "train", "validate"
+AGGREGATOR = "aggregator"
+WAIT_SECONDS = 1
+
+
+@dataclass(frozen=True)
+class MetricEvent:
+    origin: str  # a collaborator, or "aggregator" for the federated figure
+    task: str
+    name: str
+    value: float
+    round: int
+
+
+class Outcome(Protocol):
+    """What the aggregator reports to its host (the director) as rounds progress."""
+
+    def round_closed(self, name: str, *, round_number: int, total_rounds: int,
+                     summary: dict[str, str]) -> None: ...
+
+    def experiment_done(self, name: str, *, error: str | None) -> None: ...
+
+
+class ExperimentAggregator:
+    def __init__(self, *, name: str, plan: Plan, collaborators: list[str], initial: Model,
+                 workdir: Path, outcome: Outcome, clock: Callable[[], float],
+                 start_round: int = 0, best_metric: float | None = None) -> None:
+        """start_round > 0 resumes after a restart from the last aggregated model."""
+        self.name, self.plan, self.collaborators = name, plan, list(collaborators)
+        self.workdir, self.outcome, self.clock = workdir, outcome, clock
+        self.model = initial
+        self.round = start_round
+        self.quorum = min(plan.min_collaborators or len(collaborators), len(collaborators))
+        self.done = False
+        self.error: str | None = None
+        self.best_metric = best_metric
+        self.events: list[MetricEvent] = []
+        self.changed = asyncio.Event()
+        self._start_round()
+
+    # -- round bookkeeping --------------------------------------------------------------
+
+    def _start_round(self) -> None:
+        self._fedavg = StreamingFedAvg(self.model)
+        self._trained: set[str] = set()
+        self._validated: dict[str, tuple[float, float]] = {}  # collaborator -> (metric, weight)
+        self._round_started = self.clock()
+
+    @property
+    def final_validation(self) -> bool:
+        return self.round >= self.plan.rounds
+
+    def tasks_for(self, collaborator: str) -> list[str]:
+        pending = [] if collaborator in self._validated else [VALIDATE]
+        if not self.final_validation and collaborator not in self._trained:
+            pending.append(TRAIN)
+        return pending
+
+    def _record(self, event: MetricEvent) -> None:
+        self.events.append(event)
+        with (self.workdir / "metrics.jsonl").open("a") as sink:
+            sink.write(json.dumps(asdict(event)) + "\n")
+        changed, self.changed = self.changed, asyncio.Event()
+        changed.set()
+
+    def _better(self, value: float) -> bool:
+        if self.best_metric is None:
+            return True
+        return value > self.best_metric if self.plan.higher_is_better else value < self.best_metric
+
+    def _score_round(self) -> float | None:
+        """Aggregated validation metric of the current global model, if anyone validated."""
+        if not self._validated:
+            return None
+        weights = sum(w for _, w in self._validated.values())
+        value = sum(m * w for m, w in self._validated.values()) / weights
+        self._record(MetricEvent(AGGREGATOR, "aggregated_validate", self.plan.metric, value,
+                                 self.round))
+        if self._better(value):
+            self.best_metric = value
+            self._save("best.pb", self.model)
+        return value
+
+    def _save(self, filename: str, model: Model) -> None:
+        tmp = self.workdir / f".{filename}.tmp"
+        tmp.write_bytes(model_to_proto(model, self.round).SerializeToString())
+        tmp.replace(self.workdir / filename)
+
+    def _close_round(self) -> None:
+        score = self._score_round()
+        missing = sorted(set(self.collaborators) - self._trained)
+        if missing:
+            log.warning("experiment %s round %d closed without %s", self.name, self.round,
+                        missing, extra={"experiment": self.name, "round": self.round})
+        self.model = self._fedavg.result()
+        self.round += 1
+        self._save("last.pb", self.model)
+        self.outcome.round_closed(self.name, round_number=self.round,
+                                  total_rounds=self.plan.rounds,
+                                  summary=self._summary(score, missing))
+        self._start_round()
+
+    def _summary(self, score: float | None, missing: list[str]) -> dict[str, str]:
+        summary = {"metric": self.plan.metric,
+                   "best_metric": "" if self.best_metric is None else f"{self.best_metric:.6g}",
+                   "last_metric": "" if score is None else f"{score:.6g}"}
+        if missing:
+            summary["dropped"] = ",".join(missing)
+        return summary
+
+    def _finish(self, error: str | None = None) -> None:
+        if self.done:
+            return
+        self.done, self.error = True, error
+        if error is None:
+            score = self._score_round()
+            self.outcome.round_closed(self.name, round_number=self.round,
+                                      total_rounds=self.plan.rounds,
+                                      summary=self._summary(score, []))
+        self.outcome.experiment_done(self.name, error=error)
+        changed, self.changed = self.changed, asyncio.Event()
+        changed.set()
+
+    def _advance(self) -> None:
+        everyone = set(self.collaborators)
+        if self.final_validation:
+            if set(self._validated) == everyone:
+                self._finish()
+        elif self._trained == everyone:
+            self._close_round()
+
+    def tick(self) -> None:
+        """Closes a round that ran past its timeout on quorum, or fails the experiment."""
+        if self.done or self.clock() - self._round_started < self.plan.round_timeout_s:
+            return
+        have = set(self._validated) if self.final_validation else self._trained
+        if len(have) >= self.quorum:
+            if self.final_validation:
+                self._finish()
+            else:
+                self._close_round()
+        else:
+            self._finish(f"round {self.round} timed out after {self.plan.round_timeout_s:g}s "
+                         f"with {len(have)} of {len(self.collaborators)} results; quorum is "
+                         f"{self.quorum}")
+
+    def fail(self, error: str) -> None:
+        self._finish(error)
+
+    # -- RPCs ----------------------------------------------------------------------------
+
+    def _check_sender(self, sender: str) -> None:
+        if sender not in self.collaborators:
+            raise PermissionDeniedError(
+                f"{sender!r} is not a collaborator of experiment {self.name!r}")
+
+    def get_tasks(self, sender: str) -> aggregator_pb2.GetTasksResponse:
+        self._check_sender(sender)
+        if self.done:
+            return aggregator_pb2.GetTasksResponse(round_number=self.round, quit=True)
+        tasks = self.tasks_for(sender)
+        if not tasks:
+            return aggregator_pb2.GetTasksResponse(round_number=self.round,
+                                                   sleep_time=WAIT_SECONDS)
+        return aggregator_pb2.GetTasksResponse(
+            round_number=self.round,
+            tasks=[aggregator_pb2.Task(name=t, function_name=t, task_type=t) for t in tasks])
+
+    def get_tensor(self, sender: str, name: str, round_number: int) -> base_pb2.NamedTensor:
+        self._check_sender(sender)
+        if round_number != self.round:
+            raise InvalidArgumentError(f"round {round_number} is not open; the aggregator is "
+                                       f"at round {self.round}")
+        if name not in self.model:
+            raise NotFoundError(f"no tensor {name!r} in experiment {self.name!r}")
+        return to_named_tensor(name, self.model[name], round_number=self.round)
+
+    def _check_results(self, sender: str, results: aggregator_pb2.TaskResults
+                       ) -> tuple[Model, dict[str, float]]:
+        """Every check happens before any result touches the model."""
+        self._check_sender(sender)
+        if self.done:
+            raise InvalidArgumentError(f"experiment {self.name!r} is over")
+        if results.round_number != self.round:
+            raise InvalidArgumentError(f"round {results.round_number} is closed or not open; "
+                                       f"the aggregator is at round {self.round}")
+        if results.task_name not in self.tasks_for(sender):
+            raise InvalidArgumentError(f"{sender} has no pending {results.task_name!r} task in "
+                                       f"round {self.round} (already sent, or unknown task)")
+        if results.data_size <= 0:
+            raise InvalidArgumentError("data_size must be positive")
+        update: Model = {}
+        metrics: dict[str, float] = {}
+        for tensor in results.tensors:
+            try:
+                value = from_named_tensor(tensor)
+            except TensorError as exc:
+                raise InvalidArgumentError(str(exc)) from exc
+            if not np.isfinite(value).all():
+                raise InvalidArgumentError(f"tensor {tensor.name!r} holds NaN or Inf")
+            if tensor.report:
+                if value.size != 1:
+                    raise InvalidArgumentError(f"metric {tensor.name!r} is not a scalar")
+                metrics[tensor.name] = float(value.reshape(()))
+            else:
+                if tensor.name in update:
+                    raise InvalidArgumentError(f"tensor {tensor.name!r} sent twice")
+                update[tensor.name] = value
+        if results.task_name == TRAIN:
+            if set(update) != set(self.model):
+                raise InvalidArgumentError(
+                    f"expected tensors {sorted(self.model)}, got {sorted(update)}")
+            for name, value in update.items():
+                if value.shape != self.model[name].shape:
+                    raise InvalidArgumentError(f"tensor {name!r} has shape {value.shape}, "
+                                               f"expected {self.model[name].shape}")
+        elif self.plan.metric not in metrics or not math.isfinite(metrics[self.plan.metric]):
+            raise InvalidArgumentError(f"validation results lack the metric "
+                                       f"{self.plan.metric!r}")
+        return update, metrics
+
+    def submit(self, sender: str, results: aggregator_pb2.TaskResults) -> None:
+        update, metrics = self._check_results(sender, results)
+        weight = float(results.data_size) if self.plan.weighting == "samples" else 1.0
+        for name, value in metrics.items():
+            self._record(MetricEvent(sender, results.task_name, name, value, self.round))
+        if results.task_name == TRAIN:
+            self._fedavg.add(update, weight)
+            self._trained.add(sender)
+        else:
+            self._validated[sender] = (metrics[self.plan.metric], weight)
+        self._advance()
+
+
+def expected_result_bytes(model: Model) -> int:
+    """A size hint for reassembling a result: the model's float32 bytes plus headers."""
+    return sum(v.nbytes for v in model.values()) + 4096 * (len(model) + 1)

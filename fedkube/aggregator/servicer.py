@@ -1,0 +1,115 @@
+"""`openfl.aggregator.Aggregator` over grpc.aio, for every running experiment at once.
+
+A collaborator names its experiment in `header.federation_uuid` and itself in
+`header.sender`; under mTLS the sender must be the certificate's CN.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from fedkube.aggregator.experiment import expected_result_bytes
+from fedkube.aggregator.runner import AggregatorRunner
+from fedkube.api.errors import (
+    DirectorError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    PermissionDeniedError,
+    ResourceExhaustedError,
+)
+from fedkube.proto import aggregator_pb2, aggregator_pb2_grpc, base_pb2
+from fedkube.transport.identity import caller_identity
+from fedkube.transport.tensors import ChunkAssembler, TensorError
+
+Context = grpc.aio.ServicerContext[Any, Any]
+R = TypeVar("R")
+# A result may carry metrics and headers beyond the model; nothing near 4x the model.
+RESULT_LIMIT_FACTOR = 4
+
+
+def _mapped(method: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]:
+    @functools.wraps(method)
+    async def wrapper(self: AggregatorService, request: Any, context: Context) -> R:
+        try:
+            return await method(self, request, context)
+        except DirectorError as exc:
+            await context.abort(exc.code, str(exc))
+            raise
+
+    return wrapper
+
+
+class AggregatorService(aggregator_pb2_grpc.AggregatorServicer):
+    def __init__(self, runner: AggregatorRunner, *, tls: bool) -> None:
+        self.runner = runner
+        self.tls = tls
+
+    def _sender(self, header: aggregator_pb2.MessageHeader, context: Context) -> str:
+        if self.tls:
+            caller = caller_identity(context, tls=True)
+            if caller != header.sender:
+                raise PermissionDeniedError(f"caller {caller!r} may not act for "
+                                            f"{header.sender!r}")
+        return header.sender
+
+    def _reply_header(self, header: aggregator_pb2.MessageHeader
+                      ) -> aggregator_pb2.MessageHeader:
+        return aggregator_pb2.MessageHeader(sender=header.receiver, receiver=header.sender,
+                                            federation_uuid=header.federation_uuid)
+
+    @_mapped
+    async def GetTasks(self, request: aggregator_pb2.GetTasksRequest,
+                       context: Context) -> aggregator_pb2.GetTasksResponse:
+        sender = self._sender(request.header, context)
+        response = self.runner.aggregator(request.header.federation_uuid).get_tasks(sender)
+        response.header.CopyFrom(self._reply_header(request.header))
+        return response
+
+    @_mapped
+    async def GetAggregatedTensor(self, request: aggregator_pb2.GetAggregatedTensorRequest,
+                                  context: Context
+                                  ) -> aggregator_pb2.GetAggregatedTensorResponse:
+        sender = self._sender(request.header, context)
+        aggregator = self.runner.aggregator(request.header.federation_uuid)
+        tensor = aggregator.get_tensor(sender, request.tensor_name, request.round_number)
+        return aggregator_pb2.GetAggregatedTensorResponse(
+            header=self._reply_header(request.header), round_number=aggregator.round,
+            tensor=tensor)
+
+    @_mapped
+    async def SendLocalTaskResults(self, request_iterator: AsyncIterator[base_pb2.DataStream],
+                                   context: Context
+                                   ) -> aggregator_pb2.SendLocalTaskResultsResponse:
+        # The experiment is named inside the message, so size the buffer on the largest
+        # running model; the parsed header then picks the aggregator.
+        largest = max((expected_result_bytes(a.model) for a in self.runner.aggregators.values()),
+                      default=1 << 20)
+        assembler = ChunkAssembler(largest, RESULT_LIMIT_FACTOR * largest)
+        try:
+            async for chunk in request_iterator:
+                assembler.add(chunk)
+            results = assembler.parse()
+        except OverflowError as exc:
+            raise ResourceExhaustedError(str(exc)) from exc
+        except (TensorError, ValueError) as exc:  # DecodeError is a ValueError
+            raise InvalidArgumentError(f"malformed task results: {exc}") from exc
+        sender = self._sender(results.header, context)
+        self.runner.aggregator(results.header.federation_uuid).submit(sender, results)
+        return aggregator_pb2.SendLocalTaskResultsResponse(
+            header=self._reply_header(results.header))
+
+    @_mapped
+    async def GetMetricStream(self, request: Any, context: Context) -> Any:
+        raise FailedPreconditionError("stream metrics from the director (GetMetricStream)")
+
+    @_mapped
+    async def GetTrainedModel(self, request: Any, context: Context) -> Any:
+        raise FailedPreconditionError("fetch models from the director (GetTrainedModel)")
+
+    @_mapped
+    async def GetExperimentDescription(self, request: Any, context: Context) -> Any:
+        raise FailedPreconditionError("describe experiments through the director")

@@ -1,0 +1,1 @@
+"""The collaborator: runs an experiment's train/validate tasks on one shard."""

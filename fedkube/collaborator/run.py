@@ -1,0 +1,133 @@
+"""A collaborator process: fetches tasks and the global model, trains on its shard,
+sends results. Launched by its envoy (a subprocess or a Pod); a task that raises makes
+the process exit non-zero, and the envoy reports the failure to the director."""
+
+from __future__ import annotations
+
+import logging
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential_jitter
+
+from fedkube.api.plan import Plan
+from fedkube.proto import aggregator_pb2, aggregator_pb2_grpc
+from fedkube.tasks.archive import load_task, read_plan, safe_extract
+from fedkube.tasks.models import Model, Task
+from fedkube.tasks.shard import ShardDescriptor
+from fedkube.transport.limits import CHUNK_BYTES, GRPC_OPTIONS
+from fedkube.transport.tensors import (
+    chunk_message,
+    from_named_tensor,
+    metric_tensors,
+    to_named_tensor,
+)
+from fedkube.transport.tls import TLSFiles, channel_credentials
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+RECONNECT_PATIENCE_S = 600.0
+POLL_S = 0.1
+
+
+def _transient(exc: BaseException) -> bool:
+    return isinstance(exc, grpc.RpcError) and exc.code() in TRANSIENT  # type: ignore[attr-defined]
+
+
+@dataclass
+class Collaborator:
+    target: str
+    experiment: str
+    name: str
+    plan: Plan
+    task: Task
+    shard: ShardDescriptor
+    tls: TLSFiles | None = None
+
+    def __post_init__(self) -> None:
+        options = [*GRPC_OPTIONS, ("grpc.max_reconnect_backoff_ms", 2000)]
+        self._channel = (grpc.secure_channel(self.target, channel_credentials(self.tls),
+                                             options=options) if self.tls
+                         else grpc.insecure_channel(self.target, options=options))
+        self._stub = aggregator_pb2_grpc.AggregatorStub(self._channel)  # type: ignore[no-untyped-call]
+        self._header = aggregator_pb2.MessageHeader(sender=self.name, receiver="aggregator",
+                                                    federation_uuid=self.experiment)
+        self._names = list(self.task.init_model(self.plan.params))
+
+    def _call(self, fn: Any, request: Any) -> Any:
+        """Calls the aggregator, riding out a director restart."""
+        for attempt in Retrying(retry=retry_if_exception(_transient), reraise=True,
+                                wait=wait_exponential_jitter(initial=0.2, max=2.0),
+                                stop=stop_after_delay(RECONNECT_PATIENCE_S)):
+            with attempt:
+                return fn(request, timeout=120)
+        raise AssertionError("unreachable")
+
+    def fetch_model(self, round_number: int) -> Model:
+        model = {}
+        for name in self._names:
+            response = self._call(self._stub.GetAggregatedTensor,
+                                  aggregator_pb2.GetAggregatedTensorRequest(
+                                      header=self._header, tensor_name=name,
+                                      round_number=round_number))
+            model[name] = from_named_tensor(response.tensor).copy()
+        return model
+
+    def send(self, round_number: int, task: str, data_size: int, tensors: list[Any]) -> None:
+        results = aggregator_pb2.TaskResults(header=self._header, round_number=round_number,
+                                             task_name=task, data_size=data_size,
+                                             tensors=tensors)
+        payload = results.SerializeToString()
+        self._call(lambda _, timeout: self._stub.SendLocalTaskResults(
+            chunk_message(payload, CHUNK_BYTES), timeout=timeout), None)
+
+    def run(self) -> int:
+        """Works until the aggregator says quit; returns the number of rounds trained."""
+        trained = 0
+        while True:
+            response = self._call(self._stub.GetTasks,
+                                  aggregator_pb2.GetTasksRequest(header=self._header))
+            if response.quit:
+                log.info("experiment %s over after %d rounds trained here", self.experiment,
+                         trained)
+                return trained
+            if not response.tasks:
+                # The others are still on this round. OpenFL sleeps whole seconds here;
+                # asking again every 100 ms costs little and ends rounds sooner.
+                time.sleep(POLL_S)
+                continue
+            r = response.round_number
+            model = self.fetch_model(r)
+            for task in response.tasks:
+                if task.name == "validate":
+                    data = self.shard.get_dataset("val")
+                    metrics = self.task.validate(model, data, self.plan.params)
+                    self.send(r, "validate", len(data[1]), list(metric_tensors(metrics, r)))
+                elif task.name == "train":
+                    data = self.shard.get_dataset("train")
+                    seed = int(self.plan.params.get("seed", 0)) + 1000 * r
+                    params = {**self.plan.params, "seed": seed + zlib.crc32(self.name.encode())}
+                    updated, metrics = self.task.train(model, data, params)
+                    tensors = [to_named_tensor(n, v, round_number=r) for n, v in updated.items()]
+                    tensors += metric_tensors(metrics, r)
+                    self.send(r, "train", len(data[1]), tensors)
+                    trained += 1
+                log.info("round %d: %s done", r, task.name,
+                         extra={"experiment": self.experiment, "round": r,
+                                "collaborator": self.name})
+
+    def close(self) -> None:
+        self._channel.close()
+
+
+def prepare(archive: Path, work_dir: Path) -> tuple[Plan, Task]:
+    """Extracts the archive safely and loads its task."""
+    plan = read_plan(archive)
+    workspace = work_dir / "workspace"
+    safe_extract(archive, workspace)
+    return plan, load_task(plan, workspace)

@@ -1,0 +1,143 @@
+"""Built-in tasks: small numpy models for the digits shards.
+
+A task is three functions over a model (a dict of float32 arrays):
+    init_model(params) -> Model
+    train(model, (x, y), params) -> (Model, metrics)
+    validate(model, (x, y), params) -> metrics        # includes "accuracy"
+User archives provide the same three functions in a module (see fedkube.tasks.archive).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from fedkube.tasks.shard import Arrays
+
+Model = dict[str, npt.NDArray[np.float32]]
+Metrics = dict[str, float]
+Params = Mapping[str, Any]
+N_CLASSES = 10
+N_FEATURES = 64
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    init_model: Callable[[Params], Model]
+    train: Callable[[Model, Arrays, Params], tuple[Model, Metrics]]
+    validate: Callable[[Model, Arrays, Params], Metrics]
+
+
+def _p(params: Params, key: str, default: float) -> float:
+    return float(params.get(key, default))
+
+
+def _softmax(z: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return np.asarray(e / e.sum(axis=1, keepdims=True))
+
+
+def _flat(x: npt.NDArray[Any]) -> npt.NDArray[np.float64]:
+    return np.asarray(x, dtype=np.float64).reshape(len(x), -1)
+
+
+def _batches(n: int, size: int, rng: np.random.Generator) -> list[npt.NDArray[np.int64]]:
+    order = rng.permutation(n)
+    return [order[i:i + size] for i in range(0, n, size)]
+
+
+# -- multinomial logistic regression ----------------------------------------------------
+
+def logreg_init(params: Params) -> Model:
+    return {"weights": np.zeros((N_FEATURES, N_CLASSES), np.float32),
+            "bias": np.zeros(N_CLASSES, np.float32)}
+
+
+def _logreg_logits(model: Model, x: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    return np.asarray(x @ model["weights"].astype(np.float64) + model["bias"])
+
+
+def logreg_train(model: Model, data: Arrays, params: Params) -> tuple[Model, Metrics]:
+    x, y = _flat(data[0]), np.asarray(data[1], dtype=np.int64)
+    w, b = model["weights"].astype(np.float64), model["bias"].astype(np.float64)
+    lr, l2 = _p(params, "learning_rate", 0.5), _p(params, "l2", 1e-4)
+    rng = np.random.default_rng(int(params.get("seed", 0)))
+    onehot = np.eye(N_CLASSES)[y]
+    losses = []
+    for _ in range(int(params.get("epochs", 1))):
+        for idx in _batches(len(y), int(params.get("batch_size", 32)), rng):
+            p = _softmax(x[idx] @ w + b)
+            losses.append(float(-np.log(p[np.arange(len(idx)), y[idx]] + 1e-12).mean()))
+            grad = (p - onehot[idx]) / len(idx)
+            w -= lr * (x[idx].T @ grad + l2 * w)
+            b -= lr * grad.sum(axis=0)
+    trained = {"weights": w.astype(np.float32), "bias": b.astype(np.float32)}
+    return trained, {"loss": float(np.mean(losses)) if losses else 0.0}
+
+
+def logreg_validate(model: Model, data: Arrays, params: Params) -> Metrics:
+    x, y = _flat(data[0]), np.asarray(data[1], dtype=np.int64)
+    p = _softmax(_logreg_logits(model, x))
+    loss = float(-np.log(p[np.arange(len(y)), y] + 1e-12).mean())
+    return {"accuracy": float((p.argmax(axis=1) == y).mean()), "loss": loss}
+
+
+# -- a small MLP (one hidden ReLU layer) ------------------------------------------------
+
+def mlp_init(params: Params) -> Model:
+    hidden = int(params.get("hidden", 64))
+    rng = np.random.default_rng(int(params.get("seed", 0)))
+    return {
+        "w1": (rng.standard_normal((N_FEATURES, hidden)) * np.sqrt(2 / N_FEATURES)).astype(
+            np.float32),
+        "b1": np.zeros(hidden, np.float32),
+        "w2": (rng.standard_normal((hidden, N_CLASSES)) * np.sqrt(1 / hidden)).astype(
+            np.float32),
+        "b2": np.zeros(N_CLASSES, np.float32),
+    }
+
+
+def _mlp_forward(m: dict[str, npt.NDArray[np.float64]], x: npt.NDArray[np.float64]
+                 ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    h = np.maximum(0.0, x @ m["w1"] + m["b1"])
+    return h, _softmax(h @ m["w2"] + m["b2"])
+
+
+def mlp_train(model: Model, data: Arrays, params: Params) -> tuple[Model, Metrics]:
+    x, y = _flat(data[0]), np.asarray(data[1], dtype=np.int64)
+    m = {k: v.astype(np.float64) for k, v in model.items()}
+    lr = _p(params, "learning_rate", 0.1)
+    rng = np.random.default_rng(int(params.get("seed", 0)))
+    onehot = np.eye(N_CLASSES)[y]
+    losses = []
+    for _ in range(int(params.get("epochs", 1))):
+        for idx in _batches(len(y), int(params.get("batch_size", 32)), rng):
+            h, p = _mlp_forward(m, x[idx])
+            losses.append(float(-np.log(p[np.arange(len(idx)), y[idx]] + 1e-12).mean()))
+            g2 = (p - onehot[idx]) / len(idx)
+            gh = (g2 @ m["w2"].T) * (h > 0)
+            m["w2"] -= lr * h.T @ g2
+            m["b2"] -= lr * g2.sum(axis=0)
+            m["w1"] -= lr * x[idx].T @ gh
+            m["b1"] -= lr * gh.sum(axis=0)
+    return ({k: v.astype(np.float32) for k, v in m.items()},
+            {"loss": float(np.mean(losses)) if losses else 0.0})
+
+
+def mlp_validate(model: Model, data: Arrays, params: Params) -> Metrics:
+    x, y = _flat(data[0]), np.asarray(data[1], dtype=np.int64)
+    _, p = _mlp_forward({k: v.astype(np.float64) for k, v in model.items()}, x)
+    loss = float(-np.log(p[np.arange(len(y)), y] + 1e-12).mean())
+    return {"accuracy": float((p.argmax(axis=1) == y).mean()), "loss": loss}
+
+
+BUILTIN_TASKS = {
+    "digits-logreg": Task("digits-logreg", logreg_init, logreg_train, logreg_validate),
+    "digits-mlp": Task("digits-mlp", mlp_init, mlp_train, mlp_validate),
+}

@@ -1,0 +1,96 @@
+"""Models on the wire: OpenFL's NamedTensor (float32 bytes, shape in transformer metadata).
+
+OpenFL's NoCompressionPipeline stores the shape as `transformer_metadata[0].int_list` and
+the values as little-endian float32; we do the same, so tensors read both ways.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+import numpy.typing as npt
+
+from fedkube.proto import aggregator_pb2, base_pb2
+
+Model = dict[str, npt.NDArray[np.float32]]
+DTYPE = np.dtype("<f4")
+
+
+class TensorError(ValueError):
+    """A tensor whose bytes and declared shape disagree."""
+
+
+def to_named_tensor(name: str, array: npt.ArrayLike, *, round_number: int = 0,
+                    report: bool = False) -> base_pb2.NamedTensor:
+    values = np.ascontiguousarray(array, dtype=DTYPE)
+    return base_pb2.NamedTensor(
+        name=name, round_number=round_number, lossless=True, report=report,
+        transformer_metadata=[base_pb2.MetadataProto(int_list=list(values.shape))],
+        data_bytes=values.tobytes())
+
+
+def shape_of(tensor: base_pb2.NamedTensor) -> tuple[int, ...]:
+    if not tensor.transformer_metadata:
+        return (len(tensor.data_bytes) // DTYPE.itemsize,)
+    return tuple(int(d) for d in tensor.transformer_metadata[0].int_list)
+
+
+def from_named_tensor(tensor: base_pb2.NamedTensor) -> npt.NDArray[np.float32]:
+    shape = shape_of(tensor)
+    expected = int(np.prod(shape, dtype=np.int64)) * DTYPE.itemsize
+    if len(tensor.data_bytes) != expected:
+        raise TensorError(f"tensor {tensor.name!r}: {len(tensor.data_bytes)} bytes do not hold "
+                          f"float32 values of shape {shape}")
+    return np.frombuffer(tensor.data_bytes, dtype=DTYPE).reshape(shape)
+
+
+def model_to_proto(model: Model, round_number: int = 0) -> base_pb2.ModelProto:
+    return base_pb2.ModelProto(tensors=[to_named_tensor(name, value, round_number=round_number)
+                                        for name, value in model.items()])
+
+
+def model_from_proto(proto: base_pb2.ModelProto) -> Model:
+    return {tensor.name: from_named_tensor(tensor) for tensor in proto.tensors}
+
+
+def chunk_message(data: bytes, chunk_bytes: int) -> Iterator[base_pb2.DataStream]:
+    """A serialized message cut into DataStream chunks (the SendLocalTaskResults stream)."""
+    view = memoryview(data)
+    for offset in range(0, len(view), chunk_bytes):
+        piece = view[offset:offset + chunk_bytes]
+        yield base_pb2.DataStream(size=len(piece), npbytes=bytes(piece))
+
+
+class ChunkAssembler:
+    """Reassembles a chunked message into one buffer allocated up front (grown only if the
+    sender sends more than expected): no re-concatenation, one copy per chunk."""
+
+    def __init__(self, expected_bytes: int, limit_bytes: int) -> None:
+        self.limit = limit_bytes
+        self._buffer = bytearray(min(max(expected_bytes, 1 << 16), limit_bytes))
+        self._size = 0
+
+    def add(self, chunk: base_pb2.DataStream) -> None:
+        data = chunk.npbytes
+        if chunk.size != len(data):
+            raise TensorError(f"chunk says {chunk.size} bytes but carries {len(data)}")
+        end = self._size + len(data)
+        if end > self.limit:
+            raise OverflowError(f"message exceeds {self.limit} bytes")
+        if end > len(self._buffer):
+            self._buffer.extend(bytes(max(end, 2 * len(self._buffer)) - len(self._buffer)))
+        self._buffer[self._size:end] = data
+        self._size = end
+
+    def parse(self) -> aggregator_pb2.TaskResults:
+        view = memoryview(self._buffer)[:self._size]  # parsed in place, not copied
+        return aggregator_pb2.TaskResults.FromString(view)  # type: ignore[arg-type]
+
+    def __len__(self) -> int:
+        return self._size
+
+
+def metric_tensors(metrics: dict[str, float], round_number: int) -> Iterable[base_pb2.NamedTensor]:
+    for name, value in metrics.items():
+        yield to_named_tensor(name, np.array(value), round_number=round_number, report=True)
