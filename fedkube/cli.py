@@ -401,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="a whole federation on this machine")
     demo.add_argument("--envoys", type=int, default=3)
-    demo.add_argument("--rounds", type=int, default=10)
+    demo.add_argument("--rounds", type=int, default=20)
     demo.add_argument("--non-iid", action="store_true")
     demo.add_argument("--out", type=Path, default=Path("demo-output"))
     demo.add_argument("--json", action="store_true", help="end with one JSON object")
