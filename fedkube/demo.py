@@ -115,8 +115,8 @@ def run_demo(*, envoys: int, rounds: int, non_iid: bool, out_dir: Path, as_json:
     federated = task.validate(best, test, PARAMS)["accuracy"]
     final = task.validate(last, test, PARAMS)["accuracy"]
     centralized = centralized_accuracy(rounds, envoys, non_iid)
-    np.savez(out_dir / "best_model.npz", **best)
-    np.savez(out_dir / "last_model.npz", **last)
+    np.savez(out_dir / "best_model.npz", **best)  # type: ignore[arg-type]
+    np.savez(out_dir / "last_model.npz", **last)  # type: ignore[arg-type]
     plot_metrics(metrics, out_dir / "metrics.png")
     seconds = round(time.monotonic() - started, 2)
     summary = {"federated_accuracy": round(federated, 4),

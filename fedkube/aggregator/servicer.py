@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from fedkube.aggregator.experiment import expected_result_bytes
 from fedkube.aggregator.runner import AggregatorRunner
@@ -95,7 +96,7 @@ class AggregatorService(aggregator_pb2_grpc.AggregatorServicer):
             results = assembler.parse()
         except OverflowError as exc:
             raise ResourceExhaustedError(str(exc)) from exc
-        except (TensorError, ValueError) as exc:  # DecodeError is a ValueError
+        except (TensorError, ValueError, DecodeError) as exc:
             raise InvalidArgumentError(f"malformed task results: {exc}") from exc
         sender = self._sender(results.header, context)
         self.runner.aggregator(results.header.federation_uuid).submit(sender, results)

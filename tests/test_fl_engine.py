@@ -1,0 +1,196 @@
+"""The federated learning engine, end to end with real processes, and the aggregator's
+checks on results, on a real gRPC server."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from fedkube.api.plan import Plan
+from fedkube.client import DirectorClient, experiment_archive
+from fedkube.local import Process, director_process, envoy_process, free_port, wait_for
+from fedkube.proto import aggregator_pb2, aggregator_pb2_grpc, base_pb2
+from fedkube.tasks import digits
+from fedkube.tasks.models import BUILTIN_TASKS
+from fedkube.transport.channel import open_channel
+from fedkube.transport.limits import CHUNK_BYTES
+from fedkube.transport.tensors import chunk_message, to_named_tensor
+from tests.conftest import RunningDirector
+from tests.test_director_grpc import shard_request, stub
+
+FAILING_TASK = b'''
+from fedkube.tasks.models import logreg_init as init_model, logreg_validate as validate
+
+def train(model, data, params):
+    raise RuntimeError("this task is broken on purpose")
+'''
+
+
+def test_demo_matches_centralized_baseline(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "fedkube.cli", "demo", "--json", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["rounds"] == 20
+    assert summary["federated_accuracy"] > 0.9
+    assert abs(summary["federated_accuracy"] - summary["centralized_accuracy"]) <= 0.02
+    # The models it wrote reproduce the reported accuracy when loaded.
+    best = dict(np.load(tmp_path / "best_model.npz"))
+    task = BUILTIN_TASKS["digits-logreg"]
+    accuracy = task.validate(best, digits.test_set(), {})["accuracy"]
+    assert round(accuracy, 4) == summary["federated_accuracy"]
+    plot = (tmp_path / "metrics.png").read_bytes()
+    assert plot.startswith(b"\x89PNG") and len(plot) > 20_000
+
+
+@pytest.fixture
+def federation(tmp_path: Path, processes: list[Process]) -> DirectorClient:
+    """A director and four envoys (shards of 4) as real processes."""
+    port = free_port()
+    processes.append(director_process(tmp_path, port, period=1.0).start())
+    for i in range(4):
+        processes.append(envoy_process(tmp_path, f"env{i}", port, index=i, count=4).start())
+    client = DirectorClient(f"localhost:{port}", client_id="alice", timeout=10)
+
+    def online() -> bool:
+        try:
+            return sum(e.online for e in client.envoys()) == 4
+        except grpc.RpcError:
+            return False
+
+    wait_for(online, timeout=60, message="four envoys online")
+    return client
+
+
+def submit(client: DirectorClient, name: str, collaborators: list[str], *, rounds: int = 3,
+           files: dict[str, bytes] | None = None, task: str = "digits-logreg") -> None:
+    plan = Plan(task=task, rounds=rounds, params={"learning_rate": 1.0}, round_timeout_s=60)
+    archive, initial = experiment_archive(plan, files)
+    client.submit(name, archive, collaborators=collaborators, initial_model=initial)
+
+
+def test_concurrent_experiments_and_queueing(federation: DirectorClient) -> None:
+    client = federation
+    submit(client, "left", ["env0", "env1"], rounds=4)
+    submit(client, "right", ["env2", "env3"], rounds=4)
+    submit(client, "later", ["env1", "env2"], rounds=2, task="digits-mlp")
+    statuses = {name: client.status(name) for name in ("left", "right", "later")}
+    assert statuses["left"].status == statuses["right"].status == "in_progress"
+    assert statuses["later"].status == "pending" and statuses["later"].queue_position == 1
+    # Both run at once: each makes progress before either finishes.
+    wait_for(lambda: client.status("left").round >= 1 and client.status("right").round >= 1,
+             timeout=60, message="both experiments past round 1")
+    for name in ("left", "right", "later"):
+        final = client.wait(name, timeout=120)
+        assert final.status == "finished", final
+        assert final.round == final.total_rounds
+    assert client.status("later").best_metrics["accuracy"] > 0.5
+    # Best and last models come back and score what the director reported.
+    best, last = client.model("left"), client.model("left", best=False)
+    assert set(best) == {"weights", "bias"} and best["weights"].shape == (64, 10)
+    task = BUILTIN_TASKS["digits-logreg"]
+    shards = [digits.DigitsShard(i, 4).get_dataset("val") for i in (0, 1)]
+    val = (np.concatenate([s[0] for s in shards]), np.concatenate([s[1] for s in shards]))
+    status = client.status("left")
+    assert task.validate(best, val, {})["accuracy"] == pytest.approx(
+        status.best_metrics["accuracy"], abs=1e-5)
+    assert task.validate(last, val, {})["accuracy"] == pytest.approx(
+        status.last_metrics["accuracy"], abs=1e-5)
+    aggregated = [m for m in client.metrics("left") if m.origin == "aggregator"]
+    assert [m.round for m in aggregated] == [0, 1, 2, 3, 4]
+
+
+def test_failing_collaborator_fails_only_its_experiment(federation: DirectorClient) -> None:
+    client = federation
+    submit(client, "broken", ["env0", "env1"], files={"broken.py": FAILING_TASK},
+           task="archive:broken")
+    final = client.wait("broken", timeout=120)
+    assert final.status == "failed"
+    assert "this task is broken on purpose" in final.error
+    submit(client, "after", ["env0", "env1"], rounds=2)
+    assert client.wait("after", timeout=120).status == "finished"
+
+
+async def _send(channel: grpc.aio.Channel, results: aggregator_pb2.TaskResults) -> None:
+    aggregator = aggregator_pb2_grpc.AggregatorStub(channel)  # type: ignore[no-untyped-call]
+    await aggregator.SendLocalTaskResults(chunk_message(results.SerializeToString(),
+                                                        CHUNK_BYTES))
+
+
+async def test_bad_results_are_refused_without_touching_the_model(
+        director: RunningDirector) -> None:
+    envoy = stub(director.address, client_id="env1")
+    await envoy.UpdateShardInfo(shard_request("env1"))
+    await envoy.UpdateShardInfo(shard_request("env2"))
+    plan = Plan(task="digits-logreg", rounds=2)
+    archive, initial = experiment_archive(plan)
+    owner = stub(director.address, client_id="alice")
+
+    async def messages():  # type: ignore[no-untyped-def]
+        from fedkube.proto import director_pb2
+
+        yield director_pb2.ExperimentInfo(
+            name="exp", collaborator_names=["env1", "env2"], model_proto=initial,
+            experiment_data=director_pb2.ExperimentData(size=len(archive), npbytes=archive))
+
+    await owner.SetNewExperiment(messages())
+    aggregator = director.server.runner.aggregator("exp")
+    before = {k: v.copy() for k, v in aggregator.model.items()}
+    channel = open_channel(director.address, tls=None, client_id="x")
+
+    def results(sender: str, *, round_number: int = 0, tensors: list[base_pb2.NamedTensor]
+                | None = None, task: str = "train") -> aggregator_pb2.TaskResults:
+        good = [to_named_tensor("weights", np.ones((64, 10))), to_named_tensor("bias",
+                                                                               np.ones(10))]
+        return aggregator_pb2.TaskResults(
+            header=aggregator_pb2.MessageHeader(sender=sender, federation_uuid="exp"),
+            round_number=round_number, task_name=task, data_size=10,
+            tensors=good if tensors is None else tensors)
+
+    nan = np.ones((64, 10))
+    nan[3, 3] = np.nan
+    cases = [
+        (results("mallory"), grpc.StatusCode.PERMISSION_DENIED, "not a collaborator"),
+        (results("env1", round_number=5), grpc.StatusCode.INVALID_ARGUMENT, "round 5"),
+        (results("env1", tensors=[to_named_tensor("weights", np.ones((64, 10)))]),
+         grpc.StatusCode.INVALID_ARGUMENT, "expected tensors"),
+        (results("env1", tensors=[to_named_tensor("weights", np.ones((10, 64))),
+                                  to_named_tensor("bias", np.ones(10))]),
+         grpc.StatusCode.INVALID_ARGUMENT, "shape"),
+        (results("env1", tensors=[base_pb2.NamedTensor(name="weights", data_bytes=b"\x00" * 7),
+                                  to_named_tensor("bias", np.ones(10))]),
+         grpc.StatusCode.INVALID_ARGUMENT, "float32"),
+        (results("env1", tensors=[to_named_tensor("weights", nan),
+                                  to_named_tensor("bias", np.ones(10))]),
+         grpc.StatusCode.INVALID_ARGUMENT, "NaN or Inf"),
+        (results("env1", tensors=[to_named_tensor("weights", np.full((64, 10), np.inf)),
+                                  to_named_tensor("bias", np.ones(10))]),
+         grpc.StatusCode.INVALID_ARGUMENT, "NaN or Inf"),
+    ]
+    for message, code, text in cases:
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await _send(channel, message)
+        assert error.value.code() == code, (text, error.value.details())
+        assert text in (error.value.details() or "")
+    # A good result is taken once; its replay is refused.
+    await _send(channel, results("env1"))
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await _send(channel, results("env1"))
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert aggregator._fedavg.count == 1
+    for name, value in before.items():
+        np.testing.assert_array_equal(aggregator.model[name], value)
+    # Malformed protobuf in the stream.
+    aggregator_stub = aggregator_pb2_grpc.AggregatorStub(channel)  # type: ignore[no-untyped-call]
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await aggregator_stub.SendLocalTaskResults(
+            iter([base_pb2.DataStream(size=5, npbytes=b"\xff\xff\xff\xff\xff")]))
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    await channel.close(None)
