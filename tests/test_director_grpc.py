@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import io
+import os
+import zipfile
 
 import grpc
 import pytest
 
+from fedkube.api.plan import Plan
 from fedkube.proto import director_pb2, director_pb2_grpc
+from fedkube.tasks.archive import build_archive
 from fedkube.transport.channel import open_channel
 from fedkube.transport.tls import TLSFiles
 from tests.conftest import CertDir, RunningDirector
@@ -26,6 +31,14 @@ def stub(address: str, *, client_id: str = "alice",
     client = director_pb2_grpc.DirectorStub(channel)  # type: ignore[no-untyped-call]
     client.channel = channel  # type: ignore[attr-defined]  # a stub alone lets its channel close
     return client
+
+
+def zip_with(member: str) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as z:
+        z.writestr("plan.yaml", "task: digits-logreg\n")
+        z.writestr(member, "x")
+    return buffer.getvalue()
 
 
 async def test_register_health_and_envoy_list(director: RunningDirector) -> None:
@@ -77,7 +90,8 @@ async def test_submit_dispatch_and_stream_experiment_data(director: RunningDirec
     await envoy.UpdateShardInfo(shard_request("env1"))
     waiting = asyncio.ensure_future(envoy.WaitExperiment(
         director_pb2.WaitExperimentRequest(collaborator_name="env1")))
-    payload = bytes(range(256)) * 20_000  # 5 MB: several chunks each way
+    # 5 MB of incompressible data: several chunks each way
+    payload = build_archive(Plan(task="digits-logreg"), {"data.bin": os.urandom(5 << 20)})
     assert (await _submit(owner, "exp-1", ["env1"], payload)).accepted
     assert (await asyncio.wait_for(waiting, 10)).experiment_name == "exp-1"
     received = b"".join([chunk.npbytes async for chunk in envoy.GetExperimentData(
@@ -98,17 +112,25 @@ async def test_submit_dispatch_and_stream_experiment_data(director: RunningDirec
 async def test_bad_submissions_get_clear_statuses(director: RunningDirector) -> None:
     owner = stub(director.address)
     await owner.UpdateShardInfo(shard_request("env1"))
+    archive = build_archive(Plan(task="digits-logreg"))
     with pytest.raises(grpc.aio.AioRpcError) as error:
-        await _submit(owner, "exp", ["nobody"], b"x")
+        await _submit(owner, "exp", ["nobody"], archive)
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "unknown collaborators" in (error.value.details() or "")
+    for bad, reason in ((b"not a zip", "not a zip"),
+                        (build_archive(Plan(task="no-such-task")), "unknown task"),
+                        (zip_with("../escape.txt"), "parent-directory")):
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await _submit(owner, "exp", ["env1"], bad)
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert reason in (error.value.details() or "")
     with pytest.raises(grpc.aio.AioRpcError) as error:
         await owner.GetExperimentStatus(
             director_pb2.GetExperimentStatusRequest(experiment_name="nope"))
     assert error.value.code() == grpc.StatusCode.NOT_FOUND
-    assert await _submit(owner, "exp", ["env1"], b"x")
+    assert await _submit(owner, "exp", ["env1"], archive)
     with pytest.raises(grpc.aio.AioRpcError) as error:
-        await _submit(owner, "exp", ["env1"], b"x")
+        await _submit(owner, "exp", ["env1"], archive)
     assert error.value.code() == grpc.StatusCode.ALREADY_EXISTS
 
 

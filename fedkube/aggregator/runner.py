@@ -20,7 +20,7 @@ from fedkube.aggregator.experiment import ExperimentAggregator, MetricEvent, Out
 from fedkube.api.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from fedkube.api.plan import Plan
 from fedkube.proto import base_pb2
-from fedkube.tasks.archive import ArchiveError, load_task, read_plan
+from fedkube.tasks.archive import ArchiveError, check_archive, load_task, read_plan
 from fedkube.transport.tensors import Model, TensorError, model_from_proto
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ class AggregatorRunner:
     def inspect(self, archive: Path) -> int:
         """Validates an uploaded experiment; returns its number of rounds."""
         try:
-            plan = read_plan(archive)
+            plan = check_archive(archive)
         except ArchiveError as exc:
             raise InvalidArgumentError(str(exc)) from exc
         initial_model(plan, archive.parent)

@@ -45,19 +45,35 @@ def _check_member(info: zipfile.ZipInfo) -> PurePosixPath:
     return path
 
 
-def safe_extract(archive: Path | bytes, dest: Path) -> list[Path]:
-    """Extracts every member under dest after checking them all; returns the files."""
+def _open(archive: Path | bytes) -> zipfile.ZipFile:
     try:
-        source = zipfile.ZipFile(io.BytesIO(archive) if isinstance(archive, bytes) else archive)
+        return zipfile.ZipFile(io.BytesIO(archive) if isinstance(archive, bytes) else archive)
     except (zipfile.BadZipFile, OSError) as exc:
         raise ArchiveError(f"not a zip archive: {exc}") from exc
-    with source:
+
+
+def _check_members(source: zipfile.ZipFile) -> list[PurePosixPath]:
+    members = source.infolist()
+    if len(members) > MAX_MEMBERS:
+        raise ArchiveError(f"{len(members)} members exceeds {MAX_MEMBERS}")
+    paths = [_check_member(info) for info in members]
+    if sum(info.file_size for info in members) > MAX_TOTAL_BYTES:
+        raise ArchiveError(f"archive expands past {MAX_TOTAL_BYTES} bytes")
+    return paths
+
+
+def check_archive(archive: Path | bytes) -> Plan:
+    """Checks every member as safe_extract would, and returns the plan."""
+    with _open(archive) as source:
+        _check_members(source)
+    return read_plan(archive)
+
+
+def safe_extract(archive: Path | bytes, dest: Path) -> list[Path]:
+    """Extracts every member under dest after checking them all; returns the files."""
+    with _open(archive) as source:
         members = source.infolist()
-        if len(members) > MAX_MEMBERS:
-            raise ArchiveError(f"{len(members)} members exceeds {MAX_MEMBERS}")
-        paths = [_check_member(info) for info in members]
-        if sum(info.file_size for info in members) > MAX_TOTAL_BYTES:
-            raise ArchiveError(f"archive expands past {MAX_TOTAL_BYTES} bytes")
+        paths = _check_members(source)
         written = []
         dest.mkdir(parents=True, exist_ok=True)
         for info, path in zip(members, paths, strict=True):
