@@ -9,7 +9,7 @@ INSTALL_STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-1
 OPENFL_VENV := $(CACHE)/openfl-1.6-venv
 OPENFL_STAMP := $(OPENFL_VENV)/.installed
 
-.PHONY: install demo test lint typecheck unit testenv openfl protos crds clean bench
+.PHONY: install demo test lint typecheck unit testenv openfl protos crds clean bench dev-cluster
 
 install: $(INSTALL_STAMP)
 
@@ -35,6 +35,10 @@ $(OPENFL_STAMP):
 # The Kubernetes test control plane, built from Go modules and cached under $(CACHE).
 testenv:
 	bash tools/k8s-testenv/build.sh
+
+# The tests' control plane by hand (etcd, apiserver, controller-manager, scheduler, kwok).
+dev-cluster: install testenv
+	$(VENV)/bin/fedkube dev cluster up --dir .fedkube-cluster
 
 lint: install
 	$(VENV)/bin/ruff check fedkube tests tools benchmarks

@@ -277,6 +277,31 @@ EXPERIMENT_ACTIONS: dict[str, Callable[[Any, argparse.Namespace], int]] = {
 }
 
 
+# -- dev cluster --------------------------------------------------------------------------
+
+def cmd_dev_cluster_up(args: argparse.Namespace) -> int:
+    """The tests' control plane by hand: runs in the foreground until Ctrl-C."""
+    import signal
+    import threading
+
+    from fedkube.devcluster import ControlPlane
+
+    plane = ControlPlane(args.dir.resolve())
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        plane.start()
+        print(f"export KUBECONFIG={plane.kubeconfig}\n"
+              f"kubectl is at {plane.bin_dir / 'kubectl'}; Ctrl-C stops the cluster",
+              flush=True)
+        stop.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        plane.stop()
+    return 0
+
+
 # -- certs --------------------------------------------------------------------------------
 
 def cmd_certs(args: argparse.Namespace) -> int:
@@ -389,6 +414,15 @@ def build_parser() -> argparse.ArgumentParser:
     kind = model.add_mutually_exclusive_group()
     kind.add_argument("--best", action="store_true", default=True)
     kind.add_argument("--last", action="store_true")
+
+    dev = commands.add_parser("dev", help="developer tools").add_subparsers(
+        dest="tool", required=True)
+    cluster = dev.add_parser("cluster", help="a local Kubernetes control plane with fake "
+                                             "GPU nodes").add_subparsers(dest="action",
+                                                                         required=True)
+    up = cluster.add_parser("up", help="start it in the foreground (Ctrl-C stops it)")
+    up.add_argument("--dir", type=Path, default=Path(".fedkube-cluster"))
+    up.set_defaults(func=cmd_dev_cluster_up)
 
     certs = commands.add_parser("certs", help="create a CA and mTLS certificates")
     certs.add_argument("--out", type=Path, required=True, help="directory for PEM files")
