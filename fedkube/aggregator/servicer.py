@@ -6,17 +6,14 @@ A collaborator names its experiment in `header.federation_uuid` and itself in
 
 from __future__ import annotations
 
-import functools
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator
+from typing import Any
 
-import grpc
 from google.protobuf.message import DecodeError
 
 from fedkube.aggregator.experiment import expected_result_bytes
 from fedkube.aggregator.runner import AggregatorRunner
 from fedkube.api.errors import (
-    DirectorError,
     FailedPreconditionError,
     InvalidArgumentError,
     PermissionDeniedError,
@@ -24,24 +21,11 @@ from fedkube.api.errors import (
 )
 from fedkube.proto import aggregator_pb2, aggregator_pb2_grpc, base_pb2
 from fedkube.transport.identity import caller_identity
+from fedkube.transport.status import Context, unary_errors
 from fedkube.transport.tensors import ChunkAssembler, TensorError
 
-Context = grpc.aio.ServicerContext[Any, Any]
-R = TypeVar("R")
 # A result may carry metrics and headers beyond the model; nothing near 4x the model.
 RESULT_LIMIT_FACTOR = 4
-
-
-def _mapped(method: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]:
-    @functools.wraps(method)
-    async def wrapper(self: AggregatorService, request: Any, context: Context) -> R:
-        try:
-            return await method(self, request, context)
-        except DirectorError as exc:
-            await context.abort(exc.code, str(exc))
-            raise
-
-    return wrapper
 
 
 class AggregatorService(aggregator_pb2_grpc.AggregatorServicer):
@@ -62,7 +46,7 @@ class AggregatorService(aggregator_pb2_grpc.AggregatorServicer):
         return aggregator_pb2.MessageHeader(sender=header.receiver, receiver=header.sender,
                                             federation_uuid=header.federation_uuid)
 
-    @_mapped
+    @unary_errors
     async def GetTasks(self, request: aggregator_pb2.GetTasksRequest,
                        context: Context) -> aggregator_pb2.GetTasksResponse:
         sender = self._sender(request.header, context)
@@ -70,7 +54,7 @@ class AggregatorService(aggregator_pb2_grpc.AggregatorServicer):
         response.header.CopyFrom(self._reply_header(request.header))
         return response
 
-    @_mapped
+    @unary_errors
     async def GetAggregatedTensor(self, request: aggregator_pb2.GetAggregatedTensorRequest,
                                   context: Context
                                   ) -> aggregator_pb2.GetAggregatedTensorResponse:
@@ -81,7 +65,7 @@ class AggregatorService(aggregator_pb2_grpc.AggregatorServicer):
             header=self._reply_header(request.header), round_number=aggregator.round,
             tensor=tensor)
 
-    @_mapped
+    @unary_errors
     async def SendLocalTaskResults(self, request_iterator: AsyncIterator[base_pb2.DataStream],
                                    context: Context
                                    ) -> aggregator_pb2.SendLocalTaskResultsResponse:
@@ -103,14 +87,14 @@ class AggregatorService(aggregator_pb2_grpc.AggregatorServicer):
         return aggregator_pb2.SendLocalTaskResultsResponse(
             header=self._reply_header(results.header))
 
-    @_mapped
+    @unary_errors
     async def GetMetricStream(self, request: Any, context: Context) -> Any:
         raise FailedPreconditionError("stream metrics from the director (GetMetricStream)")
 
-    @_mapped
+    @unary_errors
     async def GetTrainedModel(self, request: Any, context: Context) -> Any:
         raise FailedPreconditionError("fetch models from the director (GetTrainedModel)")
 
-    @_mapped
+    @unary_errors
     async def GetExperimentDescription(self, request: Any, context: Context) -> Any:
         raise FailedPreconditionError("describe experiments through the director")

@@ -3,19 +3,14 @@ and maps the core's errors to gRPC status codes. No state and no rules live here
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import shutil
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, TypeVar
-
-import grpc
 
 from fedkube.aggregator.runner import AggregatorRunner
 from fedkube.api.errors import (
-    DirectorError,
     FailedPreconditionError,
     InvalidArgumentError,
     PermissionDeniedError,
@@ -26,38 +21,11 @@ from fedkube.director.store import ExperimentRecord
 from fedkube.proto import base_pb2, director_pb2, director_pb2_grpc
 from fedkube.transport.identity import caller_identity
 from fedkube.transport.limits import CHUNK_BYTES, MAX_ARCHIVE_BYTES
+from fedkube.transport.status import Context, stream_errors, unary_errors
 
 log = logging.getLogger(__name__)
 
 REASON_HEADER = "fedkube-reason"
-Context = grpc.aio.ServicerContext[Any, Any]
-R = TypeVar("R")
-
-
-def _unary(method: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]:
-    """Turns a DirectorError into the matching gRPC status with its message."""
-
-    @functools.wraps(method)
-    async def wrapper(self: DirectorService, request: Any, context: Context) -> R:
-        try:
-            return await method(self, request, context)
-        except DirectorError as exc:
-            await context.abort(exc.code, str(exc))
-            raise  # unreachable: abort raises
-
-    return wrapper
-
-
-def _streaming(method: Callable[..., AsyncIterator[R]]) -> Callable[..., AsyncIterator[R]]:
-    @functools.wraps(method)
-    async def wrapper(self: DirectorService, request: Any, context: Context) -> AsyncIterator[R]:
-        try:
-            async for item in method(self, request, context):
-                yield item
-        except DirectorError as exc:
-            await context.abort(exc.code, str(exc))
-
-    return wrapper
 
 
 def experiment_description(record: ExperimentRecord) -> base_pb2.ExperimentDescription:
@@ -92,7 +60,7 @@ class DirectorService(director_pb2_grpc.DirectorServicer):
 
     # -- envoy RPCs ---------------------------------------------------------------------
 
-    @_unary
+    @unary_errors
     async def UpdateShardInfo(self, request: director_pb2.UpdateShardInfoRequest,
                               context: Context) -> director_pb2.UpdateShardInfoResponse:
         self._require_self(context, request.shard_info.node_info.name)
@@ -101,7 +69,7 @@ class DirectorService(director_pb2_grpc.DirectorServicer):
             context.set_trailing_metadata(((REASON_HEADER, ack.reason),))
         return director_pb2.UpdateShardInfoResponse(accepted=ack.accepted)
 
-    @_unary
+    @unary_errors
     async def UpdateEnvoyStatus(self, request: director_pb2.UpdateEnvoyStatusRequest,
                                 context: Context) -> director_pb2.UpdateEnvoyStatusResponse:
         if self.tls:
@@ -113,14 +81,14 @@ class DirectorService(director_pb2_grpc.DirectorServicer):
         response.health_check_period.FromNanoseconds(int(period * 1e9))
         return response
 
-    @_unary
+    @unary_errors
     async def WaitExperiment(self, request: director_pb2.WaitExperimentRequest,
                              context: Context) -> director_pb2.WaitExperimentResponse:
         self._require_self(context, request.collaborator_name)
         name = await self.director.wait_experiment(request.collaborator_name)
         return director_pb2.WaitExperimentResponse(experiment_name=name)
 
-    @_streaming
+    @stream_errors
     async def GetExperimentData(self, request: director_pb2.GetExperimentDataRequest,
                                 context: Context) -> AsyncIterator[director_pb2.ExperimentData]:
         self._require_self(context, request.collaborator_name)
@@ -130,7 +98,7 @@ class DirectorService(director_pb2_grpc.DirectorServicer):
             while chunk := archive.read(CHUNK_BYTES):
                 yield director_pb2.ExperimentData(size=len(chunk), npbytes=chunk)
 
-    @_unary
+    @unary_errors
     async def SetExperimentFailed(self, request: director_pb2.SetExperimentFailedRequest,
                                   context: Context) -> director_pb2.SetExperimentFailedResponse:
         self._require_self(context, request.collaborator_name)
@@ -140,7 +108,7 @@ class DirectorService(director_pb2_grpc.DirectorServicer):
 
     # -- model owner RPCs ---------------------------------------------------------------
 
-    @_unary
+    @unary_errors
     async def SetNewExperiment(self, request_iterator: AsyncIterator[director_pb2.ExperimentInfo],
                                context: Context) -> director_pb2.SetNewExperimentResponse:
         owner = self._caller(context)
@@ -194,7 +162,7 @@ class DirectorService(director_pb2_grpc.DirectorServicer):
                 self._uploading.discard(first.name)
         return director_pb2.SetNewExperimentResponse(accepted=True)
 
-    @_unary
+    @unary_errors
     async def GetExperimentsList(self, request: director_pb2.GetExperimentsListRequest,
                                  context: Context) -> director_pb2.GetExperimentsListResponse:
         items = []
@@ -206,7 +174,7 @@ class DirectorService(director_pb2_grpc.DirectorServicer):
                 progress=progress))
         return director_pb2.GetExperimentsListResponse(experiments=items)
 
-    @_unary
+    @unary_errors
     async def GetExperimentDescription(
         self, request: director_pb2.GetExperimentDescriptionRequest, context: Context,
     ) -> director_pb2.GetExperimentDescriptionResponse:
@@ -221,21 +189,21 @@ class DirectorService(director_pb2_grpc.DirectorServicer):
         return director_pb2.GetExperimentDescriptionResponse(
             experiment=experiment_description(record))
 
-    @_unary
+    @unary_errors
     async def GetExperimentStatus(self, request: director_pb2.GetExperimentStatusRequest,
                                   context: Context) -> director_pb2.GetExperimentStatusResponse:
         record = self.director.get_experiment_status(self._caller(context),
                                                      request.experiment_name)
         return director_pb2.GetExperimentStatusResponse(experiment_status=record.status.value)
 
-    @_unary
+    @unary_errors
     async def GetDatasetInfo(self, request: director_pb2.GetDatasetInfoRequest,
                              context: Context) -> director_pb2.GetDatasetInfoResponse:
         sample, target = self.director.get_dataset_info()
         return director_pb2.GetDatasetInfoResponse(
             shard_info=director_pb2.ShardInfo(sample_shape=sample, target_shape=target))
 
-    @_unary
+    @unary_errors
     async def GetTrainedModel(self, request: director_pb2.GetTrainedModelRequest,
                               context: Context) -> director_pb2.TrainedModelResponse:
         record = self.director.get_experiment_status(self._caller(context),
@@ -245,7 +213,7 @@ class DirectorService(director_pb2_grpc.DirectorServicer):
                                                best=best)
         return director_pb2.TrainedModelResponse(model_proto=model)
 
-    @_streaming
+    @stream_errors
     async def GetMetricStream(
         self, request: director_pb2.GetMetricStreamRequest, context: Context,
     ) -> AsyncIterator[director_pb2.GetMetricStreamResponse]:
@@ -259,13 +227,13 @@ class DirectorService(director_pb2_grpc.DirectorServicer):
                 metric_origin=event.origin, task_name=event.task, metric_name=event.name,
                 metric_value=event.value, round=event.round)
 
-    @_unary
+    @unary_errors
     async def RemoveExperimentData(self, request: director_pb2.RemoveExperimentRequest,
                                    context: Context) -> director_pb2.RemoveExperimentResponse:
         self.director.remove_experiment_data(self._caller(context), request.experiment_name)
         return director_pb2.RemoveExperimentResponse(acknowledgement=True)
 
-    @_unary
+    @unary_errors
     async def GetEnvoys(self, request: director_pb2.GetEnvoysRequest,
                         context: Context) -> director_pb2.GetEnvoysResponse:
         infos = []
