@@ -19,13 +19,12 @@ from fedkube.api.errors import (
 from fedkube.director.core import Director
 from fedkube.director.store import ExperimentRecord
 from fedkube.proto import base_pb2, director_pb2, director_pb2_grpc
-from fedkube.transport.identity import caller_identity
+from fedkube.transport.identity import REASON_HEADER, caller_identity
 from fedkube.transport.limits import CHUNK_BYTES, MAX_ARCHIVE_BYTES
 from fedkube.transport.status import Context, stream_errors, unary_errors
 
 log = logging.getLogger(__name__)
 
-REASON_HEADER = "fedkube-reason"
 
 
 def experiment_description(record: ExperimentRecord) -> base_pb2.ExperimentDescription:

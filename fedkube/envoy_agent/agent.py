@@ -23,12 +23,12 @@ from fedkube.envoy_agent.runtime import CollaboratorFailed, CollaboratorJob, Run
 from fedkube.proto import director_pb2, director_pb2_grpc
 from fedkube.tasks.shard import ShardDescriptor
 from fedkube.transport.channel import open_channel
+from fedkube.transport.identity import REASON_HEADER
 from fedkube.transport.tls import TLSFiles
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-REASON_HEADER = "fedkube-reason"
 CALL_TIMEOUT_S = 15.0
 TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
              grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN,

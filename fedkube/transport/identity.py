@@ -12,6 +12,8 @@ import grpc
 
 CLIENT_ID_HEADER = "client_id"
 ANONYMOUS = "__default__"  # OpenFL's CLIENT_ID_DEFAULT
+# Trailing metadata with the reason a shard was refused (UpdateShardInfo has no field).
+REASON_HEADER = "fedkube-reason"
 
 
 def caller_identity(context: grpc.aio.ServicerContext[Any, Any], *, tls: bool) -> str:
