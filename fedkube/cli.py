@@ -137,11 +137,22 @@ def cmd_shards(args: argparse.Namespace) -> int:
 # -- collaborator -------------------------------------------------------------------------
 
 def cmd_collaborator_run(args: argparse.Namespace) -> int:
-    from fedkube.collaborator.run import Collaborator, prepare
+    from fedkube.collaborator import environment
+    from fedkube.collaborator.run import Collaborator, extract
+    from fedkube.tasks.archive import load_task
     from fedkube.tasks.shard import load_shard
     from fedkube.transport.tls import TLSFiles
 
-    plan, task = prepare(args.archive, args.work_dir)
+    plan, workspace = extract(args.archive, args.work_dir)
+    venv_dir = args.work_dir / "venv"
+    if plan.install_requirements and not environment.in_venv(venv_dir):
+        try:
+            python = environment.install_requirements(workspace, venv_dir)
+        except environment.RequirementsError as exc:
+            print(f"RequirementsError: {exc}", file=sys.stderr)
+            return 1
+        environment.reexec_in(python, venv_dir, sys.argv[1:])
+    task = load_task(plan, workspace)
     shard = load_shard(args.shard, _options(args.shard_option))
     tls = None if args.insecure else TLSFiles(ca=args.ca.read_bytes(), cert=args.cert.read_bytes(),
                                               key=args.key.read_bytes())
@@ -194,10 +205,13 @@ def _submit(client: Any, args: argparse.Namespace) -> int:
     if args.archive:
         files[args.archive.name] = args.archive.read_bytes()
         task = task or f"archive:{args.archive.stem}"
+    if args.requirements:
+        files["requirements.txt"] = args.requirements.read_bytes()
     try:
         plan = Plan(task=task or "digits-logreg", params=dict(args.param), rounds=args.rounds,
                     min_collaborators=args.min_collaborators,
-                    round_timeout_s=args.round_timeout)
+                    round_timeout_s=args.round_timeout,
+                    install_requirements=bool(args.requirements))
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
     archive, model = experiment_archive(plan, files)
@@ -402,6 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--task", help="digits-logreg, digits-mlp (default), or with --archive")
     submit.add_argument("--archive", type=Path, help="a Python module with init_model, "
                                                      "train and validate")
+    submit.add_argument("--requirements", type=Path, help="a requirements.txt that each "
+                        "envoy installs into a virtualenv of this experiment")
     submit.add_argument("--rounds", type=int, default=10)
     submit.add_argument("--min-collaborators", type=int)
     submit.add_argument("--round-timeout", type=float, default=600.0)

@@ -208,15 +208,18 @@ class DirectorClient:
 
 def experiment_archive(plan: Plan, files: dict[str, bytes] | None = None
                        ) -> tuple[bytes, base_pb2.ModelProto]:
-    """The archive and initial model for a plan (user modules go in `files`)."""
+    """The archive and initial model for a plan (user modules go in `files`).
+
+    The initial model comes from the task's `init_model`, run here: a user module should
+    import packages it lists in requirements.txt inside `train`/`validate`, not at the top."""
     archive = build_archive(plan, files)
-    workspace = None
-    if files:
-        import tempfile
+    if not files:
+        return archive, model_to_proto(load_task(plan, None).init_model(plan.params))
+    import tempfile
 
-        from fedkube.tasks.archive import safe_extract
+    from fedkube.tasks.archive import safe_extract
 
-        workspace = Path(tempfile.mkdtemp(prefix="fedkube-submit-"))
-        safe_extract(archive, workspace)
-    task = load_task(plan, workspace)
-    return archive, model_to_proto(task.init_model(plan.params))
+    with tempfile.TemporaryDirectory(prefix="fedkube-submit-") as tmp:
+        safe_extract(archive, Path(tmp))
+        task = load_task(plan, Path(tmp))
+        return archive, model_to_proto(task.init_model(plan.params))

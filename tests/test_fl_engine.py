@@ -3,9 +3,13 @@ checks on results, on a real gRPC server."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import io
 import json
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import grpc
@@ -194,3 +198,64 @@ async def test_bad_results_are_refused_without_touching_the_model(
             iter([base_pb2.DataStream(size=5, npbytes=b"\xff\xff\xff\xff\xff")]))
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     await channel.close(None)
+
+
+def _wheel(name: str, version: str, source: str) -> bytes:
+    """A minimal pure-Python wheel, built by hand so the test needs no network."""
+    files = {f"{name}/__init__.py": source.encode(),
+             f"{name}-{version}.dist-info/METADATA":
+                 f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n".encode(),
+             f"{name}-{version}.dist-info/WHEEL":
+                 b"Wheel-Version: 1.0\nGenerator: fedkube-tests\nRoot-Is-Purelib: true\n"
+                 b"Tag: py3-none-any\n"}
+    record = "".join(
+        f"{path},sha256={base64.urlsafe_b64encode(hashlib.sha256(data).digest()).decode().rstrip('=')},"
+        f"{len(data)}\n" for path, data in files.items())
+    record += f"{name}-{version}.dist-info/RECORD,,\n"
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as wheel:
+        for path, data in {**files, f"{name}-{version}.dist-info/RECORD": record.encode()}.items():
+            wheel.writestr(path, data)
+    return buffer.getvalue()
+
+
+TASK_NEEDING_A_PACKAGE = b'''
+from fedkube.tasks.models import logreg_init as init_model, logreg_validate as validate
+from fedkube.tasks.models import logreg_train
+
+def train(model, data, params):
+    import fedkube_extra_dep
+
+    assert fedkube_extra_dep.SCALE == 1.0
+    return logreg_train(model, data, params)
+'''
+
+
+def test_install_requirements_runs_the_task_in_its_own_virtualenv(
+        federation: DirectorClient) -> None:
+    client = federation
+    wheel_name = "wheels/fedkube_extra_dep-1.0-py3-none-any.whl"
+    files = {"needs_dep.py": TASK_NEEDING_A_PACKAGE,
+             wheel_name: _wheel("fedkube_extra_dep", "1.0", "SCALE = 1.0\n"),
+             "requirements.txt": f"./{wheel_name}\n".encode()}
+    plan = Plan(task="archive:needs_dep", rounds=2, params={"learning_rate": 1.0},
+                round_timeout_s=60, install_requirements=True)
+    archive, initial = experiment_archive(plan, files)
+    client.submit("with-deps", archive, collaborators=["env0", "env1"], initial_model=initial)
+    # The same archive without the flag cannot import the package.
+    plain = plan.model_copy(update={"install_requirements": False})
+    archive, initial = experiment_archive(plain, files)
+    client.submit("without-deps", archive, collaborators=["env2", "env3"],
+                  initial_model=initial)
+    assert client.wait("with-deps", timeout=180).status == "finished"
+    failed = client.wait("without-deps", timeout=120)
+    assert failed.status == "failed"
+    assert "No module named 'fedkube_extra_dep'" in failed.error
+    # A requirement that cannot be installed fails the experiment with pip's reason.
+    broken = {**files, "requirements.txt": b"./wheels/missing-1.0-py3-none-any.whl\n"}
+    archive, initial = experiment_archive(plan, broken)
+    client.submit("bad-deps", archive, collaborators=["env0"], initial_model=initial)
+    failed = client.wait("bad-deps", timeout=120)
+    assert failed.status == "failed"
+    assert "installing requirements.txt failed" in failed.error
+    assert "missing-1.0-py3-none-any.whl" in failed.error

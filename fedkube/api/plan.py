@@ -7,6 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 PLAN_FILE = "plan.yaml"
+REQUIREMENTS_FILE = "requirements.txt"
 USER_TASK_PREFIX = "archive:"
 
 
@@ -25,6 +26,9 @@ class Plan(BaseModel):
     metric: str = Field(default="accuracy", min_length=1)
     higher_is_better: bool = True
     weighting: Literal["samples", "equal"] = "samples"
+    install_requirements: bool = Field(
+        default=False, description="the envoy installs the archive's requirements.txt into "
+                                   "a virtualenv of this experiment before running it")
 
     @field_validator("task")
     @classmethod

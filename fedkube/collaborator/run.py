@@ -16,7 +16,7 @@ from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_expone
 
 from fedkube.api.plan import Plan
 from fedkube.proto import aggregator_pb2, aggregator_pb2_grpc
-from fedkube.tasks.archive import load_task, read_plan, safe_extract
+from fedkube.tasks.archive import read_plan, safe_extract
 from fedkube.tasks.models import Model, Task
 from fedkube.tasks.shard import ShardDescriptor
 from fedkube.transport.limits import CHUNK_BYTES, GRPC_OPTIONS
@@ -125,9 +125,9 @@ class Collaborator:
         self._channel.close()
 
 
-def prepare(archive: Path, work_dir: Path) -> tuple[Plan, Task]:
-    """Extracts the archive safely and loads its task."""
+def extract(archive: Path, work_dir: Path) -> tuple[Plan, Path]:
+    """Extracts the archive safely; its plan and the workspace it went to."""
     plan = read_plan(archive)
     workspace = work_dir / "workspace"
     safe_extract(archive, workspace)
-    return plan, load_task(plan, workspace)
+    return plan, workspace
