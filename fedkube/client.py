@@ -23,7 +23,7 @@ from fedkube.proto import base_pb2, director_pb2, director_pb2_grpc
 from fedkube.tasks.archive import build_archive, load_task
 from fedkube.transport.identity import CLIENT_ID_HEADER
 from fedkube.transport.limits import CHUNK_BYTES, GRPC_OPTIONS
-from fedkube.transport.tensors import model_from_proto, model_to_proto
+from fedkube.transport.tensors import model_from_proto, model_pieces, model_to_proto
 from fedkube.transport.tls import TLSFiles, channel_credentials
 
 
@@ -133,13 +133,18 @@ class DirectorClient:
         model = initial_model or base_pb2.ModelProto()
 
         def messages() -> Iterator[director_pb2.ExperimentInfo]:
+            # The archive in chunks, then the model in pieces of the same size: any
+            # model fits, where OpenFL sends it whole in the first message.
             view = memoryview(archive)
             for offset in range(0, max(len(view), 1), CHUNK_BYTES):
                 chunk = bytes(view[offset:offset + CHUNK_BYTES])
                 yield director_pb2.ExperimentInfo(
                     name=name, collaborator_names=collaborators,
-                    experiment_data=director_pb2.ExperimentData(size=len(chunk), npbytes=chunk),
-                    model_proto=model if offset == 0 else None)
+                    experiment_data=director_pb2.ExperimentData(size=len(chunk), npbytes=chunk))
+            for piece in model_pieces(model, CHUNK_BYTES):
+                yield director_pb2.ExperimentInfo(
+                    name=name, collaborator_names=collaborators,
+                    experiment_data=director_pb2.ExperimentData(), model_proto=piece)
 
         self._stub.SetNewExperiment(messages(), metadata=self._metadata, timeout=self.timeout)
 

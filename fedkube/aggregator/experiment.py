@@ -71,11 +71,16 @@ class ExperimentAggregator:
         self.best_metric = best_metric
         self.events: list[MetricEvent] = []
         self.changed = asyncio.Event()
+        # Held while a result is checked and added off the event loop; the loop skips
+        # timeouts meanwhile so a round never closes under a half-added result.
+        self._receiving = asyncio.Lock()
+        self._tensors: dict[str, base_pb2.NamedTensor] = {}
         self._start_round()
 
     # -- round bookkeeping --------------------------------------------------------------
 
     def _start_round(self) -> None:
+        self._tensors.clear()
         self._fedavg = StreamingFedAvg(self.model)
         self._trained: set[str] = set()
         self._validated: dict[str, tuple[float, float]] = {}  # collaborator -> (metric, weight)
@@ -166,7 +171,8 @@ class ExperimentAggregator:
 
     def tick(self) -> None:
         """Closes a round that ran past its timeout on quorum, or fails the experiment."""
-        if self.done or self.clock() - self._round_started < self.plan.round_timeout_s:
+        if (self.done or self._receiving.locked()
+                or self.clock() - self._round_started < self.plan.round_timeout_s):
             return
         have = set(self._validated) if self.final_validation else self._trained
         if len(have) >= self.quorum:
@@ -208,7 +214,11 @@ class ExperimentAggregator:
                                        f"at round {self.round}")
         if name not in self.model:
             raise NotFoundError(f"no tensor {name!r} in experiment {self.name!r}")
-        return to_named_tensor(name, self.model[name], round_number=self.round)
+        # Serialized once per round, however many collaborators ask.
+        if name not in self._tensors:
+            self._tensors[name] = to_named_tensor(name, self.model[name],
+                                                  round_number=self.round)
+        return self._tensors[name]
 
     def _check_results(self, sender: str, results: aggregator_pb2.TaskResults
                        ) -> tuple[Model, dict[str, float]]:
@@ -254,17 +264,35 @@ class ExperimentAggregator:
                                        f"{self.plan.metric!r}")
         return update, metrics
 
-    def submit(self, sender: str, results: aggregator_pb2.TaskResults) -> None:
+    def _accept(self, sender: str, results: aggregator_pb2.TaskResults
+                ) -> tuple[dict[str, float], float]:
+        """The heavy part of taking a result (checks, the FedAvg update): thread-safe
+        against the event loop while the receiving lock is held."""
         update, metrics = self._check_results(sender, results)
         weight = float(results.data_size) if self.plan.weighting == "samples" else 1.0
+        if results.task_name == TRAIN:
+            self._fedavg.add(update, weight)
+        return metrics, weight
+
+    def _accepted(self, sender: str, results: aggregator_pb2.TaskResults,
+                  metrics: dict[str, float], weight: float) -> None:
         for name, value in metrics.items():
             self._record(MetricEvent(sender, results.task_name, name, value, self.round))
         if results.task_name == TRAIN:
-            self._fedavg.add(update, weight)
             self._trained.add(sender)
         else:
             self._validated[sender] = (metrics[self.plan.metric], weight)
         self._advance()
+
+    def submit(self, sender: str, results: aggregator_pb2.TaskResults) -> None:
+        self._accepted(sender, results, *self._accept(sender, results))
+
+    async def receive(self, sender: str, results: aggregator_pb2.TaskResults) -> None:
+        """submit() with the model-sized work in a thread, so a large model never stalls
+        the director's other calls (health checks, other experiments)."""
+        async with self._receiving:
+            metrics, weight = await asyncio.to_thread(self._accept, sender, results)
+            self._accepted(sender, results, metrics, weight)
 
 
 def expected_result_bytes(model: Model) -> int:

@@ -83,7 +83,7 @@ class AggregatorService(aggregator_pb2_grpc.AggregatorServicer):
         except (TensorError, ValueError, DecodeError) as exc:
             raise InvalidArgumentError(f"malformed task results: {exc}") from exc
         sender = self._sender(results.header, context)
-        self.runner.aggregator(results.header.federation_uuid).submit(sender, results)
+        await self.runner.aggregator(results.header.federation_uuid).receive(sender, results)
         return aggregator_pb2.SendLocalTaskResultsResponse(
             header=self._reply_header(results.header))
 

@@ -20,8 +20,9 @@ from fedkube.director.core import Director
 from fedkube.director.store import ExperimentRecord
 from fedkube.proto import base_pb2, director_pb2, director_pb2_grpc
 from fedkube.transport.identity import REASON_HEADER, caller_identity
-from fedkube.transport.limits import CHUNK_BYTES, MAX_ARCHIVE_BYTES
+from fedkube.transport.limits import CHUNK_BYTES, MAX_ARCHIVE_BYTES, MAX_MODEL_BYTES
 from fedkube.transport.status import Context, stream_errors, unary_errors
+from fedkube.transport.tensors import ModelAssembler, TensorError
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +114,7 @@ class DirectorService(director_pb2_grpc.DirectorServicer):
         owner = self._caller(context)
         first: director_pb2.ExperimentInfo | None = None
         tmp: Path | None = None
+        model = ModelAssembler(MAX_MODEL_BYTES)
         try:
             async for message in request_iterator:
                 if first is None:
@@ -136,15 +138,22 @@ class DirectorService(director_pb2_grpc.DirectorServicer):
                     raise ResourceExhaustedError(
                         f"experiment archive exceeds {MAX_ARCHIVE_BYTES} bytes")
                 sink.write(data.npbytes)
+                try:
+                    model.add(message.model_proto)
+                except OverflowError as exc:
+                    raise ResourceExhaustedError(str(exc)) from exc
             if first is None:
                 raise InvalidArgumentError("empty SetNewExperiment stream")
             sink.close()
             assert tmp is not None
             archive = tmp.with_name("archive.zip")
             os.replace(tmp, archive)
-            if first.model_proto.tensors:
-                (archive.parent / "initial_model.pb").write_bytes(
-                    first.model_proto.SerializeToString())
+            try:
+                initial = model.model()
+            except TensorError as exc:
+                raise InvalidArgumentError(f"invalid initial model: {exc}") from exc
+            if initial.tensors:
+                (archive.parent / "initial_model.pb").write_bytes(initial.SerializeToString())
             rounds = self.director.runner.inspect(archive) if self.director.runner else 0
             self.director.set_new_experiment(
                 name=first.name, owner=owner, collaborators=list(first.collaborator_names),

@@ -62,6 +62,55 @@ def chunk_message(data: bytes, chunk_bytes: int) -> Iterator[base_pb2.DataStream
         yield base_pb2.DataStream(size=len(piece), npbytes=bytes(piece))
 
 
+def model_pieces(model: base_pb2.ModelProto, piece_bytes: int
+                 ) -> Iterator[base_pb2.ModelProto]:
+    """A model cut to fit stream messages: each piece holds part of one tensor's bytes,
+    the first piece of a tensor its metadata too. The pieces of a tensor come in order;
+    a small model is one piece per tensor, as OpenFL clients send it."""
+    for tensor in model.tensors:
+        data = memoryview(tensor.data_bytes)
+        for offset in range(0, max(len(data), 1), piece_bytes):
+            piece = base_pb2.NamedTensor(name=tensor.name,
+                                         data_bytes=bytes(data[offset:offset + piece_bytes]))
+            if offset == 0:
+                piece.round_number, piece.lossless = tensor.round_number, tensor.lossless
+                piece.report = tensor.report
+                piece.transformer_metadata.extend(tensor.transformer_metadata)
+            yield base_pb2.ModelProto(tensors=[piece])
+
+
+class ModelAssembler:
+    """Joins the pieces of model_pieces() (or whole tensors) back into one ModelProto."""
+
+    def __init__(self, limit_bytes: int) -> None:
+        self.limit = limit_bytes
+        self._tensors: dict[str, tuple[base_pb2.NamedTensor, list[bytes]]] = {}
+        self._size = 0
+
+    def add(self, model: base_pb2.ModelProto) -> None:
+        for tensor in model.tensors:
+            self._size += len(tensor.data_bytes)
+            if self._size > self.limit:
+                raise OverflowError(f"initial model exceeds {self.limit} bytes")
+            if tensor.name in self._tensors:
+                self._tensors[tensor.name][1].append(tensor.data_bytes)
+            else:
+                head = base_pb2.NamedTensor()
+                head.CopyFrom(tensor)
+                head.ClearField("data_bytes")
+                self._tensors[tensor.name] = (head, [tensor.data_bytes])
+
+    def model(self) -> base_pb2.ModelProto:
+        """The joined model; TensorError when a tensor's bytes and shape disagree."""
+        joined = base_pb2.ModelProto()
+        for head, parts in self._tensors.values():
+            tensor = joined.tensors.add()
+            tensor.CopyFrom(head)
+            tensor.data_bytes = b"".join(parts)
+            from_named_tensor(tensor)
+        return joined
+
+
 class ChunkAssembler:
     """Reassembles a chunked message into one buffer allocated up front (grown only if the
     sender sends more than expected): no re-concatenation, one copy per chunk."""
