@@ -364,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--health-check-period", type=float, help="seconds")
     start.add_argument("--config", type=Path, help="director.yaml")
     _tls_flags(start)
-    start.set_defaults(func=cmd_director_start)
+    start.set_defaults(func=cmd_director_start, moves_models=True)
 
     envoy = commands.add_parser("envoy", help="run an envoy").add_subparsers(
         dest="action", required=True)
@@ -396,7 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--shard", default="digits")
     run.add_argument("--shard-option", action="append", default=[])
     _tls_flags(run)
-    run.set_defaults(func=cmd_collaborator_run)
+    run.set_defaults(func=cmd_collaborator_run, moves_models=True)
 
     experiment = commands.add_parser("experiment", help="submit and follow experiments")
     actions = experiment.add_subparsers(dest="action", required=True)
@@ -463,6 +463,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from fedkube.logs import setup_logging
 
     args = build_parser().parse_args(argv)
+    if getattr(args, "moves_models", False):
+        from fedkube.memory import reexec_with_huge_pages
+
+        reexec_with_huge_pages(sys.argv[1:] if argv is None else list(argv))
     setup_logging(args.log_level, args.log_format)
     func: Callable[[argparse.Namespace], int] = args.func
     try:

@@ -39,10 +39,11 @@ def shape_of(tensor: base_pb2.NamedTensor) -> tuple[int, ...]:
 def from_named_tensor(tensor: base_pb2.NamedTensor) -> npt.NDArray[np.float32]:
     shape = shape_of(tensor)
     expected = int(np.prod(shape, dtype=np.int64)) * DTYPE.itemsize
-    if len(tensor.data_bytes) != expected:
-        raise TensorError(f"tensor {tensor.name!r}: {len(tensor.data_bytes)} bytes do not hold "
+    data = tensor.data_bytes  # each access of a bytes field copies it: once only
+    if len(data) != expected:
+        raise TensorError(f"tensor {tensor.name!r}: {len(data)} bytes do not hold "
                           f"float32 values of shape {shape}")
-    return np.frombuffer(tensor.data_bytes, dtype=DTYPE).reshape(shape)
+    return np.frombuffer(data, dtype=DTYPE).reshape(shape)
 
 
 def model_to_proto(model: Model, round_number: int = 0) -> base_pb2.ModelProto:

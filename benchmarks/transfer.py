@@ -1,0 +1,267 @@
+"""Model transfer: fedkube's collaborator path against a raw gRPC byte stream, both on
+loopback to a server in another process, insecure and with mTLS.
+
+- fedkube upload: `SendLocalTaskResults` as our collaborator sends it (the TaskResults
+  message serialized, cut into 2 MiB DataStream chunks) to a real director, which
+  reassembles it into one buffer, checks it and adds it to the round's FedAvg.
+- fedkube download: `GetAggregatedTensor` of the same tensor from that director.
+- raw gRPC: a client-streaming upload and a server-streaming download of the same number
+  of bytes in 2 MiB messages, with identity (de)serializers: the transport's ceiling.
+
+Each figure is the best of two (two training rounds for fedkube; downloads: the best of
+both collaborators' fetches, the first of each round serializes the tensor).
+
+    python -m benchmarks.transfer --mib 16,64,256,1024 [--no-tls] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from fedkube.api.plan import Plan
+from fedkube.client import DirectorClient, experiment_archive
+from fedkube.local import director_process, free_port, port_open, wait_for
+from fedkube.proto import aggregator_pb2, aggregator_pb2_grpc, director_pb2, director_pb2_grpc
+from fedkube.transport import certs
+from fedkube.transport.limits import CHUNK_BYTES, GRPC_OPTIONS, SERVER_OPTIONS
+from fedkube.transport.tensors import chunk_message, metric_tensors, to_named_tensor
+from fedkube.transport.tls import TLSFiles, channel_credentials, server_credentials
+
+MiB = 1 << 20
+UPLOAD, DOWNLOAD = "/bench.Raw/Upload", "/bench.Raw/Download"
+COLLABORATORS = ("bench1", "bench2")
+TASK = b'''
+import numpy as np
+
+def init_model(params):
+    return {"w": np.zeros(int(params["n"]), np.float32)}
+
+def train(model, data, params):
+    return model, {}
+
+def validate(model, data, params):
+    return {"accuracy": 0.0}
+'''
+
+
+@dataclass
+class Result:
+    mode: str
+    mib: int
+    direction: str
+    raw_gb_s: float
+    fedkube_gb_s: float
+
+    @property
+    def ratio(self) -> float:
+        return self.fedkube_gb_s / self.raw_gb_s
+
+
+# -- the raw byte-stream peer -----------------------------------------------------------
+
+def serve_raw(port: int, cert_dir: Path | None) -> None:
+    def upload(chunks: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
+        return sum(len(c) for c in chunks).to_bytes(8, "little")
+
+    def download(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+        total = int.from_bytes(request, "little")
+        chunk = bytes(CHUNK_BYTES)
+        for offset in range(0, total, CHUNK_BYTES):
+            yield chunk[:min(CHUNK_BYTES, total - offset)]
+
+    from concurrent import futures
+
+    server = grpc.server(futures.ThreadPoolExecutor(4), options=SERVER_OPTIONS)
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("bench.Raw", {
+        "Upload": grpc.stream_unary_rpc_method_handler(upload),
+        "Download": grpc.unary_stream_rpc_method_handler(download)})])
+    address = f"127.0.0.1:{port}"
+    if cert_dir:
+        server.add_secure_port(address, server_credentials(_tls(cert_dir, "director")))
+    else:
+        server.add_insecure_port(address)
+    server.start()
+    server.wait_for_termination()
+
+
+def _tls(cert_dir: Path, name: str) -> TLSFiles:
+    return TLSFiles(ca=(cert_dir / "ca.crt").read_bytes(),
+                    cert=(cert_dir / f"{name}.crt").read_bytes(),
+                    key=(cert_dir / f"{name}.key").read_bytes())
+
+
+def _channel(port: int, tls: TLSFiles | None) -> grpc.Channel:
+    target = f"localhost:{port}"
+    if tls:
+        return grpc.secure_channel(target, channel_credentials(tls), options=GRPC_OPTIONS)
+    return grpc.insecure_channel(target, options=GRPC_OPTIONS)
+
+
+def raw_seconds(port: int, tls: TLSFiles | None, nbytes: int) -> tuple[float, float]:
+    """Best-of-two upload and download seconds over a raw byte stream."""
+    payload = bytes(nbytes)
+    with _channel(port, tls) as channel:
+        up = channel.stream_unary(UPLOAD)
+        down = channel.unary_stream(DOWNLOAD)
+        ups, downs = [], []
+        for _ in range(2):
+            start = time.perf_counter()
+            view = memoryview(payload)
+            got = up(bytes(view[i:i + CHUNK_BYTES]) for i in range(0, nbytes, CHUNK_BYTES))
+            ups.append(time.perf_counter() - start)
+            assert int.from_bytes(got, "little") == nbytes
+            start = time.perf_counter()
+            received = sum(len(c) for c in down(nbytes.to_bytes(8, "little")))
+            downs.append(time.perf_counter() - start)
+            assert received == nbytes
+    return min(ups), min(downs)
+
+
+# -- fedkube's path ------------------------------------------------------------------
+
+def fedkube_seconds(port: int, cert_dir: Path | None, mib: int) -> tuple[float, float]:
+    """Best-of-two upload and download seconds of one tensor through a real director.
+
+    Two collaborators; the first to upload is timed, so its figure is the transfer (with
+    the director's checks and FedAvg update), not the round turnover that the second
+    one's upload sets off (aggregated model, last.pb written, next round opened)."""
+    n = mib * MiB // 4
+    name = f"bench-{mib}"
+    owner_tls = _tls(cert_dir, "owner") if cert_dir else None
+    plan = Plan(task="archive:benchtask", rounds=2, params={"n": n}, round_timeout_s=3600)
+    archive, initial = experiment_archive(plan, {"benchtask.py": TASK})
+    collaborators = {}
+    for collaborator in COLLABORATORS:
+        tls = _tls(cert_dir, collaborator) if cert_dir else None
+        director_pb2_grpc.DirectorStub(_channel(port, tls)).UpdateEnvoyStatus(  # type: ignore[no-untyped-call]
+            director_pb2.UpdateEnvoyStatusRequest(name=collaborator),
+            metadata=(("client_id", collaborator),), timeout=10)
+        channel = _channel(port, tls)
+        collaborators[collaborator] = (
+            channel, aggregator_pb2_grpc.AggregatorStub(channel),  # type: ignore[no-untyped-call]
+            aggregator_pb2.MessageHeader(sender=collaborator, receiver="aggregator",
+                                         federation_uuid=name))
+    update = np.full(n, 0.5, np.float32)
+    ups, downs = [], []
+    with DirectorClient(f"localhost:{port}", tls=owner_tls, client_id="owner",
+                        timeout=600) as client:
+        client.submit(name, archive, collaborators=list(COLLABORATORS), initial_model=initial)
+        wait_for(lambda: client.status(name).status == "in_progress", timeout=60)
+        for r in range(3):
+            for collaborator, (_, stub, header) in collaborators.items():
+                metadata = (("client_id", collaborator),)
+                tasks = stub.GetTasks(aggregator_pb2.GetTasksRequest(header=header),
+                                      metadata=metadata, timeout=60)
+                assert tasks.round_number == r, tasks
+                start = time.perf_counter()
+                tensor = stub.GetAggregatedTensor(aggregator_pb2.GetAggregatedTensorRequest(
+                    header=header, tensor_name="w", round_number=r), metadata=metadata,
+                    timeout=600).tensor
+                downs.append(time.perf_counter() - start)
+                assert len(tensor.data_bytes) == n * 4
+                for task in tasks.tasks:
+                    start = time.perf_counter()
+                    tensors = (list(metric_tensors({"accuracy": 0.0}, r)) if task.name == "validate"
+                               else [to_named_tensor("w", update, round_number=r)])
+                    results = aggregator_pb2.TaskResults(header=header, round_number=r,
+                                                         task_name=task.name, data_size=1,
+                                                         tensors=tensors)
+                    stub.SendLocalTaskResults(chunk_message(results.SerializeToString(),
+                                                            CHUNK_BYTES),
+                                              metadata=metadata, timeout=600)
+                    if task.name == "train" and collaborator == COLLABORATORS[0]:
+                        ups.append(time.perf_counter() - start)
+        assert client.wait(name, timeout=600).status == "finished"
+        client.remove(name)
+    for channel, _, _ in collaborators.values():
+        channel.close()
+    return min(ups), min(downs)
+
+
+def run_mode(mode: str, sizes: list[int], work: Path) -> list[Result]:
+    cert_dir = None
+    if mode == "mtls":
+        cert_dir = work / "certs"
+        ca = certs.load_or_create_ca(cert_dir)
+        certs.write_pair(cert_dir, "director", certs.issue(ca, "localhost",
+                                                           hosts=["127.0.0.1"]))
+        for user in ("owner", *COLLABORATORS):
+            certs.write_pair(cert_dir, user, certs.issue(ca, user))
+    director_port, raw_port = free_port(), free_port()
+    director = director_process(work / mode, director_port, period=60.0,
+                                cert_dir=cert_dir).start()
+    raw = subprocess.Popen([sys.executable, "-m", "benchmarks.transfer", "--serve-raw",
+                            str(raw_port), *(["--certs", str(cert_dir)] if cert_dir else [])])
+    results = []
+    try:
+        wait_for(lambda: port_open(director_port) and port_open(raw_port), timeout=30)
+        for collaborator in COLLABORATORS:
+            tls = _tls(cert_dir, collaborator) if cert_dir else None
+            director_pb2_grpc.DirectorStub(  # type: ignore[no-untyped-call]
+                _channel(director_port, tls)).UpdateShardInfo(
+                director_pb2.UpdateShardInfoRequest(shard_info=director_pb2.ShardInfo(
+                    node_info=director_pb2.NodeInfo(name=collaborator), n_samples=1,
+                    sample_shape=["8", "8"], target_shape=["1"])),
+                metadata=(("client_id", collaborator),), timeout=10)
+        bench_tls = _tls(cert_dir, COLLABORATORS[0]) if cert_dir else None
+        for mib in sizes:
+            raw_up, raw_down = raw_seconds(raw_port, bench_tls, mib * MiB)
+            fk_up, fk_down = fedkube_seconds(director_port, cert_dir, mib)
+            gb = mib * MiB / 1e9
+            results += [Result(mode, mib, "upload", round(gb / raw_up, 3), round(gb / fk_up, 3)),
+                        Result(mode, mib, "download", round(gb / raw_down, 3),
+                               round(gb / fk_down, 3))]
+            print(f"{mode} {mib} MiB done", file=sys.stderr)
+    finally:
+        raw.kill()
+        raw.wait()
+        director.stop()
+    return results
+
+
+def table(results: list[Result]) -> None:
+    view = Table(title="Model transfer on loopback (GB/s, best of two)")
+    for column in ("TLS", "MiB", "direction", "raw gRPC", "fedkube", "fedkube / raw"):
+        view.add_column(column, justify="right")
+    for r in results:
+        view.add_row(r.mode, str(r.mib), r.direction, f"{r.raw_gb_s:.2f}",
+                     f"{r.fedkube_gb_s:.2f}", f"{r.ratio:.2f}x")
+    Console().print(view)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mib", default="16,64,256,1024")
+    parser.add_argument("--no-tls", action="store_true", help="insecure only")
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--serve-raw", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--certs", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve_raw:
+        serve_raw(args.serve_raw, args.certs)
+        return
+    sizes = [int(s) for s in args.mib.split(",")]
+    modes = ["insecure"] if args.no_tls else ["insecure", "mtls"]
+    with tempfile.TemporaryDirectory(prefix="fedkube-transfer-") as tmp:
+        results = [r for mode in modes for r in run_mode(mode, sizes, Path(tmp))]
+    table(results)
+    if args.json:
+        print(json.dumps([{**asdict(r), "ratio": round(r.ratio, 3)} for r in results]))
+
+
+if __name__ == "__main__":
+    main()
