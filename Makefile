@@ -57,6 +57,9 @@ test: install openfl testenv lint typecheck
 protos: install
 	$(PY) tools/gen_protos.py
 
+crds: install
+	$(PY) -m fedkube.cli crds --out crds
+
 bench: install openfl
 	FEDKUBE_OPENFL_PYTHON=$(OPENFL_VENV)/bin/python $(PY) -m benchmarks.health_checks
 

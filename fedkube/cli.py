@@ -316,6 +316,25 @@ def cmd_dev_cluster_up(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- operator -----------------------------------------------------------------------------
+
+def cmd_operator_run(args: argparse.Namespace) -> int:
+    from fedkube.operator.run import run_operator
+
+    run_operator(args.namespace, liveness_port=args.liveness_port)
+    return 0
+
+
+# -- CRDs ---------------------------------------------------------------------------------
+
+def cmd_crds(args: argparse.Namespace) -> int:
+    from fedkube.api.crds import write_crds
+
+    for path in write_crds(args.out):
+        print(path)
+    return 0
+
+
 # -- certs --------------------------------------------------------------------------------
 
 def cmd_certs(args: argparse.Namespace) -> int:
@@ -439,6 +458,19 @@ def build_parser() -> argparse.ArgumentParser:
     up = cluster.add_parser("up", help="start it in the foreground (Ctrl-C stops it)")
     up.add_argument("--dir", type=Path, default=Path(".fedkube-cluster"))
     up.set_defaults(func=cmd_dev_cluster_up)
+
+    operator = commands.add_parser("operator", help="the Kubernetes operator").add_subparsers(
+        dest="action", required=True)
+    run_op = operator.add_parser("run", help="reconcile Federations, Shards and Experiments "
+                                             "(kubeconfig or in-cluster credentials)")
+    run_op.add_argument("--namespace", action="append", default=[],
+                        help="watch only this namespace (repeatable; default: all)")
+    run_op.add_argument("--liveness-port", type=int, help="serve /healthz on this port")
+    run_op.set_defaults(func=cmd_operator_run)
+
+    crds = commands.add_parser("crds", help="write the CustomResourceDefinitions (YAML)")
+    crds.add_argument("--out", type=Path, default=Path("crds"))
+    crds.set_defaults(func=cmd_crds)
 
     certs = commands.add_parser("certs", help="create a CA and mTLS certificates")
     certs.add_argument("--out", type=Path, required=True, help="directory for PEM files")

@@ -1,0 +1,202 @@
+"""The custom resources (group fedkube.io, v1alpha1): pydantic models of their specs and
+statuses. They are the single source of the CRDs in `crds/` (see `fedkube.api.crds`) and
+the types the operator reads specs into."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+GROUP = "fedkube.io"
+VERSION = "v1alpha1"
+DNS_NAME = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+QUANTITY = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|k|M|G|T)?$"
+DEFAULT_IMAGE = "ghcr.io/fedkube/fedkube:0.1.0"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+
+def _k8s(**extra: Any) -> dict[str, Any]:
+    return {"json_schema_extra": extra}
+
+
+# -- status pieces shared by all kinds ----------------------------------------------------
+
+class Condition(_Model):
+    """metav1.Condition."""
+
+    type: str = Field(max_length=316)
+    status: Literal["True", "False", "Unknown"]
+    reason: str = Field(max_length=1024)
+    message: str = Field(default="", max_length=32768)
+    last_transition_time: str
+    observed_generation: int = Field(default=0, ge=0)
+
+
+_CONDITIONS = Field(default_factory=list, **_k8s(**{"x-kubernetes-list-type": "map",
+                                                    "x-kubernetes-list-map-keys": ["type"]}))
+
+
+# -- Federation ---------------------------------------------------------------------------
+
+class FederationSpec(_Model):
+    """One director and its envoys."""
+
+    image: str = Field(default=DEFAULT_IMAGE, min_length=1, max_length=512,
+                       description="the image that runs director, envoy and collaborator")
+    tls: Literal["mtls", "insecure"] = Field(
+        default="mtls", description="mtls (default): certificates from Secrets the operator "
+                                    "creates; insecure: for local development only")
+    storage: str = Field(default="1Gi", pattern=QUANTITY,
+                         description="size of the director's volume (state and models)")
+    sample_shape: list[str] = Field(min_length=1, max_length=8,
+                                    description="shape every shard's samples must have")
+    target_shape: list[str] = Field(min_length=1, max_length=8)
+    health_check_period_seconds: int = Field(default=60, ge=1, le=3600)
+    envoy_node_selector: dict[str, str] = Field(
+        default_factory=lambda: {"nvidia.com/gpu.present": "true"},
+        description="where envoy pods run (GPU nodes by default)")
+    director_endpoint: str | None = Field(
+        default=None, max_length=512,
+        description="host:port at which the operator reaches the director; default: its "
+                    "Service. Set it when the director runs outside the cluster "
+                    "(local development, tests)")
+
+
+class FederationStatus(_Model):
+    conditions: list[Condition] = _CONDITIONS
+    director_endpoint: str = ""
+    observed_generation: int = 0
+
+
+# -- Shard --------------------------------------------------------------------------------
+
+class CudaDevice(_Model):
+    index: int = Field(ge=0)
+    name: str = ""
+    memory_total_mib: int = Field(default=0, ge=0)
+    memory_used_mib: int = Field(default=0, ge=0)
+    utilization_percent: int = Field(default=0, ge=0, le=100)
+
+
+class ShardSpec(_Model):
+    """A data shard on a node; the envoy on that node registers it."""
+
+    federation: str = Field(min_length=1, max_length=253, pattern=DNS_NAME)
+    node_name: str | None = Field(default=None, max_length=253)
+    loader: str = Field(default="digits", min_length=1, max_length=256,
+                        description="a built-in shard loader or module:Class")
+    options: dict[str, str] = Field(default_factory=dict,
+                                    description="settings passed to the loader")
+    data_path: str | None = Field(default=None, max_length=4096,
+                                  description="host path of the data on its node")
+
+
+class ShardStatus(_Model):
+    conditions: list[Condition] = _CONDITIONS
+    online: bool = False
+    gpus: int = 0
+    last_health_check: str | None = None
+    cuda_devices: list[CudaDevice] = Field(default_factory=list)
+    current_experiment: str | None = None
+    node: str | None = None
+
+
+# -- Experiment ---------------------------------------------------------------------------
+
+class ExperimentSpec(_Model):
+    """A federated training run, submitted to its federation's director."""
+
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
+        {"rule": "!has(self.minCollaborators) || !has(self.shards) || "
+                 "self.minCollaborators <= size(self.shards)",
+         "message": "minCollaborators must not exceed the number of shards listed"},
+        {"rule": "self.federation == oldSelf.federation",
+         "message": "federation is immutable"},
+    ]})
+
+    federation: str = Field(min_length=1, max_length=253, pattern=DNS_NAME)
+    task: str = Field(min_length=1, max_length=200,
+                      description="a built-in task: digits-logreg, digits-mlp")
+    params: dict[str, Any] = Field(default_factory=dict,
+                                   description="task parameters (learning_rate, epochs, ...)")
+    rounds: int = Field(default=10, ge=1, le=100_000)
+    min_collaborators: int | None = Field(default=None, ge=1, le=10_000)
+    shards: list[Annotated[str, Field(max_length=253)]] | None = Field(
+        default=None, min_length=1, max_length=10_000,
+        description="shard names; default: every online shard")
+    gpus_per_collaborator: int = Field(default=0, ge=0, le=64)
+    round_timeout_seconds: int = Field(default=600, ge=1, le=7 * 24 * 3600)
+    metric: str = Field(default="accuracy", min_length=1, max_length=63)
+    higher_is_better: bool = True
+
+
+class ExperimentStatus(_Model):
+    conditions: list[Condition] = _CONDITIONS
+    phase: str = ""
+    round: int = 0
+    total_rounds: int = 0
+    progress: str = Field(default="", description="round/total, for kubectl get")
+    metric: str = ""
+    best_metric: float | None = None
+    last_metric: float | None = None
+    collaborators: list[Annotated[str, Field(max_length=253)]] = Field(default_factory=list)
+    queue_position: int = 0
+    start_time: str | None = None
+    completion_time: str | None = None
+    model_location: str | None = None
+    error: str | None = None
+    observed_generation: int = 0
+
+
+# -- the kinds ----------------------------------------------------------------------------
+
+PrinterColumn = dict[str, Any]
+
+
+class Kind(BaseModel):
+    kind: str
+    plural: str
+    short_names: list[str]
+    spec: type[_Model]
+    status: type[_Model]
+    columns: list[PrinterColumn]
+
+
+def _column(name: str, path: str, kind: str = "string", priority: int = 0,
+            description: str = "") -> PrinterColumn:
+    column: PrinterColumn = {"name": name, "type": kind, "jsonPath": path}
+    if priority:
+        column["priority"] = priority
+    if description:
+        column["description"] = description
+    return column
+
+
+AGE = _column("Age", ".metadata.creationTimestamp", "date")
+
+FEDERATION = Kind(kind="Federation", plural="federations", short_names=["fed"],
+                  spec=FederationSpec, status=FederationStatus, columns=[
+                      _column("Ready", '.status.conditions[?(@.type=="Ready")].status'),
+                      _column("TLS", ".spec.tls"),
+                      _column("Director", ".status.directorEndpoint"), AGE])
+SHARD = Kind(kind="Shard", plural="shards", short_names=["shard"], spec=ShardSpec,
+             status=ShardStatus, columns=[
+                 _column("Online", ".status.online", "boolean"),
+                 _column("GPUs", ".status.gpus", "integer"),
+                 _column("Node", ".status.node"),
+                 _column("Experiment", ".status.currentExperiment", priority=1),
+                 _column("Federation", ".spec.federation", priority=1), AGE])
+EXPERIMENT = Kind(kind="Experiment", plural="experiments", short_names=["exp"],
+                  spec=ExperimentSpec, status=ExperimentStatus, columns=[
+                      _column("Ready", '.status.conditions[?(@.type=="Ready")].status'),
+                      _column("Status", ".status.phase"),
+                      _column("Round", ".status.progress"),
+                      _column("Metric", ".status.bestMetric", "number",
+                              description="best validation metric"),
+                      _column("Federation", ".spec.federation", priority=1), AGE])
+KINDS = [FEDERATION, SHARD, EXPERIMENT]

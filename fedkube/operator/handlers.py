@@ -1,0 +1,253 @@
+"""kopf handlers: read the resource, call the pure builders, write back. Nothing else."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import grpc
+import kopf
+
+from fedkube.api.resources import GROUP, VERSION, ExperimentSpec, FederationSpec, ShardSpec
+from fedkube.client import DirectorClient
+from fedkube.operator import kube
+from fedkube.operator.conditions import is_true, set_condition
+from fedkube.operator.experiments import build_plan, build_status, director_name
+from fedkube.operator.manifests import (
+    build_envoy_config,
+    build_federation_workloads,
+    build_tls_secret,
+    director_endpoint,
+    names,
+)
+from fedkube.operator.shards import build_shard_status
+from fedkube.transport import certs
+from fedkube.transport.tls import TLSFiles
+
+log = logging.getLogger(__name__)
+OPERATOR_IDENTITY = "fedkube-operator"
+EXPERIMENT_POLL_S = 1.0
+SHARD_POLL_S = 5.0
+FINAL_PHASES = ("Succeeded", "Failed")
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    # Our CRD schemas prune unknown status fields: keep kopf's bookkeeping in annotations.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=GROUP, key="last-handled-configuration")
+    settings.persistence.finalizer = f"{GROUP}/director-data"
+    settings.posting.level = logging.WARNING  # kopf's own handler logs stay out of Events
+    settings.watching.server_timeout = 300
+    kube.api_client()
+
+
+# -- Federation ---------------------------------------------------------------------------
+
+def _issue_secrets(name: str, namespace: str) -> None:
+    """A CA and certificates for director, envoys and the operator, issued once."""
+    n = names(name)
+    existing = kube.read_secret(namespace, n["ca"])
+    if existing is None:
+        ca = certs.create_ca(f"{name}-ca")
+        kube.create_if_absent(build_tls_secret(n["ca"], namespace, name, ca_pem=ca.cert_pem,
+                                               cert_pem=ca.cert_pem, key_pem=ca.key_pem))
+        existing = kube.read_secret(namespace, n["ca"])
+    assert existing is not None
+    ca = certs.KeyPair(cert_pem=existing["tls.crt"], key_pem=existing["tls.key"])
+    director_host = n["director"]
+    wanted = {
+        n["director_tls"]: certs.issue(ca, director_host, hosts=[
+            director_host, f"{director_host}.{namespace}", f"{director_host}.{namespace}.svc",
+            "localhost", "127.0.0.1"]),
+        n["envoy_tls"]: certs.issue(ca, f"{name}-envoy"),
+        n["operator_tls"]: certs.issue(ca, OPERATOR_IDENTITY),
+    }
+    for secret, pair in wanted.items():
+        kube.create_if_absent(build_tls_secret(secret, namespace, name, ca_pem=ca.cert_pem,
+                                               cert_pem=pair.cert_pem, key_pem=pair.key_pem))
+
+
+def _render_envoy_config(federation: str, namespace: str, spec: FederationSpec,
+                         owner: kopf.Body) -> None:
+    shards = {s["metadata"]["name"]: ShardSpec.model_validate(s["spec"])
+              for s in kube.list_custom("shards", namespace)
+              if s.get("spec", {}).get("federation") == federation}
+    manifest = build_envoy_config(federation, namespace, spec, shards)
+    kopf.adopt(manifest, owner=owner)
+    kube.apply(manifest)
+
+
+@kopf.on.resume(GROUP, VERSION, "federations")
+@kopf.on.create(GROUP, VERSION, "federations")
+@kopf.on.update(GROUP, VERSION, "federations")
+def reconcile_federation(name: str, namespace: str | None, spec: kopf.Spec, body: kopf.Body,
+                         status: kopf.Status, meta: kopf.Meta, patch: kopf.Patch,
+                         **_: Any) -> None:
+    namespace = namespace or "default"
+    fed = FederationSpec.model_validate(dict(spec))
+    if fed.tls == "mtls":
+        _issue_secrets(name, namespace)
+    for manifest in build_federation_workloads(name, namespace, fed):
+        kopf.adopt(manifest, owner=body)
+        kube.apply(manifest)
+    _render_envoy_config(name, namespace, fed, body)
+    generation = int(meta.get("generation", 0))
+    patch.status["directorEndpoint"] = director_endpoint(name, namespace, fed)
+    patch.status["observedGeneration"] = generation
+    patch.status["conditions"] = set_condition(
+        list(status.get("conditions", [])), "Ready", True, "Reconciled",
+        "director, envoys and certificates applied", generation=generation)
+
+
+# -- talking to a federation's director ----------------------------------------------------
+
+class FederationMissing(Exception):
+    pass
+
+
+def director_for(namespace: str, federation: str) -> DirectorClient:
+    body = kube.get_custom("federations", namespace, federation)
+    if body is None:
+        raise FederationMissing(f"Federation {federation!r} does not exist in {namespace!r}")
+    fed = FederationSpec.model_validate(body["spec"])
+    endpoint = director_endpoint(federation, namespace, fed)
+    tls = None
+    if fed.tls == "mtls":
+        secret = kube.read_secret(namespace, names(federation)["operator_tls"])
+        if secret is None:
+            raise kopf.TemporaryError(f"waiting for the certificates of {federation!r}", delay=5)
+        tls = TLSFiles(ca=secret["ca.crt"], cert=secret["tls.crt"], key=secret["tls.key"])
+    return DirectorClient(endpoint, tls=tls, client_id=OPERATOR_IDENTITY, timeout=10)
+
+
+# -- Shard --------------------------------------------------------------------------------
+
+@kopf.on.resume(GROUP, VERSION, "shards")
+@kopf.on.create(GROUP, VERSION, "shards")
+@kopf.on.update(GROUP, VERSION, "shards", field="spec")
+def place_shard(spec: kopf.Spec, namespace: str | None, **_: Any) -> None:
+    namespace = namespace or "default"
+    shard = ShardSpec.model_validate(dict(spec))
+    federation = kube.get_custom("federations", namespace, shard.federation)
+    if federation is not None:
+        _render_envoy_config(shard.federation, namespace,
+                             FederationSpec.model_validate(federation["spec"]),
+                             kopf.Body(federation))  # type: ignore[arg-type]
+
+
+@kopf.timer(GROUP, VERSION, "shards", interval=SHARD_POLL_S, idle=0)
+def mirror_shard(name: str, namespace: str | None, spec: kopf.Spec, status: kopf.Status,
+                 meta: kopf.Meta, patch: kopf.Patch, **_: Any) -> None:
+    namespace = namespace or "default"
+    shard = ShardSpec.model_validate(dict(spec))
+    try:
+        with director_for(namespace, shard.federation) as director:
+            envoy = next((e for e in director.envoys() if e.name == name), None)
+    except FederationMissing as exc:
+        patch.status["conditions"] = set_condition(
+            list(status.get("conditions", [])), "Ready", False, "FederationNotFound", str(exc))
+        return
+    except grpc.RpcError as exc:
+        patch.status["conditions"] = set_condition(
+            list(status.get("conditions", [])), "Ready", False, "DirectorUnreachable",
+            str(exc.details() if hasattr(exc, "details") else exc))
+        return
+    patch.status.update(build_shard_status(dict(status), envoy, node=shard.node_name,
+                                           generation=int(meta.get("generation", 0))))
+
+
+# -- Experiment ---------------------------------------------------------------------------
+
+def _refuse(patch: kopf.Patch, status: kopf.Status, body: kopf.Body, reason: str,
+            message: str, generation: int) -> None:
+    conditions = set_condition(list(status.get("conditions", [])), "Accepted", False, reason,
+                               message, generation=generation)
+    patch.status["conditions"] = set_condition(conditions, "Ready", False, reason, message,
+                                               generation=generation)
+    patch.status["phase"] = "Pending"
+    kopf.event(body, type="Warning", reason=reason, message=message)
+
+
+@kopf.on.create(GROUP, VERSION, "experiments")
+def submit_experiment(name: str, namespace: str | None, spec: kopf.Spec, status: kopf.Status,
+                      meta: kopf.Meta, body: kopf.Body, patch: kopf.Patch,
+                      retry: int, **_: Any) -> None:
+    namespace = namespace or "default"
+    experiment = ExperimentSpec.model_validate(dict(spec))
+    generation = int(meta.get("generation", 0))
+    try:
+        director = director_for(namespace, experiment.federation)
+    except FederationMissing as exc:
+        _refuse(patch, status, body, "FederationNotFound", str(exc), generation)
+        raise kopf.TemporaryError(str(exc), delay=min(30, 2 + 2 * retry)) from exc
+    plan = build_plan(experiment)
+    from fedkube.client import experiment_archive
+
+    archive, model = experiment_archive(plan)
+    with director:
+        try:
+            collaborators = experiment.shards or sorted(e.name for e in director.envoys()
+                                                        if e.online)
+            if not collaborators:
+                _refuse(patch, status, body, "NoShardsOnline",
+                        "no shard of the federation is online", generation)
+                raise kopf.TemporaryError("no shard online", delay=5)
+            director.submit(director_name(namespace, name), archive,
+                            collaborators=collaborators, initial_model=model)
+        except grpc.RpcError as exc:
+            code, details = exc.code(), exc.details()  # type: ignore[attr-defined]
+            if code == grpc.StatusCode.ALREADY_EXISTS:
+                return  # submitted before an operator restart
+            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                _refuse(patch, status, body, "DirectorUnreachable", str(details), generation)
+                raise kopf.TemporaryError(str(details), delay=5) from exc
+            _refuse(patch, status, body, "Refused", str(details), generation)
+            raise kopf.PermanentError(str(details)) from exc
+    conditions = set_condition(list(status.get("conditions", [])), "Accepted", True,
+                               "Submitted", f"submitted to the director with "
+                               f"{len(collaborators)} collaborators", generation=generation)
+    patch.status["conditions"] = conditions
+    patch.status["collaborators"] = collaborators
+    patch.status["totalRounds"] = experiment.rounds
+    patch.status["progress"] = f"0/{experiment.rounds}"
+    patch.status["phase"] = "Accepted"
+    kopf.event(body, type="Normal", reason="Submitted",
+               message=f"submitted to the director of {experiment.federation}")
+
+
+def _following(status: kopf.Status, **_: Any) -> bool:
+    return (is_true(list(status.get("conditions", [])), "Accepted")
+            and status.get("phase") not in FINAL_PHASES)
+
+
+@kopf.timer(GROUP, VERSION, "experiments", interval=EXPERIMENT_POLL_S, when=_following)
+def follow_experiment(name: str, namespace: str | None, spec: kopf.Spec, status: kopf.Status,
+                      meta: kopf.Meta, body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+    namespace = namespace or "default"
+    experiment = ExperimentSpec.model_validate(dict(spec))
+    try:
+        with director_for(namespace, experiment.federation) as director:
+            report = director.status(director_name(namespace, name))
+    except (FederationMissing, grpc.RpcError) as exc:
+        log.warning("experiment %s/%s: %s", namespace, name, exc)
+        return
+    transition = build_status(dict(status), report, int(meta.get("generation", 0)))
+    patch.status.update(transition.status)
+    for kind, reason, message in transition.events:
+        kopf.event(body, type=kind, reason=reason, message=message)
+
+
+@kopf.on.delete(GROUP, VERSION, "experiments")
+def remove_experiment(name: str, namespace: str | None, spec: kopf.Spec, **_: Any) -> None:
+    """The finalizer's work: the director forgets the experiment and its models."""
+    namespace = namespace or "default"
+    try:
+        with director_for(namespace, str(spec.get("federation", ""))) as director:
+            director.remove(director_name(namespace, name))
+    except FederationMissing:
+        return
+    except grpc.RpcError as exc:
+        if exc.code() not in (grpc.StatusCode.NOT_FOUND,):  # type: ignore[attr-defined]
+            raise kopf.TemporaryError(f"removing from the director: {exc}", delay=5) from exc

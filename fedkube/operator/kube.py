@@ -1,0 +1,78 @@
+"""The operator's few calls to the Kubernetes API: server-side apply, reads, Secrets."""
+
+from __future__ import annotations
+
+import base64
+import functools
+from typing import Any
+
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+from kubernetes.dynamic import DynamicClient
+
+from fedkube.api.resources import GROUP, VERSION
+
+FIELD_MANAGER = "fedkube-operator"
+
+
+@functools.cache
+def api_client() -> client.ApiClient:
+    try:
+        config.load_incluster_config()  # type: ignore[no-untyped-call]
+    except config.ConfigException:
+        config.load_kube_config()  # type: ignore[no-untyped-call]
+    return client.ApiClient()
+
+
+@functools.cache
+def dynamic() -> DynamicClient:
+    return DynamicClient(api_client())  # type: ignore[no-untyped-call]
+
+
+def apply(manifest: dict[str, Any]) -> None:
+    """Server-side apply: creates or updates, owning only the fields we set."""
+    resource = dynamic().resources.get(api_version=manifest["apiVersion"],
+                                       kind=manifest["kind"])
+    dynamic().server_side_apply(  # type: ignore[no-untyped-call]
+        resource, body=manifest, name=manifest["metadata"]["name"],
+        namespace=manifest["metadata"].get("namespace"), field_manager=FIELD_MANAGER,
+        force_conflicts=True)
+
+
+def get_custom(plural: str, namespace: str, name: str) -> dict[str, Any] | None:
+    try:
+        found = client.CustomObjectsApi(api_client()).get_namespaced_custom_object(
+            GROUP, VERSION, namespace, plural, name)
+        return dict(found)  # type: ignore[call-overload,no-any-return]
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+
+
+def list_custom(plural: str, namespace: str) -> list[dict[str, Any]]:
+    listing = client.CustomObjectsApi(api_client()).list_namespaced_custom_object(
+        GROUP, VERSION, namespace, plural)
+    return list(listing.get("items", []))  # type: ignore[attr-defined]
+
+
+def read_secret(namespace: str, name: str) -> dict[str, bytes] | None:
+    try:
+        secret = client.CoreV1Api(api_client()).read_namespaced_secret(name, namespace)
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+    return {key: base64.b64decode(value) for key, value in (secret.data or {}).items()}
+
+
+def create_if_absent(manifest: dict[str, Any]) -> bool:
+    """Creates a Secret unless one of that name exists (certificates are issued once)."""
+    try:
+        client.CoreV1Api(api_client()).create_namespaced_secret(
+            manifest["metadata"]["namespace"], manifest)  # type: ignore[arg-type]
+        return True
+    except ApiException as exc:
+        if exc.status == 409:
+            return False
+        raise

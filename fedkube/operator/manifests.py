@@ -1,0 +1,229 @@
+"""Kubernetes manifests of a Federation, as pure functions: spec in, dict out."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+from fedkube.api.config import DEFAULT_PORT
+from fedkube.api.resources import FederationSpec, ShardSpec
+
+Manifest = dict[str, Any]
+APP = "app.kubernetes.io/name"
+PART_OF = "app.kubernetes.io/part-of"
+COMPONENT = "app.kubernetes.io/component"
+FEDERATION_LABEL = "fedkube.io/federation"
+GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+DATA_DIR = "/var/lib/fedkube"
+TLS_DIR = "/etc/fedkube/tls"
+ENVOY_CONFIG_DIR = "/etc/fedkube/envoy"
+
+_RESTRICTED_CONTAINER = {
+    "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+    "runAsNonRoot": True, "capabilities": {"drop": ["ALL"]},
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+_POD_SECURITY = {"runAsNonRoot": True, "runAsUser": 10001, "fsGroup": 10001,
+                 "seccompProfile": {"type": "RuntimeDefault"}}
+
+
+def names(federation: str) -> dict[str, str]:
+    return {"director": f"{federation}-director", "envoy": f"{federation}-envoy",
+            "data": f"{federation}-director-data", "ca": f"{federation}-ca",
+            "director_tls": f"{federation}-director-tls",
+            "envoy_tls": f"{federation}-envoy-tls",
+            "operator_tls": f"{federation}-operator-tls",
+            "envoy_config": f"{federation}-envoy-config"}
+
+
+def labels(federation: str, component: str) -> dict[str, str]:
+    return {APP: "fedkube", PART_OF: federation, COMPONENT: component,
+            FEDERATION_LABEL: federation}
+
+
+def service_endpoint(federation: str, namespace: str) -> str:
+    return f"{names(federation)['director']}.{namespace}.svc:{DEFAULT_PORT}"
+
+
+def director_endpoint(federation: str, namespace: str, spec: FederationSpec) -> str:
+    return spec.director_endpoint or service_endpoint(federation, namespace)
+
+
+def _tls_flags(spec: FederationSpec) -> list[str]:
+    if spec.tls == "insecure":
+        return ["--insecure"]
+    return ["--ca", f"{TLS_DIR}/ca.crt", "--cert", f"{TLS_DIR}/tls.crt",
+            "--key", f"{TLS_DIR}/tls.key"]
+
+
+def _tls_volume(spec: FederationSpec, secret: str) -> tuple[list[Manifest], list[Manifest]]:
+    if spec.tls == "insecure":
+        return [], []
+    return ([{"name": "tls", "secret": {"secretName": secret, "defaultMode": 0o400}}],
+            [{"name": "tls", "mountPath": TLS_DIR, "readOnly": True}])
+
+
+def build_director_pvc(name: str, namespace: str, spec: FederationSpec) -> Manifest:
+    return {
+        "apiVersion": "v1", "kind": "PersistentVolumeClaim",
+        "metadata": {"name": names(name)["data"], "namespace": namespace,
+                     "labels": labels(name, "director")},
+        "spec": {"accessModes": ["ReadWriteOnce"],
+                 "resources": {"requests": {"storage": spec.storage}}},
+    }
+
+
+def build_director_service(name: str, namespace: str, spec: FederationSpec) -> Manifest:
+    return {
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": names(name)["director"], "namespace": namespace,
+                     "labels": labels(name, "director")},
+        "spec": {"selector": labels(name, "director"),
+                 "ports": [{"name": "grpc", "port": DEFAULT_PORT, "targetPort": "grpc",
+                            "appProtocol": "grpc"}]},
+    }
+
+
+def build_director_deployment(name: str, namespace: str, spec: FederationSpec) -> Manifest:
+    volumes, mounts = _tls_volume(spec, names(name)["director_tls"])
+    args = ["director", "start", "--host", "0.0.0.0", "--port", str(DEFAULT_PORT),
+            "--data-dir", DATA_DIR, "--sample-shape", ",".join(spec.sample_shape),
+            "--target-shape", ",".join(spec.target_shape),
+            "--health-check-period", str(spec.health_check_period_seconds),
+            "--log-format", "json", *_tls_flags(spec)]
+    return {
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": names(name)["director"], "namespace": namespace,
+                     "labels": labels(name, "director")},
+        "spec": {
+            "replicas": 1,
+            # One writer of the SQLite store: the old pod goes before the new one starts.
+            "strategy": {"type": "Recreate"},
+            "selector": {"matchLabels": labels(name, "director")},
+            "template": {
+                "metadata": {"labels": labels(name, "director")},
+                "spec": {
+                    "securityContext": _POD_SECURITY,
+                    "automountServiceAccountToken": False,
+                    "containers": [{
+                        "name": "director", "image": spec.image,
+                        "args": args,
+                        "ports": [{"name": "grpc", "containerPort": DEFAULT_PORT}],
+                        "readinessProbe": {"grpc": {"port": DEFAULT_PORT}},
+                        "securityContext": _RESTRICTED_CONTAINER,
+                        "volumeMounts": [{"name": "data", "mountPath": DATA_DIR},
+                                         {"name": "tmp", "mountPath": "/tmp"}, *mounts],
+                    }],
+                    "volumes": [{"name": "data", "persistentVolumeClaim": {
+                                    "claimName": names(name)["data"]}},
+                                {"name": "tmp", "emptyDir": {}}, *volumes],
+                },
+            },
+        },
+    }
+
+
+def build_envoy_config(federation: str, namespace: str, spec: FederationSpec,
+                       shards: dict[str, ShardSpec]) -> Manifest:
+    """The envoy settings of each node, keyed by node name: the DaemonSet pod on a node
+    reads its own key (one shard per node)."""
+    data = {}
+    for shard_name, shard in sorted(shards.items()):
+        if not shard.node_name:
+            continue
+        config: dict[str, Any] = {
+            "name": shard_name, "director": service_endpoint(federation, namespace),
+            "shard": {"loader": shard.loader, "options": shard.options},
+            "runtime": "pod", "work_dir": f"{DATA_DIR}/work",
+            "tls": ({"insecure": True} if spec.tls == "insecure" else
+                    {"ca": f"{TLS_DIR}/ca.crt", "cert": f"{TLS_DIR}/tls.crt",
+                     "key": f"{TLS_DIR}/tls.key"})}
+        data[f"{shard.node_name}.yaml"] = yaml.safe_dump(config, sort_keys=False)
+    return {"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": names(federation)["envoy_config"], "namespace": namespace,
+                         "labels": labels(federation, "envoy")},
+            "data": data}
+
+
+def build_envoy_daemonset(name: str, namespace: str, spec: FederationSpec) -> Manifest:
+    volumes, mounts = _tls_volume(spec, names(name)["envoy_tls"])
+    config = f"{ENVOY_CONFIG_DIR}/$(NODE_NAME).yaml"
+    return {
+        "apiVersion": "apps/v1", "kind": "DaemonSet",
+        "metadata": {"name": names(name)["envoy"], "namespace": namespace,
+                     "labels": labels(name, "envoy")},
+        "spec": {
+            "selector": {"matchLabels": labels(name, "envoy")},
+            "updateStrategy": {"type": "RollingUpdate"},
+            "template": {
+                "metadata": {"labels": labels(name, "envoy")},
+                "spec": {
+                    "nodeSelector": dict(spec.envoy_node_selector),
+                    "tolerations": [GPU_TOLERATION],
+                    "serviceAccountName": names(name)["envoy"],
+                    "securityContext": _POD_SECURITY,
+                    "containers": [{
+                        "name": "envoy", "image": spec.image,
+                        "command": ["fedkube"],
+                        "args": ["envoy", "start", "--config", config, "--log-format", "json"],
+                        "env": [
+                            {"name": "NODE_NAME",
+                             "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+                            {"name": "POD_NAME",
+                             "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+                            {"name": "POD_UID",
+                             "valueFrom": {"fieldRef": {"fieldPath": "metadata.uid"}}},
+                            {"name": "POD_NAMESPACE",
+                             "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}],
+                        "securityContext": _RESTRICTED_CONTAINER,
+                        "volumeMounts": [
+                            {"name": "config", "mountPath": ENVOY_CONFIG_DIR, "readOnly": True},
+                            {"name": "work", "mountPath": DATA_DIR}, *mounts],
+                    }],
+                    "volumes": [{"name": "config", "configMap": {
+                                    "name": names(name)["envoy_config"], "optional": True}},
+                                {"name": "work", "emptyDir": {}}, *volumes],
+                },
+            },
+        },
+    }
+
+
+def build_envoy_rbac(name: str, namespace: str) -> list[Manifest]:
+    """The envoy may create, watch and delete collaborator Pods in its namespace: nothing
+    else."""
+    account = names(name)["envoy"]
+    meta = {"name": account, "namespace": namespace, "labels": labels(name, "envoy")}
+    return [
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": meta,
+         "rules": [{"apiGroups": [""], "resources": ["pods"],
+                    "verbs": ["create", "get", "list", "watch", "delete"]},
+                   {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]}]},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": meta,
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": account},
+         "subjects": [{"kind": "ServiceAccount", "name": account, "namespace": namespace}]},
+    ]
+
+
+def build_tls_secret(name: str, namespace: str, federation: str, *, ca_pem: bytes,
+                     cert_pem: bytes, key_pem: bytes) -> Manifest:
+    import base64
+
+    def b64(data: bytes) -> str:
+        return base64.b64encode(data).decode()
+
+    return {"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+            "metadata": {"name": name, "namespace": namespace,
+                         "labels": labels(federation, "tls")},
+            "data": {"ca.crt": b64(ca_pem), "tls.crt": b64(cert_pem), "tls.key": b64(key_pem)}}
+
+
+def build_federation_workloads(name: str, namespace: str, spec: FederationSpec) -> list[Manifest]:
+    """Everything a Federation owns except its Secrets and envoy config."""
+    return [build_director_pvc(name, namespace, spec),
+            build_director_service(name, namespace, spec),
+            build_director_deployment(name, namespace, spec),
+            *build_envoy_rbac(name, namespace),
+            build_envoy_daemonset(name, namespace, spec)]

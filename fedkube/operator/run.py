@@ -1,0 +1,16 @@
+"""`fedkube operator run`: the kopf operator, cluster-wide or in some namespaces."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+
+def run_operator(namespaces: Sequence[str] = (), *, liveness_port: int | None = None) -> None:
+    import kopf
+
+    import fedkube.operator.handlers  # noqa: F401  (registers the handlers)
+
+    liveness = f"http://0.0.0.0:{liveness_port}/healthz" if liveness_port else None
+    asyncio.run(kopf.operator(standalone=True, clusterwide=not namespaces,
+                              namespaces=list(namespaces), liveness_endpoint=liveness))

@@ -1,0 +1,45 @@
+"""A Shard's status from the director's registry: a pure mapping."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from fedkube.client import EnvoyView
+from fedkube.operator.conditions import Conditions, set_condition
+
+
+def build_shard_status(current: dict[str, Any], envoy: EnvoyView | None, *,
+                       node: str | None, generation: int) -> dict[str, Any]:
+    conditions: Conditions = list(current.get("conditions", []))
+
+    def cond(type_: str, value: bool, reason: str, message: str = "") -> None:
+        nonlocal conditions
+        conditions = set_condition(conditions, type_, value, reason, message,
+                                   generation=generation)
+
+    if envoy is None:
+        cond("Registered", False, "NotRegistered", "no envoy has registered this shard")
+        cond("Online", False, "NotRegistered")
+        cond("Ready", False, "NotRegistered", "no envoy has registered this shard")
+        return {"conditions": conditions, "online": False, "gpus": 0, "node": node,
+                "cudaDevices": [], "currentExperiment": None}
+    cond("Registered", True, "Registered", envoy.description)
+    if envoy.online:
+        cond("Online", True, "HealthChecksArriving")
+    else:
+        cond("Online", False, "HealthChecksMissing", "no health check within two periods")
+    busy = envoy.experiment if envoy.experiment_running else None
+    cond("Ready", envoy.online, "Online" if envoy.online else "Offline",
+         f"running {busy}" if busy else "")
+    devices = [{"index": d["index"], "name": d["name"],
+                "memoryTotalMib": int(d["memory_total"]) >> 20,
+                "memoryUsedMib": int(d["memory_utilized"]) >> 20,
+                "utilizationPercent": max(0, min(100, int(str(d["utilization"]).rstrip("%")
+                                                          or 0)))}
+               for d in envoy.cuda_devices]
+    seen = (dt.datetime.fromtimestamp(envoy.last_health_check, dt.UTC)
+            .strftime("%Y-%m-%dT%H:%M:%SZ") if envoy.last_health_check else None)
+    return {"conditions": conditions, "online": envoy.online, "gpus": len(devices),
+            "node": node, "cudaDevices": devices, "lastHealthCheck": seen,
+            "currentExperiment": busy}

@@ -1,0 +1,200 @@
+"""The operator against the real control plane: CRDs, validation, a Federation's
+workloads placed by the scheduler, and an Experiment driven to Succeeded through a
+director and envoys running as local processes (KWOK nodes run no containers)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from fedkube.devcluster import ControlPlane
+from fedkube.local import Process, director_process, envoy_process, free_port, wait_for
+
+pytestmark = pytest.mark.k8s
+ROOT = Path(__file__).resolve().parents[2]
+NAMESPACE = "fl-test"
+
+
+@dataclass
+class Operated:
+    cluster: ControlPlane
+    director_port: int
+    operator: Process
+
+    def kubectl(self, *args: str, input: str | None = None, check: bool = True
+                ) -> subprocess.CompletedProcess[str]:
+        return self.cluster.kubectl("-n", NAMESPACE, *args, input=input, check=check)
+
+    def get(self, *args: str) -> Any:
+        return json.loads(self.kubectl("get", *args, "-o", "json").stdout)
+
+    def apply(self, *documents: dict[str, Any]) -> None:
+        self.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(documents))
+
+
+def examples(name: str) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all((ROOT / "deploy" / name).read_text()) if d]
+
+
+@pytest.fixture(scope="module")
+def operated(cluster: ControlPlane, tmp_path_factory: pytest.TempPathFactory
+             ) -> Iterator[Operated]:
+    work = tmp_path_factory.mktemp("operated")
+    cluster.kubectl("apply", "-f", str(ROOT / "crds"))
+    cluster.kubectl("wait", "--for=condition=Established", "crd", "--all", "--timeout=60s")
+    cluster.kubectl("create", "namespace", NAMESPACE)
+    port = free_port()
+    processes = [director_process(work, port, period=1.0).start()]
+    for index, shard in enumerate(("hospital-a", "hospital-b")):
+        processes.append(envoy_process(work, shard, port, index=index, count=2).start())
+    operator = Process("operator", ["operator", "run", "--namespace", NAMESPACE],
+                       work / "logs" / "operator.log",
+                       env={"KUBECONFIG": str(cluster.kubeconfig)}).start()
+    processes.append(operator)
+    try:
+        yield Operated(cluster, port, operator)
+    finally:
+        for process in processes:
+            process.stop()
+        for process in processes:
+            print(f"----- {process.name} -----\n{process.output()[-4000:]}")
+        cluster.kubectl("delete", "namespace", NAMESPACE, "--wait=false", check=False)
+
+
+def _local_federation(operated: Operated) -> dict[str, Any]:
+    """deploy/federation.yaml, pointed at the director running as a local process."""
+    federation = examples("federation.yaml")[0]
+    federation["spec"].update(tls="insecure",
+                              directorEndpoint=f"localhost:{operated.director_port}")
+    return federation
+
+
+def test_invalid_specs_are_refused_by_the_apiserver(operated: Operated) -> None:
+    bad = examples("experiment.yaml")[0]
+    bad["metadata"]["name"] = "bad"
+    bad["spec"].update(rounds=0, task="x" * 300)
+    result = operated.kubectl("apply", "-f", "-", input=yaml.safe_dump(bad), check=False)
+    assert result.returncode != 0
+    assert "spec.rounds" in result.stderr and "greater than or equal to 1" in result.stderr
+    assert "spec.task: Too long: may not be more than 200" in result.stderr
+    # CEL rules run once the schema passes.
+    bad = examples("experiment.yaml")[0]
+    bad["metadata"]["name"] = "bad"
+    bad["spec"]["minCollaborators"] = 3
+    result = operated.kubectl("apply", "-f", "-", input=yaml.safe_dump(bad), check=False)
+    assert result.returncode != 0
+    assert "minCollaborators must not exceed the number of shards listed" in result.stderr
+    bad_fed = examples("federation.yaml")[0]
+    bad_fed["spec"].update(tls="plaintext", storage="lots")
+    result = operated.kubectl("apply", "-f", "-", input=yaml.safe_dump(bad_fed), check=False)
+    assert result.returncode != 0
+    assert 'supported values: "mtls", "insecure"' in result.stderr
+    assert "spec.storage" in result.stderr
+
+
+def test_experiment_of_a_missing_federation_says_so(operated: Operated) -> None:
+    orphan = examples("experiment.yaml")[0]
+    orphan["metadata"]["name"] = "orphan"
+    orphan["spec"]["federation"] = "nowhere"
+    operated.apply(orphan)
+
+    def refused() -> bool:
+        conditions = operated.get("experiment", "orphan").get("status", {}).get(
+            "conditions", [])
+        return any(c["type"] == "Accepted" and c["status"] == "False"
+                   and c["reason"] == "FederationNotFound" and "nowhere" in c["message"]
+                   for c in conditions)
+
+    wait_for(refused, timeout=60, message="Accepted=False FederationNotFound")
+    events = operated.get("events", "--field-selector", "involvedObject.name=orphan")
+    assert any(e["reason"] == "FederationNotFound" for e in events["items"])
+    assert operated.operator.running
+    operated.kubectl("delete", "experiment", "orphan", "--wait=true", "--timeout=60s")
+
+
+def test_federation_workloads_and_gpu_placement(operated: Operated) -> None:
+    operated.apply(_local_federation(operated))
+    wait_for(lambda: operated.kubectl("get", "daemonset", "digits-envoy",
+                                      check=False).returncode == 0,
+             timeout=60, message="envoy DaemonSet")
+    deployment = operated.get("deployment", "digits-director")
+    assert deployment["spec"]["strategy"]["type"] == "Recreate"
+    assert deployment["metadata"]["ownerReferences"][0]["kind"] == "Federation"
+    service = operated.get("service", "digits-director")
+    assert service["spec"]["ports"][0]["port"] == 50051
+    assert operated.get("pvc", "digits-director-data")["spec"]["resources"]["requests"][
+        "storage"] == "1Gi"
+
+    def envoy_nodes() -> set[str]:
+        pods = operated.get("pods", "-l", "app.kubernetes.io/component=envoy")["items"]
+        return {p["spec"].get("nodeName", "") for p in pods
+                if p.get("status", {}).get("phase") == "Running"}
+
+    wait_for(lambda: envoy_nodes() == {"gpu-node-1", "gpu-node-2"}, timeout=60,
+             message="envoy pods running on the two GPU nodes only")
+    federation = operated.get("federation", "digits")
+    assert federation["status"]["directorEndpoint"] == f"localhost:{operated.director_port}"
+
+
+def test_mtls_federation_gets_certificates(operated: Operated) -> None:
+    secure = examples("federation.yaml")[0]
+    secure["metadata"]["name"] = "secure"
+    operated.apply(secure)
+    wait_for(lambda: operated.kubectl("get", "secret", "secure-operator-tls",
+                                      check=False).returncode == 0,
+             timeout=60, message="certificates issued")
+    for secret in ("secure-ca", "secure-director-tls", "secure-envoy-tls"):
+        data = operated.get("secret", secret)["data"]
+        assert set(data) == {"ca.crt", "tls.crt", "tls.key"}
+    director = operated.get("deployment", "secure-director")
+    args = director["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--ca" in args and "--insecure" not in args
+    operated.kubectl("delete", "federation", "secure", "--wait=true", "--timeout=60s")
+
+
+def test_experiment_runs_to_succeeded(operated: Operated) -> None:
+    operated.apply(_local_federation(operated), *examples("shard.yaml"))
+
+    def shards_online() -> bool:
+        items = operated.get("shards")["items"]
+        return len(items) == 2 and all(s.get("status", {}).get("online") for s in items)
+
+    wait_for(shards_online, timeout=60, message="both shards Online")
+    table = operated.kubectl("get", "shards").stdout
+    assert "hospital-a" in table and "true" in table and "gpu-node-1" in table
+    config = operated.get("configmap", "digits-envoy-config")["data"]
+    assert yaml.safe_load(config["gpu-node-1.yaml"])["name"] == "hospital-a"
+
+    operated.apply(*examples("experiment.yaml"))
+    operated.kubectl("wait", "--for=condition=Succeeded", "experiment/digits-logreg",
+                     "--timeout=120s")
+    experiment = operated.get("experiment", "digits-logreg")
+    status = experiment["status"]
+    assert status["round"] == status["totalRounds"] == 5
+    assert status["bestMetric"] > 0.8
+    types = {c["type"]: c for c in status["conditions"]}
+    assert types["Accepted"]["status"] == types["Ready"]["status"] == "True"
+    assert types["Running"]["status"] == "False"
+    assert all(c["observedGeneration"] == experiment["metadata"]["generation"]
+               for c in status["conditions"])
+    table = operated.kubectl("get", "experiments").stdout
+    header, row = table.splitlines()[:2]
+    assert header.split()[:5] == ["NAME", "READY", "STATUS", "ROUND", "METRIC"]
+    assert row.split()[:4] == ["digits-logreg", "True", "Succeeded", "5/5"]
+    reasons = {e["reason"] for e in operated.get(
+        "events", "--field-selector", "involvedObject.name=digits-logreg")["items"]}
+    assert {"Submitted", "Started", "Succeeded"} <= reasons
+    # Deleting the Experiment removes its data from the director (the finalizer's work).
+    operated.kubectl("delete", "experiment", "digits-logreg", "--timeout=60s")
+    from fedkube.client import DirectorClient
+
+    with DirectorClient(f"localhost:{operated.director_port}", client_id="fedkube-operator"
+                        ) as client:
+        assert f"{NAMESPACE}.digits-logreg" not in {e[0] for e in client.experiments()}
