@@ -1,0 +1,159 @@
+"""The operator's pure parts, without a cluster: CRDs, manifests, conditions, statuses."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fedkube.api.crds import build_crd, crd_files
+from fedkube.api.resources import EXPERIMENT, ExperimentSpec, FederationSpec, ShardSpec
+from fedkube.client import EnvoyView, ExperimentStatus
+from fedkube.operator.conditions import set_condition
+from fedkube.operator.experiments import build_plan, build_status
+from fedkube.operator.manifests import (
+    build_director_deployment,
+    build_envoy_config,
+    build_envoy_daemonset,
+    build_federation_workloads,
+)
+from fedkube.operator.shards import build_shard_status
+
+ROOT = Path(__file__).resolve().parents[1]
+FED = FederationSpec(sample_shape=["8", "8"], target_shape=["1"])
+
+
+def test_generated_crds_are_current() -> None:
+    """`make crds` (fedkube crds) must be rerun after changing fedkube/api/resources.py."""
+    for name, text in crd_files().items():
+        assert (ROOT / "crds" / name).read_text() == text, f"crds/{name} is stale: make crds"
+
+
+def test_experiment_crd_schema() -> None:
+    crd = build_crd(EXPERIMENT)
+    version = crd["spec"]["versions"][0]
+    spec = version["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    assert spec["required"] == ["federation", "task"]
+    assert spec["properties"]["rounds"] == {"default": 10, "maximum": 100000, "minimum": 1,
+                                            "type": "integer"}
+    assert spec["properties"]["params"]["x-kubernetes-preserve-unknown-fields"] is True
+    assert "anyOf" not in yaml.safe_dump(crd)
+    rules = [r["rule"] for r in spec["x-kubernetes-validations"]]
+    assert any("size(self.shards)" in rule for rule in rules)
+    assert version["subresources"] == {"status": {}}
+    assert [c["name"] for c in version["additionalPrinterColumns"]] == [
+        "Ready", "Status", "Round", "Metric", "Federation", "Age"]
+    assert crd["spec"]["names"]["categories"] == ["fl", "all"]
+
+
+def test_director_deployment_is_recreated_and_locked_down() -> None:
+    deployment = build_director_deployment("fed", "ns", FED)
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    pod = deployment["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert "--ca" in container["args"] and "8,8" in container["args"]
+    insecure = build_director_deployment("fed", "ns", FED.model_copy(update={"tls": "insecure"}))
+    assert "--insecure" in insecure["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert not any(v["name"] == "tls" for v in insecure["spec"]["template"]["spec"]["volumes"])
+
+
+def test_envoy_daemonset_targets_gpu_nodes() -> None:
+    pod = build_envoy_daemonset("fed", "ns", FED)["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists",
+            "effect": "NoSchedule"} in pod["tolerations"]
+    env = {e["name"]: e for e in pod["containers"][0]["env"]}
+    assert env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
+    assert "/etc/fedkube/envoy/$(NODE_NAME).yaml" in pod["containers"][0]["args"]
+
+
+def test_envoy_config_per_node() -> None:
+    shards = {"a": ShardSpec(federation="fed", node_name="gpu-1", options={"index": "0"}),
+              "floating": ShardSpec(federation="fed")}
+    data = build_envoy_config("fed", "ns", FED, shards)["data"]
+    assert set(data) == {"gpu-1.yaml"}
+    config = yaml.safe_load(data["gpu-1.yaml"])
+    assert config["name"] == "a" and config["director"] == "fed-director.ns.svc:50051"
+    assert config["shard"] == {"loader": "digits", "options": {"index": "0"}}
+
+
+def test_workloads_share_the_federation_labels() -> None:
+    kinds = [m["kind"] for m in build_federation_workloads("fed", "ns", FED)]
+    assert kinds == ["PersistentVolumeClaim", "Service", "Deployment", "ServiceAccount",
+                     "Role", "RoleBinding", "DaemonSet"]
+    for manifest in build_federation_workloads("fed", "ns", FED):
+        assert manifest["metadata"]["labels"]["fedkube.io/federation"] == "fed"
+
+
+def test_condition_transition_time_moves_only_on_change() -> None:
+    first = set_condition([], "Ready", False, "Queued", at="2026-01-01T00:00:00Z")
+    same = set_condition(first, "Ready", False, "StillQueued", at="2026-01-02T00:00:00Z")
+    assert same[0]["lastTransitionTime"] == "2026-01-01T00:00:00Z"
+    assert same[0]["reason"] == "StillQueued"
+    flipped = set_condition(same, "Ready", True, "Done", at="2026-01-03T00:00:00Z")
+    assert flipped[0]["lastTransitionTime"] == "2026-01-03T00:00:00Z"
+    assert len(flipped) == 1
+
+
+def _report(status: str, **fields: object) -> ExperimentStatus:
+    values: dict[str, object] = dict(name="ns.e", status=status, round=2, total_rounds=5,
+                                     metric="accuracy", last_metrics={"accuracy": 0.8},
+                                     best_metrics={"accuracy": 0.9}, error="",
+                                     queue_position=0, collaborators=["a"])
+    values.update(fields)
+    return ExperimentStatus(**values)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("state", "phase", "conditions"), [
+    ("pending", "Queued", {"Running": "False", "Ready": "False"}),
+    ("in_progress", "Running", {"Running": "True", "Ready": "False"}),
+    ("finished", "Succeeded", {"Running": "False", "Succeeded": "True", "Ready": "True"}),
+    ("failed", "Failed", {"Running": "False", "Failed": "True", "Ready": "False"}),
+])
+def test_experiment_status_mapping(state: str, phase: str, conditions: dict[str, str]) -> None:
+    transition = build_status({}, _report(state, error="boom" if state == "failed" else ""), 3)
+    status = transition.status
+    assert status["phase"] == phase and status["progress"] == "2/5"
+    assert status["bestMetric"] == 0.9
+    assert {c["type"]: c["status"] for c in status["conditions"]} == conditions
+    assert all(c["observedGeneration"] == 3 for c in status["conditions"])
+    if state == "failed":
+        assert transition.final and status["error"] == "boom"
+        assert transition.events == [("Warning", "CollaboratorFailed", "boom")]
+
+
+def test_round_events_only_when_the_round_moves() -> None:
+    running = build_status({}, _report("in_progress"), 1).status
+    again = build_status(running, _report("in_progress"), 1)
+    assert again.events == []
+    moved = build_status(running, _report("in_progress", round=3), 1)
+    assert [e[1] for e in moved.events] == ["RoundCompleted"]
+
+
+def test_plan_from_spec() -> None:
+    spec = ExperimentSpec.model_validate({"federation": "f", "task": "digits-mlp", "rounds": 3,
+                                          "params": {"hidden": 8},
+                                          "roundTimeoutSeconds": 30})
+    plan = build_plan(spec)
+    assert (plan.task, plan.rounds, plan.params, plan.round_timeout_s) == (
+        "digits-mlp", 3, {"hidden": 8}, 30.0)
+
+
+def test_shard_status_from_registry() -> None:
+    assert build_shard_status({}, None, node="n", generation=1)["online"] is False
+    envoy = EnvoyView(name="a", online=True, experiment_running=True, experiment="ns.e",
+                      description="d", n_samples=3, sample_shape=["8"], target_shape=["1"],
+                      cuda_devices=[{"index": 0, "name": "H100", "memory_total": 80 << 30,
+                                     "memory_utilized": 1 << 30, "utilization": "37%"}],
+                      last_health_check=1_700_000_000.0)
+    status = build_shard_status({}, envoy, node="gpu-1", generation=1)
+    assert status["gpus"] == 1 and status["currentExperiment"] == "ns.e"
+    assert status["cudaDevices"][0] == {"index": 0, "name": "H100", "memoryTotalMib": 81920,
+                                        "memoryUsedMib": 1024, "utilizationPercent": 37}
+    assert status["lastHealthCheck"] == "2023-11-14T22:13:20Z"
+    assert {c["type"]: c["status"] for c in status["conditions"]} == {
+        "Registered": "True", "Online": "True", "Ready": "True"}
