@@ -9,7 +9,7 @@ INSTALL_STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-1
 OPENFL_VENV := $(CACHE)/openfl-1.6-venv
 OPENFL_STAMP := $(OPENFL_VENV)/.installed
 
-.PHONY: install demo test lint typecheck unit testenv openfl protos crds clean bench dev-cluster
+.PHONY: install demo test lint typecheck unit testenv openfl protos crds clean bench bench-full dev-cluster
 
 install: $(INSTALL_STAMP)
 
@@ -62,6 +62,14 @@ crds: install
 
 bench: install openfl
 	FEDKUBE_OPENFL_PYTHON=$(OPENFL_VENV)/bin/python $(PY) -m benchmarks.health_checks
+	$(PY) -m benchmarks.aggregation --updates 8,32 --mib 64
+	$(PY) -m benchmarks.transfer --mib 16,256
+
+bench-full: install openfl
+	FEDKUBE_OPENFL_PYTHON=$(OPENFL_VENV)/bin/python $(PY) -m benchmarks.health_checks \
+		--envoys 1000,5000,10000 --period 10,2
+	$(PY) -m benchmarks.aggregation --updates 8,32 --mib 64,256
+	$(PY) -m benchmarks.transfer --mib 16,64,256,1024
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache demo-output
