@@ -138,12 +138,16 @@ def cmd_shards(args: argparse.Namespace) -> int:
 
 def cmd_collaborator_run(args: argparse.Namespace) -> int:
     from fedkube.collaborator import environment
-    from fedkube.collaborator.run import Collaborator, extract
+    from fedkube.collaborator.run import Collaborator, extract, fetch_archive
     from fedkube.tasks.archive import load_task
     from fedkube.tasks.shard import load_shard
     from fedkube.transport.tls import TLSFiles
 
-    plan, workspace = extract(args.archive, args.work_dir)
+    tls = None if args.insecure else TLSFiles(ca=args.ca.read_bytes(), cert=args.cert.read_bytes(),
+                                              key=args.key.read_bytes())
+    archive = args.archive or fetch_archive(args.director, tls, args.experiment, args.name,
+                                            args.work_dir / "archive.zip")
+    plan, workspace = extract(archive, args.work_dir)
     venv_dir = args.work_dir / "venv"
     if plan.install_requirements and not environment.in_venv(venv_dir):
         try:
@@ -154,8 +158,6 @@ def cmd_collaborator_run(args: argparse.Namespace) -> int:
         environment.reexec_in(python, venv_dir, sys.argv[1:])
     task = load_task(plan, workspace)
     shard = load_shard(args.shard, _options(args.shard_option))
-    tls = None if args.insecure else TLSFiles(ca=args.ca.read_bytes(), cert=args.cert.read_bytes(),
-                                              key=args.key.read_bytes())
     collaborator = Collaborator(target=args.director, experiment=args.experiment,
                                 name=args.name, plan=plan, task=task, shard=shard, tls=tls)
     try:
@@ -410,7 +412,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--director", required=True)
     run.add_argument("--experiment", required=True)
     run.add_argument("--name", required=True)
-    run.add_argument("--archive", type=Path, required=True)
+    run.add_argument("--archive", type=Path,
+                     help="the experiment archive (default: download it from the director)")
     run.add_argument("--work-dir", type=Path, required=True)
     run.add_argument("--shard", default="digits")
     run.add_argument("--shard-option", action="append", default=[])

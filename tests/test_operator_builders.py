@@ -157,3 +157,26 @@ def test_shard_status_from_registry() -> None:
     assert status["lastHealthCheck"] == "2023-11-14T22:13:20Z"
     assert {c["type"]: c["status"] for c in status["conditions"]} == {
         "Registered": "True", "Online": "True", "Ready": "True"}
+
+
+def test_collaborator_pod_is_pinned_through_the_scheduler(tmp_path: Path) -> None:
+    from fedkube.envoy_agent.pods import PodPlacement, build_collaborator_pod
+    from fedkube.envoy_agent.runtime import CollaboratorJob
+
+    job = CollaboratorJob(experiment="NS.My_Exp", collaborator="a", archive=tmp_path,
+                          work_dir=tmp_path, cuda_devices=(), gpus=0)
+    where = PodPlacement(namespace="ns", node_name="gpu-1", image="img", director="d:1",
+                         loader="digits", options={"index": "0"}, tls_secret="fed-envoy-tls",
+                         owner_pod="envoy-x", owner_uid="uid-1")
+    pod = build_collaborator_pod(job, where)
+    assert pod["metadata"]["name"] == "collab-ns-my-exp-a"
+    assert pod["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
+    spec = pod["spec"]
+    assert "nodeName" not in spec
+    term = spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert term["nodeSelectorTerms"][0]["matchFields"][0]["values"] == ["gpu-1"]
+    container = spec["containers"][0]
+    assert "resources" not in container  # no GPUs asked, none requested
+    assert "--insecure" not in container["args"] and "--ca" in container["args"]
+    assert {"name": "tls", "secret": {"secretName": "fed-envoy-tls",
+                                      "defaultMode": 0o400}} in spec["volumes"]

@@ -77,12 +77,28 @@ class ShardSettings(_Strict):
     options: dict[str, str | int | float | bool] = Field(default_factory=dict)
 
 
+class PodSettings(_Strict):
+    """Where the pod runtime puts collaborator Pods; unset fields come from the envoy pod's
+    downward-API environment (NODE_NAME, POD_NAMESPACE, POD_NAME, POD_UID)."""
+
+    namespace: str | None = None
+    node_name: str | None = None
+    image: str | None = Field(default=None, description="default: the envoy pod's own image")
+    owner_pod: str | None = None
+    owner_uid: str | None = None
+    tls_secret: str | None = Field(default=None, description="Secret with ca.crt, tls.crt, "
+                                                             "tls.key for the collaborator")
+    unschedulable_after_s: float = Field(default=60.0, gt=0, description="how long a Pod may "
+                                         "stay unschedulable before the experiment fails")
+
+
 class EnvoyConfig(_Strict):
     name: Name
     director: str = Field(pattern=r"^[^:\s]+:\d{1,5}$", description="host:port of the director")
     shard: ShardSettings = Field(default_factory=ShardSettings)
     cuda_devices: list[Annotated[int, Field(ge=0)]] = Field(default_factory=list)
     runtime: Literal["process", "pod"] = "process"
+    pod: PodSettings = Field(default_factory=PodSettings)
     work_dir: Path = Path("fedkube-envoy")
     tls: TLSSettings
     max_backoff: float = Field(default=30.0, gt=0, description="cap of the reconnect delay, s")

@@ -26,6 +26,8 @@ class Plan(BaseModel):
     metric: str = Field(default="accuracy", min_length=1)
     higher_is_better: bool = True
     weighting: Literal["samples", "equal"] = "samples"
+    gpus_per_collaborator: int = Field(default=0, ge=0, le=64,
+                                       description="nvidia.com/gpu each collaborator Pod asks")
     install_requirements: bool = Field(
         default=False, description="the envoy installs the archive's requirements.txt into "
                                    "a virtualenv of this experiment before running it")

@@ -125,6 +125,28 @@ class Collaborator:
         self._channel.close()
 
 
+def fetch_archive(target: str, tls: TLSFiles | None, experiment: str, name: str,
+                  dest: Path) -> Path:
+    """Downloads the experiment archive as the envoy does (a collaborator Pod has no
+    shared disk with its envoy)."""
+    from fedkube.proto import director_pb2, director_pb2_grpc
+
+    channel = (grpc.secure_channel(target, channel_credentials(tls), options=GRPC_OPTIONS)
+               if tls else grpc.insecure_channel(target, options=GRPC_OPTIONS))
+    try:
+        stub = director_pb2_grpc.DirectorStub(channel)  # type: ignore[no-untyped-call]
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with dest.open("wb") as sink:
+            for chunk in stub.GetExperimentData(
+                    director_pb2.GetExperimentDataRequest(experiment_name=experiment,
+                                                          collaborator_name=name),
+                    metadata=(("client_id", name),), timeout=600):
+                sink.write(chunk.npbytes)
+    finally:
+        channel.close()
+    return dest
+
+
 def extract(archive: Path, work_dir: Path) -> tuple[Plan, Path]:
     """Extracts the archive safely; its plan and the workspace it went to."""
     plan = read_plan(archive)

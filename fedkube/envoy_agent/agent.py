@@ -21,6 +21,7 @@ from fedkube.api.config import EnvoyConfig
 from fedkube.envoy_agent.nvml import NvmlMonitor
 from fedkube.envoy_agent.runtime import CollaboratorFailed, CollaboratorJob, Runtime
 from fedkube.proto import director_pb2, director_pb2_grpc
+from fedkube.tasks.archive import read_plan
 from fedkube.tasks.shard import ShardDescriptor
 from fedkube.transport.channel import open_channel
 from fedkube.transport.identity import REASON_HEADER
@@ -157,8 +158,10 @@ class EnvoyAgent:
                  archive.stat().st_size)
         if self.runtime is None:
             raise CollaboratorFailed("this envoy has no collaborator runtime")
+        plan = read_plan(archive)
         job = CollaboratorJob(experiment=experiment, collaborator=self.name, archive=archive,
-                              work_dir=work_dir, cuda_devices=tuple(self.config.cuda_devices))
+                              work_dir=work_dir, cuda_devices=tuple(self.config.cuda_devices),
+                              gpus=plan.gpus_per_collaborator)
         await self.runtime.run(job)
 
     async def experiment_loop(self) -> None:

@@ -14,6 +14,7 @@ class CollaboratorJob:
     archive: Path
     work_dir: Path
     cuda_devices: tuple[int, ...]
+    gpus: int = 0  # what the plan asks per collaborator (the pod runtime requests them)
 
 
 class CollaboratorFailed(Exception):

@@ -6,8 +6,12 @@ import asyncio
 import logging
 import os
 import sys
+import time
+from collections.abc import Callable
+from typing import Any
 
 from fedkube.api.config import EnvoyConfig
+from fedkube.envoy_agent.pods import PodPlacement, build_collaborator_pod
 from fedkube.envoy_agent.runtime import CollaboratorFailed, CollaboratorJob, Runtime
 
 log = logging.getLogger(__name__)
@@ -64,7 +68,95 @@ class ProcessRuntime:
             raise CollaboratorFailed(_last_error(output), code=code)
 
 
+class PodRuntime:
+    """Runs the collaborator as a Pod on the envoy's own node, requesting the plan's GPUs,
+    and watches it to its end. A Pod that fails, or stays unschedulable past
+    `unschedulable_after_s`, fails the experiment with the reason."""
+
+    POLL_S = 0.5
+
+    def __init__(self, config: EnvoyConfig, *, core_api: Any | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        settings = config.pod
+        env = os.environ
+        namespace = settings.namespace or env.get("POD_NAMESPACE")
+        node = settings.node_name or env.get("NODE_NAME")
+        image = settings.image or env.get("FEDKUBE_IMAGE")
+        if not (namespace and node and image):
+            raise ValueError("the pod runtime needs a namespace, node name and image (pod: "
+                             "settings, or POD_NAMESPACE, NODE_NAME, FEDKUBE_IMAGE)")
+        self.settings = settings
+        self.placement = PodPlacement(
+            namespace=namespace, node_name=node, image=image, director=config.director,
+            loader=config.shard.loader,
+            options={k: str(v) for k, v in config.shard.options.items()},
+            tls_secret=settings.tls_secret, owner_pod=settings.owner_pod or env.get("POD_NAME"),
+            owner_uid=settings.owner_uid or env.get("POD_UID"))
+        self._core = core_api
+        self.clock = clock
+
+    @property
+    def core(self) -> Any:
+        if self._core is None:
+            from kubernetes import client, config
+
+            try:
+                config.load_incluster_config()  # type: ignore[no-untyped-call]
+            except config.ConfigException:
+                config.load_kube_config()  # type: ignore[no-untyped-call]
+            self._core = client.CoreV1Api()
+        return self._core
+
+    async def run(self, job: CollaboratorJob) -> None:
+        manifest = build_collaborator_pod(job, self.placement)
+        name, namespace = manifest["metadata"]["name"], self.placement.namespace
+        await asyncio.to_thread(self.core.create_namespaced_pod, namespace, manifest)
+        log.info("experiment %s: collaborator pod %s created on %s (%d GPUs)", job.experiment,
+                 name, self.placement.node_name, job.gpus)
+        unschedulable_since: float | None = None
+        try:
+            while True:
+                pod = await asyncio.to_thread(self.core.read_namespaced_pod, name, namespace)
+                phase = pod.status.phase
+                if phase == "Succeeded":
+                    return
+                if phase == "Failed":
+                    raise CollaboratorFailed(f"collaborator pod {name} failed: "
+                                             f"{_pod_failure(pod)}")
+                scheduled = next((c for c in pod.status.conditions or []
+                                  if c.type == "PodScheduled"), None)
+                if scheduled is not None and scheduled.status == "False":
+                    unschedulable_since = unschedulable_since or self.clock()
+                    if self.clock() - unschedulable_since >= self.settings.unschedulable_after_s:
+                        raise CollaboratorFailed(
+                            f"collaborator pod {name} cannot be scheduled on "
+                            f"{self.placement.node_name}: {scheduled.message}")
+                else:
+                    unschedulable_since = None
+                await asyncio.sleep(self.POLL_S)
+        finally:
+            await asyncio.to_thread(_delete_quietly, self.core, name, namespace)
+
+
+def _pod_failure(pod: Any) -> str:
+    for status in pod.status.container_statuses or []:
+        terminated = status.state and status.state.terminated
+        if terminated:
+            return terminated.message or f"exit code {terminated.exit_code} ({terminated.reason})"
+    return pod.status.message or pod.status.reason or "unknown reason"
+
+
+def _delete_quietly(core: Any, name: str, namespace: str) -> None:
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        core.delete_namespaced_pod(name, namespace, grace_period_seconds=0)
+    except ApiException as exc:
+        if exc.status != 404:
+            log.warning("could not delete collaborator pod %s: %s", name, exc.reason)
+
+
 def make_runtime(config: EnvoyConfig) -> Runtime:
-    if config.runtime == "process":
-        return ProcessRuntime(config)
-    raise NotImplementedError("the pod runtime needs the Kubernetes integration (issue 5)")
+    if config.runtime == "pod":
+        return PodRuntime(config)
+    return ProcessRuntime(config)

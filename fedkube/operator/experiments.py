@@ -21,7 +21,8 @@ def build_plan(spec: ExperimentSpec) -> Plan:
     return Plan(task=spec.task, params=dict(spec.params), rounds=spec.rounds,
                 min_collaborators=spec.min_collaborators,
                 round_timeout_s=float(spec.round_timeout_seconds), metric=spec.metric,
-                higher_is_better=spec.higher_is_better)
+                higher_is_better=spec.higher_is_better,
+                gpus_per_collaborator=spec.gpus_per_collaborator)
 
 
 @dataclass

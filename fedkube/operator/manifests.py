@@ -136,6 +136,8 @@ def build_envoy_config(federation: str, namespace: str, spec: FederationSpec,
             "name": shard_name, "director": service_endpoint(federation, namespace),
             "shard": {"loader": shard.loader, "options": shard.options},
             "runtime": "pod", "work_dir": f"{DATA_DIR}/work",
+            "pod": ({} if spec.tls == "insecure" else
+                    {"tls_secret": names(federation)["envoy_tls"]}),
             "tls": ({"insecure": True} if spec.tls == "insecure" else
                     {"ca": f"{TLS_DIR}/ca.crt", "cert": f"{TLS_DIR}/tls.crt",
                      "key": f"{TLS_DIR}/tls.key"})}
@@ -175,7 +177,9 @@ def build_envoy_daemonset(name: str, namespace: str, spec: FederationSpec) -> Ma
                             {"name": "POD_UID",
                              "valueFrom": {"fieldRef": {"fieldPath": "metadata.uid"}}},
                             {"name": "POD_NAMESPACE",
-                             "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}],
+                             "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+                            # Collaborator Pods run the envoy's own image.
+                            {"name": "FEDKUBE_IMAGE", "value": spec.image}],
                         "securityContext": _RESTRICTED_CONTAINER,
                         "volumeMounts": [
                             {"name": "config", "mountPath": ENVOY_CONFIG_DIR, "readOnly": True},

@@ -1,0 +1,88 @@
+"""The collaborator Pod an envoy's pod runtime creates: a pure function of the job."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from fedkube.envoy_agent.runtime import CollaboratorJob
+
+GPU = "nvidia.com/gpu"
+TLS_DIR = "/etc/fedkube/tls"
+WORK_DIR = "/var/lib/fedkube/work"
+
+
+@dataclass(frozen=True)
+class PodPlacement:
+    namespace: str
+    node_name: str
+    image: str
+    director: str
+    loader: str
+    options: dict[str, str]
+    tls_secret: str | None = None
+    owner_pod: str | None = None
+    owner_uid: str | None = None
+
+
+def pod_name(job: CollaboratorJob) -> str:
+    raw = f"collab-{job.experiment}-{job.collaborator}".lower()
+    name = re.sub(r"[^a-z0-9-]+", "-", raw).strip("-")
+    return name[:63].rstrip("-")
+
+
+def build_collaborator_pod(job: CollaboratorJob, where: PodPlacement) -> dict[str, Any]:
+    tls = (["--insecure"] if where.tls_secret is None else
+           ["--ca", f"{TLS_DIR}/ca.crt", "--cert", f"{TLS_DIR}/tls.crt",
+            "--key", f"{TLS_DIR}/tls.key"])
+    options = [arg for key, value in sorted(where.options.items())
+               for arg in ("--shard-option", f"{key}={value}")]
+    container: dict[str, Any] = {
+        "name": "collaborator", "image": where.image, "command": ["fedkube"],
+        "args": ["--log-format", "json", "collaborator", "run", "--director", where.director,
+                 "--experiment", job.experiment, "--name", job.collaborator,
+                 "--work-dir", WORK_DIR, "--shard", where.loader, *options, *tls],
+        "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                            "runAsNonRoot": True, "capabilities": {"drop": ["ALL"]}},
+        "volumeMounts": [{"name": "work", "mountPath": WORK_DIR},
+                         {"name": "tmp", "mountPath": "/tmp"}],
+    }
+    if job.gpus:
+        container["resources"] = {"limits": {GPU: str(job.gpus)}}
+    volumes: list[dict[str, Any]] = [{"name": "work", "emptyDir": {}},
+                                     {"name": "tmp", "emptyDir": {}}]
+    if where.tls_secret:
+        container["volumeMounts"].append({"name": "tls", "mountPath": TLS_DIR,
+                                          "readOnly": True})
+        volumes.append({"name": "tls", "secret": {"secretName": where.tls_secret,
+                                                  "defaultMode": 0o400}})
+    metadata: dict[str, Any] = {
+        "name": pod_name(job), "namespace": where.namespace,
+        "labels": {"app.kubernetes.io/name": "fedkube",
+                   "app.kubernetes.io/component": "collaborator",
+                   "fedkube.io/collaborator": job.collaborator},
+        "annotations": {"fedkube.io/experiment": job.experiment},
+    }
+    if where.owner_pod and where.owner_uid:
+        # Owned by the envoy pod: if the envoy goes, its collaborators go too.
+        metadata["ownerReferences"] = [{"apiVersion": "v1", "kind": "Pod",
+                                        "name": where.owner_pod, "uid": where.owner_uid,
+                                        "controller": True, "blockOwnerDeletion": False}]
+    return {
+        "apiVersion": "v1", "kind": "Pod", "metadata": metadata,
+        "spec": {
+            "restartPolicy": "Never",
+            # Pinned through the scheduler (as DaemonSets do), not spec.nodeName, so a Pod
+            # asking for GPUs the node lacks stays Pending with the scheduler's reason.
+            "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [{"matchFields": [{
+                    "key": "metadata.name", "operator": "In", "values": [where.node_name]}]}]}}},
+            "tolerations": [{"key": GPU, "operator": "Exists", "effect": "NoSchedule"}],
+            "securityContext": {"runAsNonRoot": True, "runAsUser": 10001,
+                                "seccompProfile": {"type": "RuntimeDefault"}},
+            "automountServiceAccountToken": False,
+            "containers": [container],
+            "volumes": volumes,
+        },
+    }
