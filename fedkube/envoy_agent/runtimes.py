@@ -98,13 +98,11 @@ class PodRuntime:
     @property
     def core(self) -> Any:
         if self._core is None:
-            from kubernetes import client, config
+            from kubernetes import client
 
-            try:
-                config.load_incluster_config()  # type: ignore[no-untyped-call]
-            except config.ConfigException:
-                config.load_kube_config()  # type: ignore[no-untyped-call]
-            self._core = client.CoreV1Api()
+            from fedkube.kubeconfig import load_api_client
+
+            self._core = client.CoreV1Api(load_api_client())
         return self._core
 
     async def run(self, job: CollaboratorJob) -> None:

@@ -6,22 +6,19 @@ import base64
 import functools
 from typing import Any
 
-from kubernetes import client, config
+from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from kubernetes.dynamic import DynamicClient
 
 from fedkube.api.resources import GROUP, VERSION
+from fedkube.kubeconfig import load_api_client
 
 FIELD_MANAGER = "fedkube-operator"
 
 
 @functools.cache
 def api_client() -> client.ApiClient:
-    try:
-        config.load_incluster_config()  # type: ignore[no-untyped-call]
-    except config.ConfigException:
-        config.load_kube_config()  # type: ignore[no-untyped-call]
-    return client.ApiClient()
+    return load_api_client()
 
 
 @functools.cache

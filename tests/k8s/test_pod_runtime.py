@@ -26,12 +26,10 @@ def _runtime(cluster: ControlPlane, node: str, *, unschedulable_after_s: float =
                         pod=PodSettings(namespace="default", node_name=node,
                                         image="fedkube:test",
                                         unschedulable_after_s=unschedulable_after_s))
+    assert isinstance(make_runtime(envoy), PodRuntime)
     api = config.new_client_from_config(  # type: ignore[no-untyped-call]
         config_file=str(cluster.kubeconfig))
-    runtime = make_runtime(envoy)
-    assert isinstance(runtime, PodRuntime)
-    runtime._core = client.CoreV1Api(api)
-    return runtime
+    return PodRuntime(envoy, core_api=client.CoreV1Api(api))
 
 
 def _job(tmp_path: Path, gpus: int) -> CollaboratorJob:
