@@ -36,9 +36,10 @@ from fedkube.client import DirectorClient, experiment_archive
 from fedkube.local import director_process, free_port, port_open, wait_for
 from fedkube.proto import aggregator_pb2, aggregator_pb2_grpc, director_pb2, director_pb2_grpc
 from fedkube.transport import certs
-from fedkube.transport.limits import CHUNK_BYTES, GRPC_OPTIONS, SERVER_OPTIONS
+from fedkube.transport.channel import open_sync_channel
+from fedkube.transport.limits import CHUNK_BYTES, SERVER_OPTIONS
 from fedkube.transport.tensors import chunk_message, metric_tensors, to_named_tensor
-from fedkube.transport.tls import TLSFiles, channel_credentials, server_credentials
+from fedkube.transport.tls import TLSFiles, server_credentials
 
 MiB = 1 << 20
 UPLOAD, DOWNLOAD = "/bench.Raw/Upload", "/bench.Raw/Download"
@@ -104,10 +105,7 @@ def _tls(cert_dir: Path, name: str) -> TLSFiles:
 
 
 def _channel(port: int, tls: TLSFiles | None) -> grpc.Channel:
-    target = f"localhost:{port}"
-    if tls:
-        return grpc.secure_channel(target, channel_credentials(tls), options=GRPC_OPTIONS)
-    return grpc.insecure_channel(target, options=GRPC_OPTIONS)
+    return open_sync_channel(f"localhost:{port}", tls=tls)
 
 
 def raw_seconds(port: int, tls: TLSFiles | None, nbytes: int) -> tuple[float, float]:

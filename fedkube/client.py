@@ -14,17 +14,17 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-import grpc
 import numpy as np
 import numpy.typing as npt
 
 from fedkube.api.plan import Plan
 from fedkube.proto import base_pb2, director_pb2, director_pb2_grpc
 from fedkube.tasks.archive import build_archive, load_task
+from fedkube.transport.channel import open_sync_channel
 from fedkube.transport.identity import CLIENT_ID_HEADER
-from fedkube.transport.limits import CHUNK_BYTES, GRPC_OPTIONS
+from fedkube.transport.limits import CHUNK_BYTES
 from fedkube.transport.tensors import model_from_proto, model_pieces, model_to_proto
-from fedkube.transport.tls import TLSFiles, channel_credentials
+from fedkube.transport.tls import TLSFiles
 
 
 @dataclass(frozen=True)
@@ -91,11 +91,7 @@ class Metric:
 class DirectorClient:
     def __init__(self, target: str, *, tls: TLSFiles | None = None, client_id: str = "owner",
                  timeout: float = 30.0) -> None:
-        options = GRPC_OPTIONS
-        if tls is None:
-            self._channel = grpc.insecure_channel(target, options=options)
-        else:
-            self._channel = grpc.secure_channel(target, channel_credentials(tls), options=options)
+        self._channel = open_sync_channel(target, tls=tls)
         self._stub = director_pb2_grpc.DirectorStub(self._channel)  # type: ignore[no-untyped-call]
         self._metadata = ((CLIENT_ID_HEADER, client_id),)
         self.timeout = timeout

@@ -19,14 +19,15 @@ from fedkube.proto import aggregator_pb2, aggregator_pb2_grpc
 from fedkube.tasks.archive import read_plan, safe_extract
 from fedkube.tasks.models import Model, Task
 from fedkube.tasks.shard import ShardDescriptor
-from fedkube.transport.limits import CHUNK_BYTES, GRPC_OPTIONS
+from fedkube.transport.channel import open_sync_channel
+from fedkube.transport.limits import CHUNK_BYTES
 from fedkube.transport.tensors import (
     chunk_message,
     from_named_tensor,
     metric_tensors,
     to_named_tensor,
 )
-from fedkube.transport.tls import TLSFiles, channel_credentials
+from fedkube.transport.tls import TLSFiles
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -50,10 +51,8 @@ class Collaborator:
     tls: TLSFiles | None = None
 
     def __post_init__(self) -> None:
-        options = [*GRPC_OPTIONS, ("grpc.max_reconnect_backoff_ms", 2000)]
-        self._channel = (grpc.secure_channel(self.target, channel_credentials(self.tls),
-                                             options=options) if self.tls
-                         else grpc.insecure_channel(self.target, options=options))
+        self._channel = open_sync_channel(self.target, tls=self.tls,
+                                          options=[("grpc.max_reconnect_backoff_ms", 2000)])
         self._stub = aggregator_pb2_grpc.AggregatorStub(self._channel)  # type: ignore[no-untyped-call]
         self._header = aggregator_pb2.MessageHeader(sender=self.name, receiver="aggregator",
                                                     federation_uuid=self.experiment)
@@ -131,8 +130,7 @@ def fetch_archive(target: str, tls: TLSFiles | None, experiment: str, name: str,
     shared disk with its envoy)."""
     from fedkube.proto import director_pb2, director_pb2_grpc
 
-    channel = (grpc.secure_channel(target, channel_credentials(tls), options=GRPC_OPTIONS)
-               if tls else grpc.insecure_channel(target, options=GRPC_OPTIONS))
+    channel = open_sync_channel(target, tls=tls)
     try:
         stub = director_pb2_grpc.DirectorStub(channel)  # type: ignore[no-untyped-call]
         dest.parent.mkdir(parents=True, exist_ok=True)

@@ -63,3 +63,12 @@ def open_channel(target: str, *, tls: TLSFiles | None, client_id: str,
         return grpc.aio.insecure_channel(target, options=opts, interceptors=interceptors)
     return grpc.aio.secure_channel(target, channel_credentials(tls), options=opts,
                                    interceptors=interceptors)
+
+
+def open_sync_channel(target: str, *, tls: TLSFiles | None,
+                      options: list[tuple[str, Any]] | None = None) -> grpc.Channel:
+    """A blocking channel to host:port (clients, collaborators), with our limits."""
+    opts = [*GRPC_OPTIONS, *(options or [])]
+    if tls is None:
+        return grpc.insecure_channel(target, options=opts)
+    return grpc.secure_channel(target, channel_credentials(tls), options=opts)
