@@ -17,6 +17,13 @@ from pathlib import Path
 from typing import IO
 
 
+def exec_fedkube(python: str | Path, argv: Sequence[str], env: dict[str, str]) -> None:
+    """Replaces this process with `python -m fedkube.cli argv` (same output streams)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(python, [str(python), "-m", "fedkube.cli", *argv], env)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -33,7 +33,6 @@ def reexec_with_huge_pages(argv: Sequence[str]) -> None:
         return
     if "glibc.malloc.hugetlb" in os.environ.get("GLIBC_TUNABLES", ""):
         return
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, "-m", "fedkube.cli", *argv],
-              tuned_environment())
+    from fedkube.local import exec_fedkube
+
+    exec_fedkube(sys.executable, argv, tuned_environment())

@@ -70,10 +70,9 @@ def install_requirements(workspace: Path, venv_dir: Path) -> Path:
 
 def reexec_in(python: Path, venv_dir: Path, argv: list[str]) -> None:
     """Replaces this process with the collaborator running in the experiment's venv."""
-    env = {**os.environ, ACTIVE_VENV_ENV: str(venv_dir.resolve())}
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execve(python, [str(python), "-m", "fedkube.cli", *argv], env)
+    from fedkube.local import exec_fedkube
+
+    exec_fedkube(python, argv, {**os.environ, ACTIVE_VENV_ENV: str(venv_dir.resolve())})
 
 
 def in_venv(venv_dir: Path) -> bool:

@@ -30,19 +30,22 @@ def to_named_tensor(name: str, array: npt.ArrayLike, *, round_number: int = 0,
         data_bytes=values.tobytes())
 
 
-def shape_of(tensor: base_pb2.NamedTensor) -> tuple[int, ...]:
+def checked_shape(tensor: base_pb2.NamedTensor, nbytes: int) -> tuple[int, ...]:
+    """The tensor's declared shape (flat when it declares none), which nbytes of float32
+    must fill exactly. Takes the byte count so callers read `data_bytes` (a copy) once."""
     if not tensor.transformer_metadata:
-        return (len(tensor.data_bytes) // DTYPE.itemsize,)
-    return tuple(int(d) for d in tensor.transformer_metadata[0].int_list)
+        shape: tuple[int, ...] = (nbytes // DTYPE.itemsize,)
+    else:
+        shape = tuple(int(d) for d in tensor.transformer_metadata[0].int_list)
+    if nbytes != int(np.prod(shape, dtype=np.int64)) * DTYPE.itemsize:
+        raise TensorError(f"tensor {tensor.name!r}: {nbytes} bytes do not hold "
+                          f"float32 values of shape {shape}")
+    return shape
 
 
 def from_named_tensor(tensor: base_pb2.NamedTensor) -> npt.NDArray[np.float32]:
-    shape = shape_of(tensor)
-    expected = int(np.prod(shape, dtype=np.int64)) * DTYPE.itemsize
     data = tensor.data_bytes  # each access of a bytes field copies it: once only
-    if len(data) != expected:
-        raise TensorError(f"tensor {tensor.name!r}: {len(data)} bytes do not hold "
-                          f"float32 values of shape {shape}")
+    shape = checked_shape(tensor, len(data))  # before frombuffer, which would raise first
     return np.frombuffer(data, dtype=DTYPE).reshape(shape)
 
 
@@ -105,10 +108,10 @@ class ModelAssembler:
         """The joined model; TensorError when a tensor's bytes and shape disagree."""
         joined = base_pb2.ModelProto()
         for head, parts in self._tensors.values():
+            checked_shape(head, sum(len(part) for part in parts))
             tensor = joined.tensors.add()
             tensor.CopyFrom(head)
             tensor.data_bytes = b"".join(parts)
-            from_named_tensor(tensor)
         return joined
 
 
