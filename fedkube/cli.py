@@ -332,8 +332,9 @@ def cmd_operator_run(args: argparse.Namespace) -> int:
 def cmd_crds(args: argparse.Namespace) -> int:
     from fedkube.api.crds import write_crds
 
-    for path in write_crds(args.out):
-        print(path)
+    for directory in args.out or [Path("crds")]:
+        for path in write_crds(directory):
+            print(path)
     return 0
 
 
@@ -472,7 +473,8 @@ def build_parser() -> argparse.ArgumentParser:
     run_op.set_defaults(func=cmd_operator_run)
 
     crds = commands.add_parser("crds", help="write the CustomResourceDefinitions (YAML)")
-    crds.add_argument("--out", type=Path, default=Path("crds"))
+    crds.add_argument("--out", type=Path, action="append",
+                      help="directory to write (repeatable; default: crds)")
     crds.set_defaults(func=cmd_crds)
 
     certs = commands.add_parser("certs", help="create a CA and mTLS certificates")

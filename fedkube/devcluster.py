@@ -221,6 +221,10 @@ class ControlPlane:
                                *args], input=input, capture_output=True, text=True, check=check,
                               timeout=120)
 
+    def helm(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(self.bin_dir / "helm"), f"--kubeconfig={self.kubeconfig}",
+                               *args], capture_output=True, text=True, check=check, timeout=300)
+
     def apply(self, manifests: list[dict[str, Any]]) -> None:
         self.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(manifests))
 

@@ -26,8 +26,10 @@ FED = FederationSpec(sample_shape=["8", "8"], target_shape=["1"])
 
 def test_generated_crds_are_current() -> None:
     """`make crds` (fedkube crds) must be rerun after changing fedkube/api/resources.py."""
-    for name, text in crd_files().items():
-        assert (ROOT / "crds" / name).read_text() == text, f"crds/{name} is stale: make crds"
+    for directory in ("crds", "charts/fedkube/crds"):
+        for name, text in crd_files().items():
+            assert (ROOT / directory / name).read_text() == text, \
+                f"{directory}/{name} is stale: make crds"
 
 
 def test_experiment_crd_schema() -> None:

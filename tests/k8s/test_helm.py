@@ -1,0 +1,69 @@
+"""The Helm chart: lint, template, and an install on the real control plane whose operator
+Deployment becomes Available, with RBAC no wider than the operator needs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fedkube.devcluster import ControlPlane
+
+pytestmark = pytest.mark.k8s
+CHART = Path(__file__).resolve().parents[2] / "charts" / "fedkube"
+RELEASE, NAMESPACE = "fl", "fedkube-system"
+OPERATOR = f"system:serviceaccount:{NAMESPACE}:{RELEASE}-operator"
+
+
+def test_chart_lints_and_renders(cluster: ControlPlane) -> None:
+    lint = cluster.helm("lint", str(CHART), "--strict", check=False)
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+    assert "0 chart(s) failed" in lint.stdout
+    rendered = cluster.helm("template", RELEASE, str(CHART), "--namespace", NAMESPACE,
+                            "--set", "federation.enabled=true",
+                            "--set", "operator.watchNamespaces={team-a}").stdout
+    docs = {(d["kind"], d["metadata"]["name"]): d for d in yaml.safe_load_all(rendered) if d}
+    assert set(docs) == {("ServiceAccount", "fl-operator"), ("ClusterRole", "fl-operator"),
+                         ("ClusterRoleBinding", "fl-operator"), ("Deployment", "fl-operator"),
+                         ("Federation", "default")}
+    container = docs[("Deployment", "fl-operator")]["spec"]["template"]["spec"]["containers"][0]
+    assert container["args"][-2:] == ["--namespace", "team-a"]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert docs[("Federation", "default")]["spec"]["image"] == "ghcr.io/fedkube/fedkube:0.1.0"
+
+
+def test_install_creates_crds_and_an_available_operator(cluster: ControlPlane) -> None:
+    cluster.helm("install", RELEASE, str(CHART), "--namespace", NAMESPACE,
+                 "--create-namespace")
+    crds = json.loads(cluster.kubectl("get", "crd", "-o", "json").stdout)["items"]
+    assert {"federations.fedkube.io", "shards.fedkube.io", "experiments.fedkube.io"} <= {
+        c["metadata"]["name"] for c in crds}
+    cluster.kubectl("-n", NAMESPACE, "wait", "--for=condition=Available",
+                    f"deployment/{RELEASE}-operator", "--timeout=90s")
+
+
+@pytest.mark.parametrize(("verb", "resource", "allowed"), [
+    ("watch", "experiments.fedkube.io", True),
+    ("patch", "experiments.fedkube.io --subresource=status", True),
+    ("patch", "experiments.fedkube.io", True),
+    ("create", "deployments.apps", True),
+    ("create", "daemonsets.apps", True),
+    ("create", "secrets", True),
+    ("create", "events", True),
+    ("delete", "experiments.fedkube.io", False),
+    ("delete", "secrets", False),
+    ("list", "secrets", False),
+    ("delete", "deployments.apps", False),
+    ("create", "clusterroles.rbac.authorization.k8s.io", False),
+    ("create", "clusterrolebindings.rbac.authorization.k8s.io", False),
+    ("list", "nodes", False),
+    ("create", "pods --subresource=exec", False),
+    ("get", "pods --subresource=log", True),
+])
+def test_operator_rbac_is_least_privilege(cluster: ControlPlane, verb: str, resource: str,
+                                          allowed: bool) -> None:
+    result = cluster.kubectl("auth", "can-i", verb, *resource.split(), "--as", OPERATOR,
+                             "-n", "team-a", check=False)
+    assert result.stdout.strip() == ("yes" if allowed else "no"), (verb, resource, result)
