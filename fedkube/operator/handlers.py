@@ -188,12 +188,19 @@ def submit_experiment(name: str, namespace: str | None, spec: kopf.Spec, status:
     archive, model = experiment_archive(plan)
     with director:
         try:
-            collaborators = experiment.shards or sorted(e.name for e in director.envoys()
-                                                        if e.online)
+            registered = {e.name: e.online for e in director.envoys()}
+            collaborators = experiment.shards or sorted(n for n, on in registered.items() if on)
             if not collaborators:
                 _refuse(patch, status, body, "NoShardsOnline",
                         "no shard of the federation is online", generation)
                 raise kopf.TemporaryError("no shard online", delay=5)
+            # A listed shard whose envoy has not registered yet is worth waiting for (the
+            # director would refuse it outright).
+            unregistered = sorted(set(collaborators) - set(registered))
+            if unregistered:
+                message = f"waiting for shards to register with the director: {unregistered}"
+                _refuse(patch, status, body, "ShardsNotRegistered", message, generation)
+                raise kopf.TemporaryError(message, delay=min(30, 2 + 2 * retry))
             director.submit(director_name(namespace, name), archive,
                             collaborators=collaborators, initial_model=model)
         except grpc.RpcError as exc:

@@ -119,6 +119,24 @@ def test_experiment_of_a_missing_federation_says_so(operated: Operated) -> None:
     operated.kubectl("delete", "experiment", "orphan", "--wait=true", "--timeout=60s")
 
 
+def test_experiment_waits_for_unregistered_shards(operated: Operated) -> None:
+    operated.apply(_local_federation(operated))
+    early = examples("experiment.yaml")[0]
+    early["metadata"]["name"] = "early"
+    early["spec"].update(shards=["hospital-z"], minCollaborators=1)
+    operated.apply(early)
+
+    def waiting() -> bool:
+        conditions = operated.get("experiment", "early").get("status", {}).get(
+            "conditions", [])
+        return any(c["type"] == "Accepted" and c["status"] == "False"
+                   and c["reason"] == "ShardsNotRegistered" and "hospital-z" in c["message"]
+                   for c in conditions)
+
+    wait_for(waiting, timeout=60, message="Accepted=False ShardsNotRegistered")
+    operated.kubectl("delete", "experiment", "early", "--wait=true", "--timeout=60s")
+
+
 def test_federation_workloads_and_gpu_placement(operated: Operated) -> None:
     operated.apply(_local_federation(operated))
     wait_for(lambda: operated.kubectl("get", "daemonset", "digits-envoy",
