@@ -100,8 +100,9 @@ def run(nodes: int, experiments: int, work: Path) -> dict[str, float]:
             raise
         elapsed = time.perf_counter() - start
         cpu_after, peak_kib = _proc(pid)
-        envoy_pods = len(json.loads(plane.kubectl("-n", NAMESPACE, "get", "pods", "-o",
-                                                  "json").stdout)["items"])
+        envoy_pods = len(json.loads(plane.kubectl(
+            "-n", NAMESPACE, "get", "pods", "-l", "app.kubernetes.io/component=envoy",
+            "-o", "json").stdout)["items"])
         return {"nodes": nodes, "experiments": experiments, "envoy_pods": envoy_pods,
                 "apply_s": round(applied, 2), "all_accepted_s": round(elapsed, 2),
                 "operator_cpu_percent": round(100 * (cpu_after - cpu_before) / elapsed, 1),

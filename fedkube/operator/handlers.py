@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any
 
 import grpc
@@ -107,19 +108,49 @@ class FederationMissing(Exception):
     pass
 
 
-def director_for(namespace: str, federation: str) -> DirectorClient:
-    body = kube.get_custom("federations", namespace, federation)
-    if body is None:
+FederationIndex = kopf.Index[tuple[str, str], dict[str, Any]]
+INDEX = "federations"  # kopf passes the index below to handlers under its function name
+
+
+@kopf.index(GROUP, VERSION, "federations")
+def federations(namespace: str | None, name: str, spec: kopf.Spec, **_: Any
+                ) -> dict[tuple[str, str], dict[str, Any]]:
+    """Every Federation's spec in memory, kept current by kopf's watch: handlers look
+    them up here instead of asking the apiserver on each poll."""
+    return {(namespace or "default", name): dict(spec)}
+
+
+_clients: dict[tuple[str, str], tuple[tuple[str, str], DirectorClient]] = {}
+_clients_lock = threading.Lock()
+
+
+def director_for(namespace: str, federation: str, index: FederationIndex) -> DirectorClient:
+    """A client of the federation's director, kept open across polls and replaced when
+    the federation's endpoint or TLS mode changes."""
+    specs = index.get((namespace, federation))
+    spec = next(iter(specs), None) if specs else None
+    if spec is None:
         raise FederationMissing(f"Federation {federation!r} does not exist in {namespace!r}")
-    fed = FederationSpec.model_validate(body["spec"])
-    endpoint = director_endpoint(federation, namespace, fed)
+    fed = FederationSpec.model_validate(spec)
+    key, wanted = (namespace, federation), (director_endpoint(federation, namespace, fed),
+                                            fed.tls)
+    with _clients_lock:
+        cached = _clients.get(key)
+        if cached is not None and cached[0] == wanted:
+            return cached[1]
     tls = None
     if fed.tls == "mtls":
         secret = kube.read_secret(namespace, names(federation)["operator_tls"])
         if secret is None:
             raise kopf.TemporaryError(f"waiting for the certificates of {federation!r}", delay=5)
         tls = TLSFiles(ca=secret["ca.crt"], cert=secret["tls.crt"], key=secret["tls.key"])
-    return DirectorClient(endpoint, tls=tls, client_id=OPERATOR_IDENTITY, timeout=10)
+    client = DirectorClient(wanted[0], tls=tls, client_id=OPERATOR_IDENTITY, timeout=10)
+    with _clients_lock:
+        replaced = _clients.get(key)
+        _clients[key] = (wanted, client)
+    if replaced is not None:
+        replaced[1].close()
+    return client
 
 
 # -- Shard --------------------------------------------------------------------------------
@@ -139,12 +170,13 @@ def place_shard(spec: kopf.Spec, namespace: str | None, **_: Any) -> None:
 
 @kopf.timer(GROUP, VERSION, "shards", interval=SHARD_POLL_S, idle=0)
 def mirror_shard(name: str, namespace: str | None, spec: kopf.Spec, status: kopf.Status,
-                 meta: kopf.Meta, patch: kopf.Patch, **_: Any) -> None:
+                 meta: kopf.Meta, patch: kopf.Patch,
+                 **kwargs: Any) -> None:
     namespace = namespace or "default"
     shard = ShardSpec.model_validate(dict(spec))
     try:
-        with director_for(namespace, shard.federation) as director:
-            envoy = next((e for e in director.envoys() if e.name == name), None)
+        director = director_for(namespace, shard.federation, kwargs[INDEX])
+        envoy = next((e for e in director.envoys() if e.name == name), None)
     except FederationMissing as exc:
         patch.status["conditions"] = set_condition(
             list(status.get("conditions", [])), "Ready", False, "FederationNotFound", str(exc))
@@ -173,12 +205,12 @@ def _refuse(patch: kopf.Patch, status: kopf.Status, body: kopf.Body, reason: str
 @kopf.on.create(GROUP, VERSION, "experiments")
 def submit_experiment(name: str, namespace: str | None, spec: kopf.Spec, status: kopf.Status,
                       meta: kopf.Meta, body: kopf.Body, patch: kopf.Patch,
-                      retry: int, **_: Any) -> None:
+                      retry: int, **kwargs: Any) -> None:
     namespace = namespace or "default"
     experiment = ExperimentSpec.model_validate(dict(spec))
     generation = int(meta.get("generation", 0))
     try:
-        director = director_for(namespace, experiment.federation)
+        director = director_for(namespace, experiment.federation, kwargs[INDEX])
     except FederationMissing as exc:
         _refuse(patch, status, body, "FederationNotFound", str(exc), generation)
         raise kopf.TemporaryError(str(exc), delay=min(30, 2 + 2 * retry)) from exc
@@ -186,32 +218,31 @@ def submit_experiment(name: str, namespace: str | None, spec: kopf.Spec, status:
     from fedkube.client import experiment_archive
 
     archive, model = experiment_archive(plan)
-    with director:
-        try:
-            registered = {e.name: e.online for e in director.envoys()}
-            collaborators = experiment.shards or sorted(n for n, on in registered.items() if on)
-            if not collaborators:
-                _refuse(patch, status, body, "NoShardsOnline",
-                        "no shard of the federation is online", generation)
-                raise kopf.TemporaryError("no shard online", delay=5)
-            # A listed shard whose envoy has not registered yet is worth waiting for (the
-            # director would refuse it outright).
-            unregistered = sorted(set(collaborators) - set(registered))
-            if unregistered:
-                message = f"waiting for shards to register with the director: {unregistered}"
-                _refuse(patch, status, body, "ShardsNotRegistered", message, generation)
-                raise kopf.TemporaryError(message, delay=min(30, 2 + 2 * retry))
-            director.submit(director_name(namespace, name), archive,
-                            collaborators=collaborators, initial_model=model)
-        except grpc.RpcError as exc:
-            code, details = exc.code(), exc.details()  # type: ignore[attr-defined]
-            if code == grpc.StatusCode.ALREADY_EXISTS:
-                return  # submitted before an operator restart
-            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                _refuse(patch, status, body, "DirectorUnreachable", str(details), generation)
-                raise kopf.TemporaryError(str(details), delay=5) from exc
-            _refuse(patch, status, body, "Refused", str(details), generation)
-            raise kopf.PermanentError(str(details)) from exc
+    try:
+        registered = {e.name: e.online for e in director.envoys()}
+        collaborators = experiment.shards or sorted(n for n, on in registered.items() if on)
+        if not collaborators:
+            _refuse(patch, status, body, "NoShardsOnline",
+                    "no shard of the federation is online", generation)
+            raise kopf.TemporaryError("no shard online", delay=5)
+        # A listed shard whose envoy has not registered yet is worth waiting for (the
+        # director would refuse it outright).
+        unregistered = sorted(set(collaborators) - set(registered))
+        if unregistered:
+            message = f"waiting for shards to register with the director: {unregistered}"
+            _refuse(patch, status, body, "ShardsNotRegistered", message, generation)
+            raise kopf.TemporaryError(message, delay=min(30, 2 + 2 * retry))
+        director.submit(director_name(namespace, name), archive,
+                        collaborators=collaborators, initial_model=model)
+    except grpc.RpcError as exc:
+        code, details = exc.code(), exc.details()  # type: ignore[attr-defined]
+        if code == grpc.StatusCode.ALREADY_EXISTS:
+            return  # submitted before an operator restart
+        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            _refuse(patch, status, body, "DirectorUnreachable", str(details), generation)
+            raise kopf.TemporaryError(str(details), delay=5) from exc
+        _refuse(patch, status, body, "Refused", str(details), generation)
+        raise kopf.PermanentError(str(details)) from exc
     conditions = set_condition(list(status.get("conditions", [])), "Accepted", True,
                                "Submitted", f"submitted to the director with "
                                f"{len(collaborators)} collaborators", generation=generation)
@@ -231,12 +262,13 @@ def _following(status: kopf.Status, **_: Any) -> bool:
 
 @kopf.timer(GROUP, VERSION, "experiments", interval=EXPERIMENT_POLL_S, when=_following)
 def follow_experiment(name: str, namespace: str | None, spec: kopf.Spec, status: kopf.Status,
-                      meta: kopf.Meta, body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+                      meta: kopf.Meta, body: kopf.Body, patch: kopf.Patch,
+                      **kwargs: Any) -> None:
     namespace = namespace or "default"
     experiment = ExperimentSpec.model_validate(dict(spec))
     try:
-        with director_for(namespace, experiment.federation) as director:
-            report = director.status(director_name(namespace, name))
+        director = director_for(namespace, experiment.federation, kwargs[INDEX])
+        report = director.status(director_name(namespace, name))
     except (FederationMissing, grpc.RpcError) as exc:
         log.warning("experiment %s/%s: %s", namespace, name, exc)
         return
@@ -247,12 +279,13 @@ def follow_experiment(name: str, namespace: str | None, spec: kopf.Spec, status:
 
 
 @kopf.on.delete(GROUP, VERSION, "experiments")
-def remove_experiment(name: str, namespace: str | None, spec: kopf.Spec, **_: Any) -> None:
+def remove_experiment(name: str, namespace: str | None, spec: kopf.Spec, **kwargs: Any
+                      ) -> None:
     """The finalizer's work: the director forgets the experiment and its models."""
     namespace = namespace or "default"
     try:
-        with director_for(namespace, str(spec.get("federation", ""))) as director:
-            director.remove(director_name(namespace, name))
+        director = director_for(namespace, str(spec.get("federation", "")), kwargs[INDEX])
+        director.remove(director_name(namespace, name))
     except FederationMissing:
         return
     except grpc.RpcError as exc:
