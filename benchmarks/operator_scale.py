@@ -1,4 +1,5 @@
-"""Operator at scale on the KWOK cluster: N GPU nodes, then N Experiments applied at once;
+"""Operator at scale on the KWOK cluster: N GPU nodes, then N Experiments created at once
+(16 concurrent API clients);
 time until every one is `Accepted` (submitted to the director), and the operator's CPU
 and peak RSS meanwhile. The director and two envoys run as local processes.
 
@@ -43,6 +44,19 @@ def _experiments(count: int) -> list[dict[str, Any]]:
                       "shards": list(SHARDS)}} for i in range(count)]
 
 
+def _create_all(plane: ControlPlane, bodies: list[dict[str, Any]]) -> None:
+    """Creates the Experiments at once: 16 concurrent clients, as many users would."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from kubernetes import client, config
+
+    api = client.CustomObjectsApi(config.new_client_from_config(  # type: ignore[no-untyped-call]
+        config_file=str(plane.kubeconfig)))
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda body: api.create_namespaced_custom_object(
+            "fedkube.io", "v1alpha1", NAMESPACE, "experiments", body), bodies))
+
+
 def _accepted(plane: ControlPlane) -> int:
     items = json.loads(plane.kubectl("-n", NAMESPACE, "get", "experiments", "-o",
                                      "json").stdout)["items"]
@@ -80,16 +94,24 @@ def run(nodes: int, experiments: int, work: Path) -> dict[str, float]:
         wait_for(lambda: plane.kubectl("-n", NAMESPACE, "get", "daemonset", "digits-envoy",
                                        check=False).returncode == 0,
                  timeout=120, message="federation reconciled")
+        def envoys_ready() -> bool:
+            daemonset = json.loads(plane.kubectl("-n", NAMESPACE, "get", "daemonset",
+                                                 "digits-envoy", "-o", "json").stdout)
+            return bool(daemonset.get("status", {}).get("numberReady") == nodes)
+
+        wait_for(envoys_ready, timeout=300, interval=1,
+                 message=f"envoy pods ready on all {nodes} GPU nodes")
         wait_for(lambda: all(p.running for p in processes), timeout=1,
                  message="director, envoys and operator running")
         with DirectorClient(f"localhost:{port}", client_id="bench") as director:
             wait_for(lambda: sum(e.online for e in director.envoys()) == len(SHARDS),
                      timeout=60, message="both shards registered")
-        assert operator.popen is not None
-        pid = operator.popen.pid
+        assert operator.popen is not None and processes[0].popen is not None
+        pid, director_pid = operator.popen.pid, processes[0].popen.pid
         cpu_before, _ = _proc(pid)
+        director_before, _ = _proc(director_pid)
         start = time.perf_counter()
-        plane.apply(_experiments(experiments))
+        _create_all(plane, _experiments(experiments))
         applied = time.perf_counter() - start
         try:
             wait_for(lambda: _accepted(plane) == experiments, timeout=600, interval=0.5,
@@ -100,13 +122,16 @@ def run(nodes: int, experiments: int, work: Path) -> dict[str, float]:
             raise
         elapsed = time.perf_counter() - start
         cpu_after, peak_kib = _proc(pid)
+        director_after, _ = _proc(director_pid)
         envoy_pods = len(json.loads(plane.kubectl(
             "-n", NAMESPACE, "get", "pods", "-l", "app.kubernetes.io/component=envoy",
             "-o", "json").stdout)["items"])
         return {"nodes": nodes, "experiments": experiments, "envoy_pods": envoy_pods,
                 "apply_s": round(applied, 2), "all_accepted_s": round(elapsed, 2),
                 "operator_cpu_percent": round(100 * (cpu_after - cpu_before) / elapsed, 1),
-                "operator_peak_rss_mib": round(peak_kib / 1024, 1)}
+                "operator_peak_rss_mib": round(peak_kib / 1024, 1),
+                "director_cpu_percent": round(100 * (director_after - director_before)
+                                              / elapsed, 1)}
     finally:
         for process in processes:
             process.stop()
