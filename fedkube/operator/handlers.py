@@ -273,7 +273,9 @@ def follow_experiment(name: str, namespace: str | None, spec: kopf.Spec, status:
         log.warning("experiment %s/%s: %s", namespace, name, exc)
         return
     transition = build_status(dict(status), report, int(meta.get("generation", 0)))
-    patch.status.update(transition.status)
+    # Only what changed: a queued experiment polled every second patches nothing.
+    patch.status.update({key: value for key, value in transition.status.items()
+                         if status.get(key) != value})
     for kind, reason, message in transition.events:
         kopf.event(body, type=kind, reason=reason, message=message)
 
