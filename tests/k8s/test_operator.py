@@ -216,3 +216,45 @@ def test_experiment_runs_to_succeeded(operated: Operated) -> None:
     with DirectorClient(f"localhost:{operated.director_port}", client_id="fedkube-operator"
                         ) as client:
         assert f"{NAMESPACE}.digits-logreg" not in {e[0] for e in client.experiments()}
+
+
+def test_unschedulable_collaborator_pod_fails_the_experiment(operated: Operated,
+                                                              tmp_path: Path) -> None:
+    """The whole chain: an envoy with the pod runtime asks for 6 GPUs on a 4-GPU node; the
+    scheduler leaves the Pod Pending; the envoy reports the failure to the director; the
+    operator marks the Experiment Failed with the scheduler's reason."""
+    config = tmp_path / "envoy.yaml"
+    config.write_text(yaml.safe_dump({
+        "name": "hospital-c", "director": f"localhost:{operated.director_port}",
+        "shard": {"loader": "digits", "options": {"index": 0, "count": 2}},
+        "runtime": "pod", "work_dir": str(tmp_path / "work"), "tls": {"insecure": True},
+        "pod": {"namespace": NAMESPACE, "node_name": "gpu-node-2", "image": "fedkube:test",
+                "unschedulable_after_s": 2}}))
+    envoy = Process("hospital-c", ["envoy", "start", "--config", str(config)],
+                    tmp_path / "hospital-c.log",
+                    env={"KUBECONFIG": str(operated.cluster.kubeconfig)}).start()
+    try:
+        operated.apply(_local_federation(operated), {
+            "apiVersion": "fedkube.io/v1alpha1", "kind": "Shard",
+            "metadata": {"name": "hospital-c"},
+            "spec": {"federation": "digits", "nodeName": "gpu-node-2"}})
+        hungry = examples("experiment.yaml")[0]
+        hungry["metadata"]["name"] = "gpu-hungry"
+        hungry["spec"].update(shards=["hospital-c"], minCollaborators=1, rounds=1,
+                              gpusPerCollaborator=6)
+        operated.apply(hungry)
+        operated.kubectl("wait", "--for=condition=Failed", "experiment/gpu-hungry",
+                         "--timeout=120s")
+        status = operated.get("experiment", "gpu-hungry")["status"]
+        failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+        assert failed["reason"] == "CollaboratorFailed"
+        assert "cannot be scheduled on gpu-node-2" in failed["message"]
+        assert "Insufficient nvidia.com/gpu" in failed["message"]
+        assert status["phase"] == "Failed"
+        # The Pending Pod was cleaned up by its envoy.
+        wait_for(lambda: not operated.get("pods", "-l",
+                                          "fedkube.io/collaborator=hospital-c")["items"],
+                 timeout=60, message="collaborator pod deleted")
+    finally:
+        envoy.stop()
+        print(f"----- hospital-c -----\n{envoy.output()[-4000:]}")
