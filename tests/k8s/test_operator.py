@@ -174,7 +174,23 @@ def test_mtls_federation_gets_certificates(operated: Operated) -> None:
     director = operated.get("deployment", "secure-director")
     args = director["spec"]["template"]["spec"]["containers"][0]["args"]
     assert "--ca" in args and "--insecure" not in args
+    # A spec change rolls through to the Deployment...
+    operated.kubectl("patch", "federation", "secure", "--type=merge",
+                     "-p", '{"spec": {"healthCheckPeriodSeconds": 30}}')
+
+    def period() -> str:
+        container = operated.get("deployment", "secure-director")["spec"]["template"][
+            "spec"]["containers"][0]
+        return str(container["args"][container["args"].index("--health-check-period") + 1])
+
+    wait_for(lambda: period() == "30", timeout=60, message="new period in the Deployment")
+    # ...and deleting the Federation removes what it owns: owner references and the
+    # garbage collector, which may first spend up to 30 s discovering the new CRDs.
     operated.kubectl("delete", "federation", "secure", "--wait=true", "--timeout=60s")
+    wait_for(lambda: operated.kubectl("get", "deployment,daemonset,service", "-l",
+                                      "fedkube.io/federation=secure", "-o", "name"
+                                      ).stdout.strip() == "",
+             timeout=120, message="the federation's workloads garbage-collected")
 
 
 def test_experiment_runs_to_succeeded(operated: Operated) -> None:
