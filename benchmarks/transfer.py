@@ -1,9 +1,9 @@
 """Model transfer: fedkube's collaborator path against a raw gRPC byte stream, both on
 loopback to a server in another process, insecure and with mTLS.
 
-- fedkube upload: `SendLocalTaskResults` as our collaborator sends it (the TaskResults
-  message serialized, cut into 2 MiB DataStream chunks) to a real director, which
-  reassembles it into one buffer, checks it and adds it to the round's FedAvg.
+- fedkube upload: `SendLocalTaskResults` as our collaborator sends it (the array streamed
+  from memory in 2 MiB DataStream chunks) to a real director, which reassembles it into
+  one buffer, parses it in place, checks it and adds it to the round's FedAvg.
 - fedkube download: `GetAggregatedTensor` of the same tensor from that director.
 - raw gRPC: a client-streaming upload and a server-streaming download of the same number
   of bytes in 2 MiB messages, with identity (de)serializers: the transport's ceiling.
@@ -38,7 +38,7 @@ from fedkube.proto import aggregator_pb2, aggregator_pb2_grpc, director_pb2, dir
 from fedkube.transport import certs
 from fedkube.transport.channel import open_sync_channel
 from fedkube.transport.limits import CHUNK_BYTES, SERVER_OPTIONS
-from fedkube.transport.tensors import chunk_message, metric_tensors, to_named_tensor
+from fedkube.transport.tensors import chunk_segments, encode_task_results, metric_tensors
 from fedkube.transport.tls import TLSFiles, server_credentials
 
 MiB = 1 << 20
@@ -172,13 +172,13 @@ def fedkube_seconds(port: int, cert_dir: Path | None, mib: int) -> tuple[float, 
                 assert len(tensor.data_bytes) == n * 4
                 for task in tasks.tasks:
                     start = time.perf_counter()
-                    tensors = (list(metric_tensors({"accuracy": 0.0}, r)) if task.name == "validate"
-                               else [to_named_tensor("w", update, round_number=r)])
-                    results = aggregator_pb2.TaskResults(header=header, round_number=r,
-                                                         task_name=task.name, data_size=1,
-                                                         tensors=tensors)
-                    stub.SendLocalTaskResults(chunk_message(results.SerializeToString(),
-                                                            CHUNK_BYTES),
+                    validate = task.name == "validate"
+                    results = aggregator_pb2.TaskResults(
+                        header=header, round_number=r, task_name=task.name, data_size=1,
+                        tensors=list(metric_tensors({"accuracy": 0.0}, r)) if validate else [])
+                    # As the collaborator sends them: the array streamed from memory.
+                    segments = encode_task_results(results, [] if validate else [("w", update)])
+                    stub.SendLocalTaskResults(chunk_segments(segments, CHUNK_BYTES),
                                               metadata=metadata, timeout=600)
                     if task.name == "train" and collaborator == COLLABORATORS[0]:
                         ups.append(time.perf_counter() - start)

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fedkube.proto import base_pb2
 from fedkube.transport.tensors import (
@@ -42,3 +46,61 @@ def test_assembler_refuses_past_its_limit() -> None:
     with pytest.raises(OverflowError, match="exceeds 100 bytes"):
         assembler.add(base_pb2.ModelProto(tensors=[base_pb2.NamedTensor(
             name="w", data_bytes=bytes(104))]))
+
+
+@pytest.mark.parametrize("chunk_bytes", [7, 4096, 1 << 20])
+def test_encoded_results_are_the_bytes_protobuf_would_write(chunk_bytes: int) -> None:
+    """Model arrays streamed from memory give exactly TaskResults.SerializeToString()."""
+    from fedkube.proto import aggregator_pb2
+    from fedkube.transport.tensors import (
+        chunk_segments,
+        encode_task_results,
+        metric_tensors,
+        to_named_tensor,
+    )
+
+    arrays = [("w", np.arange(30_000, dtype=np.float32).reshape(300, 100)),
+              ("b", np.float32(2.5)), ("empty", np.zeros(0, np.float32))]
+    header = aggregator_pb2.MessageHeader(sender="env1", federation_uuid="exp")
+    small = list(metric_tensors({"loss": 0.25}, 3))
+    expected = aggregator_pb2.TaskResults(
+        header=header, round_number=3, task_name="train", data_size=10,
+        tensors=[*small, *(to_named_tensor(n, a, round_number=3) for n, a in arrays)])
+    results = aggregator_pb2.TaskResults(header=header, round_number=3, task_name="train",
+                                         data_size=10, tensors=small)
+    chunks = list(chunk_segments(encode_task_results(results, arrays), chunk_bytes))
+    assert all(c.size == len(c.npbytes) == chunk_bytes for c in chunks[:-1])
+    assert b"".join(c.npbytes for c in chunks) == expected.SerializeToString()
+
+
+@settings(max_examples=200, deadline=None)
+@given(sizes=st.lists(st.integers(0, 300), max_size=4), names=st.lists(st.text(max_size=8),
+                                                                       max_size=4),
+       round_number=st.integers(0, 2**31 - 1), task=st.text(max_size=20))
+def test_in_place_parse_matches_protobuf(sizes: list[int], names: list[str],
+                                         round_number: int, task: str) -> None:
+    from fedkube.proto import aggregator_pb2
+    from fedkube.transport.tensors import parse_task_results, to_named_tensor
+
+    tensors = [to_named_tensor(name, np.arange(size, dtype=np.float32), round_number=size)
+               for name, size in zip(names, sizes, strict=False)]
+    original = aggregator_pb2.TaskResults(
+        header=aggregator_pb2.MessageHeader(sender="s", federation_uuid="e"),
+        round_number=round_number, task_name=task, data_size=3, tensors=tensors)
+    wire = bytearray(original.SerializeToString())
+    message, payloads = parse_task_results(memoryview(wire))
+    assert [bytes(p) for p in payloads] == [t.data_bytes for t in original.tensors]
+    for tensor, payload in zip(message.tensors, payloads, strict=True):
+        tensor.data_bytes = bytes(payload)
+    assert message == original
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.binary(max_size=200))
+def test_in_place_parse_refuses_garbage_cleanly(data: bytes) -> None:
+    from google.protobuf.message import DecodeError
+
+    from fedkube.transport.tensors import parse_task_results
+
+    with contextlib.suppress(ValueError, DecodeError):
+        parse_task_results(memoryview(data))

@@ -13,7 +13,7 @@ import asyncio
 import json
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
@@ -220,7 +220,8 @@ class ExperimentAggregator:
                                                   round_number=self.round)
         return self._tensors[name]
 
-    def _check_results(self, sender: str, results: aggregator_pb2.TaskResults
+    def _check_results(self, sender: str, results: aggregator_pb2.TaskResults,
+                       payloads: Sequence[memoryview] | None = None
                        ) -> tuple[Model, dict[str, float]]:
         """Every check happens before any result touches the model."""
         self._check_sender(sender)
@@ -236,9 +237,9 @@ class ExperimentAggregator:
             raise InvalidArgumentError("data_size must be positive")
         update: Model = {}
         metrics: dict[str, float] = {}
-        for tensor in results.tensors:
+        for i, tensor in enumerate(results.tensors):
             try:
-                value = from_named_tensor(tensor)
+                value = from_named_tensor(tensor, None if payloads is None else payloads[i])
             except TensorError as exc:
                 raise InvalidArgumentError(str(exc)) from exc
             if not np.isfinite(value).all():
@@ -264,11 +265,12 @@ class ExperimentAggregator:
                                        f"{self.plan.metric!r}")
         return update, metrics
 
-    def _accept(self, sender: str, results: aggregator_pb2.TaskResults
+    def _accept(self, sender: str, results: aggregator_pb2.TaskResults,
+                payloads: Sequence[memoryview] | None = None
                 ) -> tuple[dict[str, float], float]:
         """The heavy part of taking a result (checks, the FedAvg update): thread-safe
         against the event loop while the receiving lock is held."""
-        update, metrics = self._check_results(sender, results)
+        update, metrics = self._check_results(sender, results, payloads)
         weight = float(results.data_size) if self.plan.weighting == "samples" else 1.0
         if results.task_name == TRAIN:
             self._fedavg.add(update, weight)
@@ -287,11 +289,14 @@ class ExperimentAggregator:
     def submit(self, sender: str, results: aggregator_pb2.TaskResults) -> None:
         self._accepted(sender, results, *self._accept(sender, results))
 
-    async def receive(self, sender: str, results: aggregator_pb2.TaskResults) -> None:
+    async def receive(self, sender: str, results: aggregator_pb2.TaskResults,
+                      payloads: Sequence[memoryview] | None = None) -> None:
         """submit() with the model-sized work in a thread, so a large model never stalls
-        the director's other calls (health checks, other experiments)."""
+        the director's other calls (health checks, other experiments). `payloads` are
+        the tensors' bytes when the message was parsed without them."""
         async with self._receiving:
-            metrics, weight = await asyncio.to_thread(self._accept, sender, results)
+            metrics, weight = await asyncio.to_thread(self._accept, sender, results,
+                                                      payloads)
             self._accepted(sender, results, metrics, weight)
 
 

@@ -77,13 +77,14 @@ class AggregatorService(aggregator_pb2_grpc.AggregatorServicer):
         try:
             async for chunk in request_iterator:
                 assembler.add(chunk)
-            results = assembler.parse()
+            results, payloads = assembler.parse()
         except OverflowError as exc:
             raise ResourceExhaustedError(str(exc)) from exc
         except (TensorError, ValueError, DecodeError) as exc:
             raise InvalidArgumentError(f"malformed task results: {exc}") from exc
         sender = self._sender(results.header, context)
-        await self.runner.aggregator(results.header.federation_uuid).receive(sender, results)
+        await self.runner.aggregator(results.header.federation_uuid).receive(
+            sender, results, payloads)
         return aggregator_pb2.SendLocalTaskResultsResponse(
             header=self._reply_header(results.header))
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import time
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -22,10 +23,10 @@ from fedkube.tasks.shard import ShardDescriptor
 from fedkube.transport.channel import open_sync_channel
 from fedkube.transport.limits import CHUNK_BYTES
 from fedkube.transport.tensors import (
-    chunk_message,
+    chunk_segments,
+    encode_task_results,
     from_named_tensor,
     metric_tensors,
-    to_named_tensor,
 )
 from fedkube.transport.tls import TLSFiles
 
@@ -77,13 +78,15 @@ class Collaborator:
             model[name] = from_named_tensor(response.tensor).copy()
         return model
 
-    def send(self, round_number: int, task: str, data_size: int, tensors: list[Any]) -> None:
+    def send(self, round_number: int, task: str, data_size: int, tensors: list[Any],
+             arrays: Sequence[tuple[str, Any]] = ()) -> None:
+        """Sends results: small tensors as messages, model arrays straight from memory."""
         results = aggregator_pb2.TaskResults(header=self._header, round_number=round_number,
                                              task_name=task, data_size=data_size,
                                              tensors=tensors)
-        payload = results.SerializeToString()
+        segments = encode_task_results(results, arrays)
         self._call(lambda _, timeout: self._stub.SendLocalTaskResults(
-            chunk_message(payload, CHUNK_BYTES), timeout=timeout), None)
+            chunk_segments(segments, CHUNK_BYTES), timeout=timeout), None)
 
     def run(self) -> int:
         """Works until the aggregator says quit; returns the number of rounds trained."""
@@ -112,9 +115,8 @@ class Collaborator:
                     seed = int(self.plan.params.get("seed", 0)) + 1000 * r
                     params = {**self.plan.params, "seed": seed + zlib.crc32(self.name.encode())}
                     updated, metrics = self.task.train(model, data, params)
-                    tensors = [to_named_tensor(n, v, round_number=r) for n, v in updated.items()]
-                    tensors += metric_tensors(metrics, r)
-                    self.send(r, "train", len(data[1]), tensors)
+                    self.send(r, "train", len(data[1]), list(metric_tensors(metrics, r)),
+                              arrays=list(updated.items()))
                     trained += 1
                 log.info("round %d: %s done", r, task.name,
                          extra={"experiment": self.experiment, "round": r,

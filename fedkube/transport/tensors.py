@@ -6,7 +6,7 @@ the values as little-endian float32; we do the same, so tensors read both ways.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -43,8 +43,12 @@ def checked_shape(tensor: base_pb2.NamedTensor, nbytes: int) -> tuple[int, ...]:
     return shape
 
 
-def from_named_tensor(tensor: base_pb2.NamedTensor) -> npt.NDArray[np.float32]:
-    data = tensor.data_bytes  # each access of a bytes field copies it: once only
+def from_named_tensor(tensor: base_pb2.NamedTensor, data: bytes | memoryview | None = None
+                      ) -> npt.NDArray[np.float32]:
+    """The tensor's values; `data` (a view of a received buffer) stands in for its
+    data_bytes when the wire parse kept them out of the message."""
+    if data is None:
+        data = tensor.data_bytes  # each access of a bytes field copies it: once only
     shape = checked_shape(tensor, len(data))  # before frombuffer, which would raise first
     return np.frombuffer(data, dtype=DTYPE).reshape(shape)
 
@@ -115,6 +119,130 @@ class ModelAssembler:
         return joined
 
 
+# Field numbers of the wire contract (protos/fedkube/proto): TaskResults.tensors and
+# NamedTensor.data_bytes, each the last field of its message.
+_TENSORS_FIELD, _DATA_FIELD = 5, 7
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _length_key(field: int) -> bytes:
+    return _varint(field << 3 | 2)
+
+
+def encode_task_results(results: aggregator_pb2.TaskResults,
+                        arrays: Sequence[tuple[str, npt.ArrayLike]]
+                        ) -> list[bytes | memoryview]:
+    """The wire bytes of `results` with the model tensors `arrays` appended, as segments
+    that reference each array's memory instead of copying it into a message: the same
+    bytes SerializeToString would give, without the three model-sized copies
+    (tobytes, the protobuf field, the serialized message)."""
+    segments: list[bytes | memoryview] = [results.SerializeToString()]
+    for name, array in arrays:
+        values = np.ascontiguousarray(array, dtype=DTYPE)
+        head = base_pb2.NamedTensor(
+            name=name, round_number=results.round_number, lossless=True,
+            transformer_metadata=[base_pb2.MetadataProto(int_list=list(values.shape))]
+        ).SerializeToString()
+        data = values.reshape(-1).data.cast("B")
+        # proto3 leaves an empty bytes field out; so do we, to stay byte-identical.
+        data_key = _length_key(_DATA_FIELD) + _varint(len(data)) if len(data) else b""
+        body = len(head) + len(data_key) + len(data)
+        segments += [_length_key(_TENSORS_FIELD) + _varint(body) + head + data_key, data]
+    return segments
+
+
+def chunk_segments(segments: Iterable[bytes | memoryview], chunk_bytes: int
+                   ) -> Iterator[base_pb2.DataStream]:
+    """Wire segments cut into DataStream chunks of chunk_bytes (the last one shorter)."""
+    pending = bytearray()
+    for segment in segments:
+        view = memoryview(segment).cast("B")
+        while view:
+            if not pending and len(view) >= chunk_bytes:  # a whole chunk: one copy
+                piece, view = bytes(view[:chunk_bytes]), view[chunk_bytes:]
+                yield base_pb2.DataStream(size=len(piece), npbytes=piece)
+                continue
+            take = min(chunk_bytes - len(pending), len(view))
+            pending += view[:take]
+            view = view[take:]
+            if len(pending) == chunk_bytes:
+                yield base_pb2.DataStream(size=len(pending), npbytes=bytes(pending))
+                pending.clear()
+    if pending:
+        yield base_pb2.DataStream(size=len(pending), npbytes=bytes(pending))
+
+
+def _read_varint(view: memoryview, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= len(view) or shift > 63:
+            raise ValueError("truncated or overlong varint")
+        byte = view[pos]
+        value |= (byte & 0x7F) << shift
+        pos, shift = pos + 1, shift + 7
+        if not byte & 0x80:
+            return value, pos
+
+
+def _field_end(view: memoryview, pos: int, wire_type: int) -> int:
+    """Where a field whose value starts at pos ends."""
+    if wire_type == 0:
+        return _read_varint(view, pos)[1]
+    if wire_type == 1:
+        end = pos + 8
+    elif wire_type == 5:
+        end = pos + 4
+    elif wire_type == 2:
+        length, pos = _read_varint(view, pos)
+        end = pos + length
+    else:
+        raise ValueError(f"unsupported wire type {wire_type}")
+    if end > len(view):
+        raise ValueError("field runs past the end of the message")
+    return end
+
+
+def _split_tensor(view: memoryview) -> tuple[base_pb2.NamedTensor, memoryview]:
+    """A NamedTensor parsed without its data_bytes, and those bytes as a view."""
+    rest, data, pos = bytearray(), view[:0], 0
+    while pos < len(view):
+        key, value_at = _read_varint(view, pos)
+        end = _field_end(view, value_at, key & 7)
+        if key >> 3 == _DATA_FIELD and key & 7 == 2:
+            data = view[_read_varint(view, value_at)[1]:end]
+        else:
+            rest += view[pos:end]
+        pos = end
+    return base_pb2.NamedTensor.FromString(bytes(rest)), data
+
+
+def parse_task_results(view: memoryview
+                       ) -> tuple[aggregator_pb2.TaskResults, list[memoryview]]:
+    """TaskResults parsed in place: the message without its tensors' data_bytes, and
+    those bytes as views of `view` (one per tensor, in order), so a model-sized result
+    is never copied after reassembly."""
+    rest, tensors, pos = bytearray(), [], 0
+    while pos < len(view):
+        key, value_at = _read_varint(view, pos)
+        end = _field_end(view, value_at, key & 7)
+        if key >> 3 == _TENSORS_FIELD and key & 7 == 2:
+            tensors.append(_split_tensor(view[_read_varint(view, value_at)[1]:end]))
+        else:
+            rest += view[pos:end]
+        pos = end
+    message = aggregator_pb2.TaskResults.FromString(bytes(rest))
+    message.tensors.extend(tensor for tensor, _ in tensors)
+    return message, [data for _, data in tensors]
+
+
 class ChunkAssembler:
     """Reassembles a chunked message into one buffer allocated up front (grown only if the
     sender sends more than expected): no re-concatenation, one copy per chunk."""
@@ -136,9 +264,10 @@ class ChunkAssembler:
         self._buffer[self._size:end] = data
         self._size = end
 
-    def parse(self) -> aggregator_pb2.TaskResults:
-        view = memoryview(self._buffer)[:self._size]  # parsed in place, not copied
-        return aggregator_pb2.TaskResults.FromString(view)  # type: ignore[arg-type]
+    def parse(self) -> tuple[aggregator_pb2.TaskResults, list[memoryview]]:
+        """The message and its tensors' bytes as views of this buffer (see
+        parse_task_results): keep the assembler while the views are in use."""
+        return parse_task_results(memoryview(self._buffer)[:self._size])
 
     def __len__(self) -> int:
         return self._size
