@@ -4,7 +4,8 @@ loopback to a server in another process, insecure and with mTLS.
 - fedkube upload: `SendLocalTaskResults` as our collaborator sends it (the array streamed
   from memory in 2 MiB DataStream chunks) to a real director, which reassembles it into
   one buffer, parses it in place, checks it and adds it to the round's FedAvg.
-- fedkube download: `GetAggregatedTensor` of the same tensor from that director.
+- fedkube download: `GetAggregatedTensor` of the same tensor from that director, read as
+  the collaborator reads it (parsed in place, one copy).
 - raw gRPC: a client-streaming upload and a server-streaming download of the same number
   of bytes in 2 MiB messages, with identity (de)serializers: the transport's ceiling.
 
@@ -36,9 +37,14 @@ from fedkube.client import DirectorClient, experiment_archive
 from fedkube.local import director_process, free_port, port_open, wait_for
 from fedkube.proto import aggregator_pb2, aggregator_pb2_grpc, director_pb2, director_pb2_grpc
 from fedkube.transport import certs
-from fedkube.transport.channel import open_sync_channel
+from fedkube.transport.channel import open_sync_channel, raw_tensor_call
 from fedkube.transport.limits import CHUNK_BYTES, SERVER_OPTIONS
-from fedkube.transport.tensors import chunk_segments, encode_task_results, metric_tensors
+from fedkube.transport.tensors import (
+    chunk_segments,
+    encode_task_results,
+    metric_tensors,
+    parse_tensor_response,
+)
 from fedkube.transport.tls import TLSFiles, server_credentials
 
 MiB = 1 << 20
@@ -159,17 +165,19 @@ def fedkube_seconds(port: int, cert_dir: Path | None, mib: int) -> tuple[float, 
         client.submit(name, archive, collaborators=list(COLLABORATORS), initial_model=initial)
         wait_for(lambda: client.status(name).status == "in_progress", timeout=60)
         for r in range(3):
-            for collaborator, (_, stub, header) in collaborators.items():
+            for collaborator, (channel, stub, header) in collaborators.items():
                 metadata = (("client_id", collaborator),)
                 tasks = stub.GetTasks(aggregator_pb2.GetTasksRequest(header=header),
                                       metadata=metadata, timeout=60)
                 assert tasks.round_number == r, tasks
                 start = time.perf_counter()
-                tensor = stub.GetAggregatedTensor(aggregator_pb2.GetAggregatedTensorRequest(
-                    header=header, tensor_name="w", round_number=r), metadata=metadata,
-                    timeout=600).tensor
+                # As the collaborator fetches it: parsed in place, copied once.
+                values = parse_tensor_response(raw_tensor_call(channel)(
+                    aggregator_pb2.GetAggregatedTensorRequest(
+                        header=header, tensor_name="w", round_number=r),
+                    metadata=metadata, timeout=600))[1].copy()
                 downs.append(time.perf_counter() - start)
-                assert len(tensor.data_bytes) == n * 4
+                assert values.size == n
                 for task in tasks.tasks:
                     start = time.perf_counter()
                     validate = task.name == "validate"

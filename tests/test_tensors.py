@@ -104,3 +104,21 @@ def test_in_place_parse_refuses_garbage_cleanly(data: bytes) -> None:
 
     with contextlib.suppress(ValueError, DecodeError):
         parse_task_results(memoryview(data))
+
+
+def test_tensor_reply_parsed_in_place() -> None:
+    from fedkube.proto import aggregator_pb2
+    from fedkube.transport.tensors import parse_tensor_response, to_named_tensor
+
+    values = np.arange(12, dtype=np.float32).reshape(3, 4)
+    reply = aggregator_pb2.GetAggregatedTensorResponse(
+        header=aggregator_pb2.MessageHeader(sender="aggregator", receiver="env1"),
+        round_number=4, tensor=to_named_tensor("w", values, round_number=4))
+    message, array = parse_tensor_response(reply.SerializeToString())
+    np.testing.assert_array_equal(array, values)
+    assert message.round_number == 4 and message.tensor.name == "w"
+    assert message.header.receiver == "env1" and message.tensor.data_bytes == b""
+    bad = aggregator_pb2.GetAggregatedTensorResponse(tensor=to_named_tensor("w", values))
+    bad.tensor.data_bytes = bad.tensor.data_bytes[:-4]
+    with pytest.raises(TensorError, match="44 bytes do not hold"):
+        parse_tensor_response(bad.SerializeToString())

@@ -20,13 +20,13 @@ from fedkube.proto import aggregator_pb2, aggregator_pb2_grpc
 from fedkube.tasks.archive import read_plan, safe_extract
 from fedkube.tasks.models import Model, Task
 from fedkube.tasks.shard import ShardDescriptor
-from fedkube.transport.channel import open_sync_channel
+from fedkube.transport.channel import open_sync_channel, raw_tensor_call
 from fedkube.transport.limits import CHUNK_BYTES
 from fedkube.transport.tensors import (
     chunk_segments,
     encode_task_results,
-    from_named_tensor,
     metric_tensors,
+    parse_tensor_response,
 )
 from fedkube.transport.tls import TLSFiles
 
@@ -55,6 +55,7 @@ class Collaborator:
         self._channel = open_sync_channel(self.target, tls=self.tls,
                                           options=[("grpc.max_reconnect_backoff_ms", 2000)])
         self._stub = aggregator_pb2_grpc.AggregatorStub(self._channel)  # type: ignore[no-untyped-call]
+        self._get_tensor = raw_tensor_call(self._channel)
         self._header = aggregator_pb2.MessageHeader(sender=self.name, receiver="aggregator",
                                                     federation_uuid=self.experiment)
         self._names = list(self.task.init_model(self.plan.params))
@@ -71,11 +72,10 @@ class Collaborator:
     def fetch_model(self, round_number: int) -> Model:
         model = {}
         for name in self._names:
-            response = self._call(self._stub.GetAggregatedTensor,
-                                  aggregator_pb2.GetAggregatedTensorRequest(
-                                      header=self._header, tensor_name=name,
-                                      round_number=round_number))
-            model[name] = from_named_tensor(response.tensor).copy()
+            reply = self._call(self._get_tensor, aggregator_pb2.GetAggregatedTensorRequest(
+                header=self._header, tensor_name=name, round_number=round_number))
+            # A view of the reply's bytes, copied once so tasks may change it in place.
+            model[name] = parse_tensor_response(reply)[1].copy()
         return model
 
     def send(self, round_number: int, task: str, data_size: int, tensors: list[Any],

@@ -72,3 +72,17 @@ def open_sync_channel(target: str, *, tls: TLSFiles | None,
     if tls is None:
         return grpc.insecure_channel(target, options=opts)
     return grpc.secure_channel(target, channel_credentials(tls), options=opts)
+
+
+GET_AGGREGATED_TENSOR = "/openfl.aggregator.Aggregator/GetAggregatedTensor"
+
+
+def raw_tensor_call(channel: grpc.Channel) -> grpc.UnaryUnaryMultiCallable[Any, bytes]:
+    """GetAggregatedTensor answering with the reply's wire bytes, for
+    tensors.parse_tensor_response: the tensor is read in place, not copied twice more."""
+    from fedkube.proto import aggregator_pb2
+
+    return channel.unary_unary(
+        GET_AGGREGATED_TENSOR,
+        request_serializer=aggregator_pb2.GetAggregatedTensorRequest.SerializeToString,
+        response_deserializer=None)

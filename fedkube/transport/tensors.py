@@ -120,8 +120,9 @@ class ModelAssembler:
 
 
 # Field numbers of the wire contract (protos/fedkube/proto): TaskResults.tensors and
-# NamedTensor.data_bytes, each the last field of its message.
+# NamedTensor.data_bytes, each the last field of its message, and the reply's tensor.
 _TENSORS_FIELD, _DATA_FIELD = 5, 7
+_RESPONSE_TENSOR_FIELD = 3  # GetAggregatedTensorResponse.tensor
 
 
 def _varint(value: int) -> bytes:
@@ -210,18 +211,26 @@ def _field_end(view: memoryview, pos: int, wire_type: int) -> int:
     return end
 
 
-def _split_tensor(view: memoryview) -> tuple[base_pb2.NamedTensor, memoryview]:
-    """A NamedTensor parsed without its data_bytes, and those bytes as a view."""
-    rest, data, pos = bytearray(), view[:0], 0
+def _take_field(view: memoryview, field: int) -> tuple[bytes, list[memoryview]]:
+    """The message in `view` split into its other fields' wire bytes and the values of
+    length-delimited `field` as views (no copy)."""
+    rest, taken, pos = bytearray(), [], 0
     while pos < len(view):
         key, value_at = _read_varint(view, pos)
         end = _field_end(view, value_at, key & 7)
-        if key >> 3 == _DATA_FIELD and key & 7 == 2:
-            data = view[_read_varint(view, value_at)[1]:end]
+        if key >> 3 == field and key & 7 == 2:
+            taken.append(view[_read_varint(view, value_at)[1]:end])
         else:
             rest += view[pos:end]
         pos = end
-    return base_pb2.NamedTensor.FromString(bytes(rest)), data
+    return bytes(rest), taken
+
+
+def _split_tensor(view: memoryview) -> tuple[base_pb2.NamedTensor, memoryview]:
+    """A NamedTensor parsed without its data_bytes, and those bytes as a view."""
+    rest, data = _take_field(view, _DATA_FIELD)
+    # A repeated scalar field: the last occurrence wins, as in protobuf.
+    return base_pb2.NamedTensor.FromString(rest), data[-1] if data else view[:0]
 
 
 def parse_task_results(view: memoryview
@@ -229,18 +238,25 @@ def parse_task_results(view: memoryview
     """TaskResults parsed in place: the message without its tensors' data_bytes, and
     those bytes as views of `view` (one per tensor, in order), so a model-sized result
     is never copied after reassembly."""
-    rest, tensors, pos = bytearray(), [], 0
-    while pos < len(view):
-        key, value_at = _read_varint(view, pos)
-        end = _field_end(view, value_at, key & 7)
-        if key >> 3 == _TENSORS_FIELD and key & 7 == 2:
-            tensors.append(_split_tensor(view[_read_varint(view, value_at)[1]:end]))
-        else:
-            rest += view[pos:end]
-        pos = end
-    message = aggregator_pb2.TaskResults.FromString(bytes(rest))
+    rest, parts = _take_field(view, _TENSORS_FIELD)
+    tensors = [_split_tensor(part) for part in parts]
+    message = aggregator_pb2.TaskResults.FromString(rest)
     message.tensors.extend(tensor for tensor, _ in tensors)
     return message, [data for _, data in tensors]
+
+
+def parse_tensor_response(data: bytes
+                          ) -> tuple[aggregator_pb2.GetAggregatedTensorResponse,
+                                     npt.NDArray[np.float32]]:
+    """A GetAggregatedTensor reply's wire bytes parsed in place: the message (its tensor
+    without data_bytes) and the values, a read-only view of `data`."""
+    rest, parts = _take_field(memoryview(data), _RESPONSE_TENSOR_FIELD)
+    message = aggregator_pb2.GetAggregatedTensorResponse.FromString(rest)
+    if not parts:
+        return message, from_named_tensor(message.tensor)
+    tensor, values = _split_tensor(parts[-1])
+    message.tensor.CopyFrom(tensor)
+    return message, from_named_tensor(tensor, values)
 
 
 class ChunkAssembler:
