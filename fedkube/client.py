@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+import grpc
 import numpy as np
 import numpy.typing as npt
 
@@ -73,6 +74,8 @@ class ExperimentStatus:
     error: str
     queue_position: int
     collaborators: list[str]
+    # Collaborators that missed a round's deadline at least once.
+    dropped: list[str] = field(default_factory=list)
 
     @property
     def done(self) -> bool:
@@ -167,13 +170,23 @@ class DirectorClient:
             total_rounds=experiment.total_rounds, metric=metric,
             last_metrics=figure("last-metric"), best_metrics=figure("best-metric"),
             error=extra.get("error", ""), queue_position=int(extra.get("queue-position", 0)),
-            collaborators=[c.name for c in experiment.collaborators])
+            collaborators=[c.name for c in experiment.collaborators],
+            dropped=[d for d in extra.get("dropped", "").split(",") if d])
 
     def wait(self, name: str, *, timeout: float = 3600, interval: float = 0.5,
              on_update: Callable[[ExperimentStatus], None] | None = None) -> ExperimentStatus:
+        """Polls the status until the experiment ends, riding out director restarts."""
         deadline = time.monotonic() + timeout
         while True:
-            status = self.status(name)
+            try:
+                status = self.status(name)
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.UNAVAILABLE:  # type: ignore[attr-defined]
+                    raise
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"director unreachable for {timeout}s") from exc
+                time.sleep(interval)
+                continue
             if on_update is not None:
                 on_update(status)
             if status.done:

@@ -131,7 +131,7 @@ def test_concurrent_experiments_and_queueing(federation: DirectorClient) -> None
         status.best_metrics["accuracy"], abs=1e-5)
     assert task.validate(last, val, {})["accuracy"] == pytest.approx(
         status.last_metrics["accuracy"], abs=1e-5)
-    aggregated = [m for m in client.metrics("left") if m.origin == "aggregator"]
+    aggregated = [m for m in client.metrics("left") if m.task == "aggregated_validate"]
     assert [m.round for m in aggregated] == [0, 1, 2, 3, 4]
 
 

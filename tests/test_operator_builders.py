@@ -136,6 +136,15 @@ def test_round_events_only_when_the_round_moves() -> None:
     assert [e[1] for e in moved.events] == ["RoundCompleted"]
 
 
+def test_a_dropped_collaborator_shows_in_status_with_one_warning() -> None:
+    running = build_status({}, _report("in_progress"), 1).status
+    dropped = build_status(running, _report("in_progress", dropped=["b"]), 1)
+    assert dropped.status["droppedCollaborators"] == ["b"]
+    assert [(e[0], e[1]) for e in dropped.events] == [("Warning", "CollaboratorDropped")]
+    assert "b" in dropped.events[0][2]
+    assert build_status(dropped.status, _report("in_progress", dropped=["b"]), 1).events == []
+
+
 def test_plan_from_spec() -> None:
     spec = ExperimentSpec.model_validate({"federation": "f", "task": "digits-mlp", "rounds": 3,
                                           "params": {"hidden": 8},

@@ -1,10 +1,13 @@
 """One experiment's rounds: tasks for collaborators, checked results, FedAvg, metrics.
 
 Round r (0-based) hands out the global model m_r; each collaborator validates it on its
-own data, trains from it, and sends both results. The round closes when every
+own data, trains from it, and sends both results. The round closes when every active
 collaborator has trained, or at the round timeout when a quorum has; m_{r+1} is the
 weighted average. After the last round, one validation-only round scores the final model.
 The best model is the global model with the best aggregated validation metric.
+
+A collaborator that misses a round's deadline is dropped: later rounds do not wait for it,
+and its late results are refused. It rejoins when it next asks for tasks.
 """
 
 from __future__ import annotations
@@ -36,6 +39,9 @@ log = logging.getLogger(__name__)
 TRAIN, VALIDATE = "train", "validate"
 AGGREGATOR = "aggregator"
 WAIT_SECONDS = 1
+# How long the collaborators of a (re)started experiment get to start up and ask for their
+# first tasks (process or Pod start, image pull, install_requirements) before it fails.
+STARTUP_TIMEOUT_S = 900.0
 
 
 @dataclass(frozen=True)
@@ -59,7 +65,8 @@ class Outcome(Protocol):
 class ExperimentAggregator:
     def __init__(self, *, name: str, plan: Plan, collaborators: list[str], initial: Model,
                  workdir: Path, outcome: Outcome, clock: Callable[[], float],
-                 start_round: int = 0, best_metric: float | None = None) -> None:
+                 start_round: int = 0, best_metric: float | None = None,
+                 dropouts: Sequence[str] = ()) -> None:
         """start_round > 0 resumes after a restart from the last aggregated model."""
         self.name, self.plan, self.collaborators = name, plan, list(collaborators)
         self.workdir, self.outcome, self.clock = workdir, outcome, clock
@@ -70,12 +77,34 @@ class ExperimentAggregator:
         self.error: str | None = None
         self.best_metric = best_metric
         self.events: list[MetricEvent] = []
+        self.dropped: set[str] = set()  # out now: missed a deadline, not back yet
+        self.dropouts: set[str] = set(dropouts)  # ever dropped, for the status
         self.changed = asyncio.Event()
+        if start_round > 0:
+            self._resume_metrics(start_round)
         # Held while a result is checked and added off the event loop; the loop skips
         # timeouts meanwhile so a round never closes under a half-added result.
         self._receiving = asyncio.Lock()
         self._tensors: dict[str, base_pb2.NamedTensor] = {}
         self._start_round()
+
+    def _resume_metrics(self, start_round: int) -> None:
+        """Keeps the metrics of the rounds closed before a restart (the half-done round
+        runs again) and the best score among them."""
+        path = self.workdir / "metrics.jsonl"
+        if path.exists():
+            events = [MetricEvent(**json.loads(line)) for line in path.read_text().splitlines()
+                      if line.strip()]
+            self.events = [e for e in events if e.round < start_round]
+            path.write_text("".join(json.dumps(asdict(e)) + "\n" for e in self.events))
+        scores = [e.value for e in self.events
+                  if e.origin == AGGREGATOR and e.task == "aggregated_validate"]
+        for value in scores:
+            if self._better(value):
+                self.best_metric = value
+        log.info("experiment %s resumes at round %d (best %s so far: %s)", self.name,
+                 start_round, self.plan.metric, self.best_metric,
+                 extra={"experiment": self.name, "round": start_round})
 
     # -- round bookkeeping --------------------------------------------------------------
 
@@ -84,7 +113,10 @@ class ExperimentAggregator:
         self._fedavg = StreamingFedAvg(self.model)
         self._trained: set[str] = set()
         self._validated: dict[str, tuple[float, float]] = {}  # collaborator -> (metric, weight)
-        self._round_started = self.clock()
+        self._round_opened = self.clock()
+        # The round's clock starts when a collaborator first picks it up, so collaborator
+        # start-up never counts against the round timeout.
+        self._round_started: float | None = None
 
     @property
     def final_validation(self) -> bool:
@@ -126,26 +158,35 @@ class ExperimentAggregator:
         tmp.write_bytes(model_to_proto(model, self.round).SerializeToString())
         tmp.replace(self.workdir / filename)
 
+    def active(self) -> set[str]:
+        return set(self.collaborators) - self.dropped
+
+    def _drop(self, missing: set[str]) -> None:
+        if missing:
+            self.dropped |= missing
+            self.dropouts |= missing
+            log.warning("experiment %s round %d closed without %s; dropped until they ask "
+                        "for tasks again", self.name, self.round, sorted(missing),
+                        extra={"experiment": self.name, "round": self.round})
+
     def _close_round(self) -> None:
         score = self._score_round()
-        missing = sorted(set(self.collaborators) - self._trained)
-        if missing:
-            log.warning("experiment %s round %d closed without %s", self.name, self.round,
-                        missing, extra={"experiment": self.name, "round": self.round})
+        self._record(MetricEvent(AGGREGATOR, "train", "collaborators",
+                                 float(len(self._trained)), self.round))
         self.model = self._fedavg.result()
         self.round += 1
         self._save("last.pb", self.model)
         self.outcome.round_closed(self.name, round_number=self.round,
                                   total_rounds=self.plan.rounds,
-                                  summary=self._summary(score, missing))
+                                  summary=self._summary(score))
         self._start_round()
 
-    def _summary(self, score: float | None, missing: list[str]) -> dict[str, str]:
+    def _summary(self, score: float | None) -> dict[str, str]:
         summary = {"metric": self.plan.metric,
                    "best_metric": "" if self.best_metric is None else f"{self.best_metric:.6g}",
                    "last_metric": "" if score is None else f"{score:.6g}"}
-        if missing:
-            summary["dropped"] = ",".join(missing)
+        if self.dropouts:
+            summary["dropped"] = ",".join(sorted(self.dropouts))
         return summary
 
     def _finish(self, error: str | None = None) -> None:
@@ -156,26 +197,34 @@ class ExperimentAggregator:
             score = self._score_round()
             self.outcome.round_closed(self.name, round_number=self.round,
                                       total_rounds=self.plan.rounds,
-                                      summary=self._summary(score, []))
+                                      summary=self._summary(score))
         self.outcome.experiment_done(self.name, error=error)
         changed, self.changed = self.changed, asyncio.Event()
         changed.set()
 
     def _advance(self) -> None:
-        everyone = set(self.collaborators)
+        active = self.active()
         if self.final_validation:
-            if set(self._validated) == everyone:
+            if self._validated and active <= set(self._validated):
                 self._finish()
-        elif self._trained == everyone:
+        elif self._trained and active <= self._trained:
             self._close_round()
 
     def tick(self) -> None:
         """Closes a round that ran past its timeout on quorum, or fails the experiment."""
-        if (self.done or self._receiving.locked()
-                or self.clock() - self._round_started < self.plan.round_timeout_s):
+        if self.done or self._receiving.locked():
+            return
+        now = self.clock()
+        if self._round_started is None:
+            if now - self._round_opened >= STARTUP_TIMEOUT_S:
+                self._finish(f"no collaborator asked for round {self.round}'s tasks within "
+                             f"{STARTUP_TIMEOUT_S:g}s")
+            return
+        if now - self._round_started < self.plan.round_timeout_s:
             return
         have = set(self._validated) if self.final_validation else self._trained
         if len(have) >= self.quorum:
+            self._drop(self.active() - have)
             if self.final_validation:
                 self._finish()
             else:
@@ -197,9 +246,16 @@ class ExperimentAggregator:
 
     def get_tasks(self, sender: str) -> aggregator_pb2.GetTasksResponse:
         self._check_sender(sender)
+        if sender in self.dropped and not self.done:
+            self.dropped.discard(sender)
+            log.info("experiment %s: %s rejoins at round %d", self.name, sender, self.round,
+                     extra={"experiment": self.name, "round": self.round,
+                            "collaborator": sender})
         if self.done:
             return aggregator_pb2.GetTasksResponse(round_number=self.round, quit=True)
         tasks = self.tasks_for(sender)
+        if tasks and self._round_started is None:
+            self._round_started = self.clock()
         if not tasks:
             return aggregator_pb2.GetTasksResponse(round_number=self.round,
                                                    sleep_time=WAIT_SECONDS)

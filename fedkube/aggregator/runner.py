@@ -28,6 +28,10 @@ TICK_S = 0.25
 INITIAL_MODEL = "initial_model.pb"
 
 
+class ExperimentOver(InvalidArgumentError):
+    """A call for an experiment whose aggregator has finished."""
+
+
 class StartedExperiment(Protocol):
     @property
     def name(self) -> str: ...
@@ -60,6 +64,7 @@ class AggregatorRunner:
         self.outcome = outcome
         self.clock = clock
         self.aggregators: dict[str, ExperimentAggregator] = {}
+        self.ended: dict[str, frozenset[str]] = {}  # experiment -> its collaborators
         self._ticker: asyncio.Task[None] | None = None
 
     # -- ExperimentRunner protocol (called by the director) ------------------------------
@@ -77,22 +82,27 @@ class AggregatorRunner:
         archive = Path(experiment.archive_path)
         plan = read_plan(archive)
         last = archive.parent / "last.pb"
-        resume = experiment.current_round > 0 and last.exists()
-        model = (model_from_proto(base_pb2.ModelProto.FromString(last.read_bytes())) if resume
-                 else initial_model(plan, archive.parent))
+        start_round, model = 0, None
+        if experiment.current_round > 0 and last.exists():
+            # The last aggregated model names its round: trust it over the store, which a
+            # crash may have left one round behind.
+            proto = base_pb2.ModelProto.FromString(last.read_bytes())
+            model = model_from_proto(proto)
+            start_round = proto.tensors[0].round_number if proto.tensors else 0
+        if model is None:
+            model = initial_model(plan, archive.parent)
+        dropouts = experiment.extra.get("dropped", "")
         aggregator = ExperimentAggregator(
             name=experiment.name, plan=plan, collaborators=list(experiment.collaborators),
             initial=model, workdir=archive.parent, outcome=self.outcome, clock=self.clock,
-            start_round=experiment.current_round if resume else 0,
-            best_metric=float(experiment.extra["best_metric"])
-            if resume and experiment.extra.get("best_metric") else None)
+            start_round=start_round, dropouts=dropouts.split(",") if dropouts else ())
         self.aggregators[experiment.name] = aggregator
         self._ensure_ticker()
         log.info("aggregator for %s: %d rounds over %s", experiment.name, plan.rounds,
                  list(experiment.collaborators), extra={"experiment": experiment.name})
 
     def stop(self, name: str) -> None:
-        aggregator = self.aggregators.pop(name, None)
+        aggregator = self._retire(name)
         if aggregator is not None and not aggregator.done:
             aggregator.done = True
             changed, aggregator.changed = aggregator.changed, asyncio.Event()
@@ -114,16 +124,26 @@ class AggregatorRunner:
         for name, aggregator in list(self.aggregators.items()):
             aggregator.tick()
             if aggregator.done:
-                self.aggregators.pop(name, None)
+                self._retire(name)
+
+    def _retire(self, name: str) -> ExperimentAggregator | None:
+        aggregator = self.aggregators.pop(name, None)
+        if aggregator is not None:
+            self.ended[name] = frozenset(aggregator.collaborators)
+        return aggregator
 
     def aggregator(self, name: str) -> ExperimentAggregator:
         aggregator = self.aggregators.get(name)
         if aggregator is None:
+            if name in self.ended:
+                raise ExperimentOver(f"experiment {name!r} is over")
             raise NotFoundError(f"no running experiment {name!r}")
         return aggregator
 
-    def finished(self, name: str) -> None:
-        self.aggregators.pop(name, None)
+    def over_for(self, name: str, sender: str) -> bool:
+        """Whether sender collaborated on an experiment that has ended since this director
+        started (a late straggler is told to quit, not that the experiment is unknown)."""
+        return sender in self.ended.get(name, frozenset())
 
     # -- artefacts -----------------------------------------------------------------------
 

@@ -50,7 +50,11 @@ class AggregatorService(aggregator_pb2_grpc.AggregatorServicer):
     async def GetTasks(self, request: aggregator_pb2.GetTasksRequest,
                        context: Context) -> aggregator_pb2.GetTasksResponse:
         sender = self._sender(request.header, context)
-        response = self.runner.aggregator(request.header.federation_uuid).get_tasks(sender)
+        name = request.header.federation_uuid
+        if self.runner.over_for(name, sender) and name not in self.runner.aggregators:
+            response = aggregator_pb2.GetTasksResponse(quit=True)
+        else:
+            response = self.runner.aggregator(name).get_tasks(sender)
         response.header.CopyFrom(self._reply_header(request.header))
         return response
 

@@ -145,6 +145,9 @@ class ExperimentStatus(_Model):
     best_metric: float | None = None
     last_metric: float | None = None
     collaborators: list[Annotated[str, Field(max_length=253)]] = Field(default_factory=list)
+    dropped_collaborators: list[Annotated[str, Field(max_length=253)]] = Field(
+        default_factory=list,
+        description="collaborators that missed a round's deadline (the round closed on quorum)")
     queue_position: int = 0
     start_time: str | None = None
     completion_time: str | None = None

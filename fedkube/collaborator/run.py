@@ -104,23 +104,46 @@ class Collaborator:
                 time.sleep(POLL_S)
                 continue
             r = response.round_number
-            model = self.fetch_model(r)
-            for task in response.tasks:
-                if task.name == "validate":
-                    data = self.shard.get_dataset("val")
-                    metrics = self.task.validate(model, data, self.plan.params)
-                    self.send(r, "validate", len(data[1]), list(metric_tensors(metrics, r)))
-                elif task.name == "train":
-                    data = self.shard.get_dataset("train")
-                    seed = int(self.plan.params.get("seed", 0)) + 1000 * r
-                    params = {**self.plan.params, "seed": seed + zlib.crc32(self.name.encode())}
-                    updated, metrics = self.task.train(model, data, params)
-                    self.send(r, "train", len(data[1]), list(metric_tensors(metrics, r)),
-                              arrays=list(updated.items()))
-                    trained += 1
-                log.info("round %d: %s done", r, task.name,
-                         extra={"experiment": self.experiment, "round": r,
-                                "collaborator": self.name})
+            try:
+                trained += self._work(r, [task.name for task in response.tasks])
+            except grpc.RpcError as exc:
+                if not self._round_moved_on(r, exc):
+                    raise
+                log.warning("round %d closed without this collaborator (%s); moving on",
+                            r, exc.details(),  # type: ignore[attr-defined]
+                            extra={"experiment": self.experiment, "round": r,
+                                   "collaborator": self.name})
+
+    def _round_moved_on(self, r: int, exc: grpc.RpcError) -> bool:
+        """Whether a refusal means we were too late for round r (a straggler), which is
+        no failure: the next round goes on with us."""
+        if exc.code() != grpc.StatusCode.INVALID_ARGUMENT:  # type: ignore[attr-defined]
+            return False
+        response = self._call(self._stub.GetTasks,
+                              aggregator_pb2.GetTasksRequest(header=self._header))
+        return bool(response.quit or response.round_number != r)
+
+    def _work(self, r: int, tasks: list[str]) -> int:
+        """Runs one round's tasks; returns 1 if it trained."""
+        trained = 0
+        model = self.fetch_model(r)
+        for name in tasks:
+            if name == "validate":
+                data = self.shard.get_dataset("val")
+                metrics = self.task.validate(model, data, self.plan.params)
+                self.send(r, "validate", len(data[1]), list(metric_tensors(metrics, r)))
+            elif name == "train":
+                data = self.shard.get_dataset("train")
+                seed = int(self.plan.params.get("seed", 0)) + 1000 * r
+                params = {**self.plan.params, "seed": seed + zlib.crc32(self.name.encode())}
+                updated, metrics = self.task.train(model, data, params)
+                self.send(r, "train", len(data[1]), list(metric_tensors(metrics, r)),
+                          arrays=list(updated.items()))
+                trained += 1
+            log.info("round %d: %s done", r, name,
+                     extra={"experiment": self.experiment, "round": r,
+                            "collaborator": self.name})
+        return trained
 
     def close(self) -> None:
         self._channel.close()

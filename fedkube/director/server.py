@@ -46,9 +46,11 @@ class DirectorServer:
         self._flusher: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        await self.server.start()
+        # Aggregators first: a collaborator calling back right after a restart must find
+        # its experiment, resumed from the last closed round.
         for experiment in self.director.resumable():
             self.runner.start(experiment)
+        await self.server.start()
         self._flusher = asyncio.create_task(self._flush_loop())
         mode = "insecure" if self.config.tls.insecure else "mTLS"
         log.info("director listening on %s:%d (%s), data in %s", self.config.host, self.port,

@@ -52,9 +52,13 @@ def build_status(current: dict[str, Any], report: ExperimentStatus, generation: 
         "phase": phase, "round": report.round, "totalRounds": report.total_rounds,
         "progress": f"{report.round}/{report.total_rounds}", "metric": report.metric,
         "bestMetric": best, "lastMetric": last, "queuePosition": report.queue_position,
-        "observedGeneration": generation,
+        "observedGeneration": generation, "droppedCollaborators": report.dropped,
     }
     events: list[tuple[str, str, str]] = []
+    newly_dropped = sorted(set(report.dropped) - set(current.get("droppedCollaborators", [])))
+    if newly_dropped:
+        events.append(("Warning", "CollaboratorDropped",
+                       f"round closed on quorum without {', '.join(newly_dropped)}"))
 
     def cond(type_: str, value: bool | None, reason: str, message: str = "") -> None:
         nonlocal conditions
