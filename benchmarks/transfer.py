@@ -203,9 +203,10 @@ def run_mode(mode: str, sizes: list[int], work: Path) -> list[Result]:
         cert_dir = work / "certs"
         ca = certs.load_or_create_ca(cert_dir)
         certs.write_pair(cert_dir, "director", certs.issue(ca, "localhost",
-                                                           hosts=["127.0.0.1"]))
+                                                           hosts=["127.0.0.1"], role="director"))
         for user in ("owner", *COLLABORATORS):
-            certs.write_pair(cert_dir, user, certs.issue(ca, user))
+            certs.write_pair(cert_dir, user, certs.issue(
+                ca, user, role="owner" if user == "owner" else "envoy"))
     director_port, raw_port = free_port(), free_port()
     director = director_process(work / mode, director_port, period=60.0,
                                 cert_dir=cert_dir).start()

@@ -348,9 +348,12 @@ def cmd_certs(args: argparse.Namespace) -> int:
     if args.director:
         made.append(certs.write_pair(args.out, "director",
                                      certs.issue(ca, args.director,
-                                                 hosts=["localhost", "127.0.0.1", *args.san])))
-    for name in [*args.envoy, *args.user]:
-        made.append(certs.write_pair(args.out, name, certs.issue(ca, name)))
+                                                 hosts=["localhost", "127.0.0.1", *args.san],
+                                                 role="director")))
+    for role, names in (("envoy", args.envoy), ("owner", args.user), ("admin", args.admin),
+                        ("collaborator", args.collaborator)):
+        for name in names:
+            made.append(certs.write_pair(args.out, name, certs.issue(ca, name, role=role)))
     print(f"CA: {args.out / 'ca.crt'}")
     for cert, key in made:
         print(f"{cert}  {key}")
@@ -483,7 +486,12 @@ def build_parser() -> argparse.ArgumentParser:
     certs.add_argument("--san", action="append", default=[], help="extra director host names")
     certs.add_argument("--envoy", action="append", default=[], metavar="NAME")
     certs.add_argument("--user", action="append", default=[], metavar="NAME",
-                       help="a model owner's client certificate")
+                       help="a model owner's client certificate (sees its own experiments)")
+    certs.add_argument("--admin", action="append", default=[], metavar="NAME",
+                       help="an admin's client certificate (sees every experiment)")
+    certs.add_argument("--collaborator", action="append", default=[], metavar="NAME",
+                       help="a collaborator-only certificate for shard NAME (aggregator "
+                            "calls and the experiment archive, nothing else)")
     certs.set_defaults(func=cmd_certs)
 
     demo = commands.add_parser("demo", help="a whole federation on this machine")

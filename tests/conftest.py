@@ -38,12 +38,19 @@ class CertDir:
 
 @pytest.fixture(scope="session")
 def cert_dir(tmp_path_factory: pytest.TempPathFactory) -> CertDir:
-    """A CA with certificates for the director, envoys env1..env3 and users alice, bob."""
+    """A CA with certificates for the director, envoys env1..env3, owners alice and bob,
+    admin root, a collaborator-only certificate for env1 (collab1) and one with no role."""
     path = tmp_path_factory.mktemp("certs")
     ca = certs.load_or_create_ca(path)
-    certs.write_pair(path, "director", certs.issue(ca, "localhost", hosts=["127.0.0.1"]))
-    for name in ("env1", "env2", "env3", "alice", "bob"):
-        certs.write_pair(path, name, certs.issue(ca, name))
+    certs.write_pair(path, "director", certs.issue(ca, "localhost", hosts=["127.0.0.1"],
+                                                   role="director"))
+    for name in ("env1", "env2", "env3"):
+        certs.write_pair(path, name, certs.issue(ca, name, role="envoy"))
+    for name in ("alice", "bob"):
+        certs.write_pair(path, name, certs.issue(ca, name, role="owner"))
+    certs.write_pair(path, "root", certs.issue(ca, "root", role="admin"))
+    certs.write_pair(path, "collab1", certs.issue(ca, "env1", role="collaborator"))
+    certs.write_pair(path, "norole", certs.issue(ca, "env1"))
     return CertDir(path)
 
 
@@ -52,8 +59,8 @@ def rogue_cert_dir(tmp_path_factory: pytest.TempPathFactory) -> CertDir:
     """Certificates from another CA, for the same names."""
     path = tmp_path_factory.mktemp("rogue")
     ca = certs.load_or_create_ca(path)
-    for name in ("env1", "alice"):
-        certs.write_pair(path, name, certs.issue(ca, name))
+    for name, role in (("env1", "envoy"), ("alice", "owner")):
+        certs.write_pair(path, name, certs.issue(ca, name, role=role))
     return CertDir(path)
 
 

@@ -179,9 +179,9 @@ class Director:
             raise NotFoundError(f"no experiment named {name!r}")
         return experiment
 
-    def _owned(self, caller: str, name: str) -> ExperimentRecord:
+    def _owned(self, caller: str, name: str, admin: bool = False) -> ExperimentRecord:
         experiment = self.experiment(name)
-        if experiment.owner != caller:
+        if experiment.owner != caller and not admin:
             # Same answer as a missing experiment: do not reveal other owners' names.
             raise NotFoundError(f"no experiment named {name!r}")
         return experiment
@@ -340,14 +340,16 @@ class Director:
             name, ExperimentStatus.FAILED,
             f"collaborator {collaborator} failed (code {code}): {description}")
 
-    def get_experiments_list(self, caller: str) -> list[ExperimentRecord]:
-        return [e for e in self._experiments.values() if e.owner == caller]
+    def get_experiments_list(self, caller: str, admin: bool = False) -> list[ExperimentRecord]:
+        return [e for e in self._experiments.values() if admin or e.owner == caller]
 
-    def get_experiment_status(self, caller: str, name: str) -> ExperimentRecord:
-        return self._owned(caller, name)
+    def get_experiment_status(self, caller: str, name: str,
+                              admin: bool = False) -> ExperimentRecord:
+        """An owner sees its own experiments; an admin sees every one."""
+        return self._owned(caller, name, admin)
 
-    def remove_experiment_data(self, caller: str, name: str) -> None:
-        experiment = self._owned(caller, name)
+    def remove_experiment_data(self, caller: str, name: str, admin: bool = False) -> None:
+        experiment = self._owned(caller, name, admin)
         if experiment.status is ExperimentStatus.IN_PROGRESS:
             if self.runner is not None:
                 self.runner.stop(name)

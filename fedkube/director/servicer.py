@@ -21,6 +21,7 @@ from fedkube.director.store import ExperimentRecord
 from fedkube.proto import base_pb2, director_pb2, director_pb2_grpc
 from fedkube.transport.identity import REASON_HEADER, caller_identity
 from fedkube.transport.limits import CHUNK_BYTES, MAX_ARCHIVE_BYTES, MAX_MODEL_BYTES
+from fedkube.transport.roles import is_admin
 from fedkube.transport.status import Context, stream_errors, unary_errors
 from fedkube.transport.tensors import ModelAssembler, TensorError
 
@@ -49,6 +50,10 @@ class DirectorService(director_pb2_grpc.DirectorServicer):
 
     def _caller(self, context: Context) -> str:
         return caller_identity(context, tls=self.tls)
+
+    def _viewer(self, context: Context) -> tuple[str, bool]:
+        """The caller and whether it is an admin (who sees every owner's experiments)."""
+        return self._caller(context), is_admin(context, tls=self.tls)
 
     def _require_self(self, context: Context, claimed: str) -> None:
         """Under mTLS an envoy acts only for the shard named in its certificate."""
@@ -174,7 +179,7 @@ class DirectorService(director_pb2_grpc.DirectorServicer):
     async def GetExperimentsList(self, request: director_pb2.GetExperimentsListRequest,
                                  context: Context) -> director_pb2.GetExperimentsListResponse:
         items = []
-        for record in self.director.get_experiments_list(self._caller(context)):
+        for record in self.director.get_experiments_list(*self._viewer(context)):
             progress = record.current_round / record.total_rounds if record.total_rounds else 0.0
             items.append(director_pb2.ExperimentListItem(
                 name=record.name, status=record.status.value,
@@ -186,7 +191,8 @@ class DirectorService(director_pb2_grpc.DirectorServicer):
     async def GetExperimentDescription(
         self, request: director_pb2.GetExperimentDescriptionRequest, context: Context,
     ) -> director_pb2.GetExperimentDescriptionResponse:
-        record = self.director.get_experiment_status(self._caller(context), request.name)
+        caller, admin = self._viewer(context)
+        record = self.director.get_experiment_status(caller, request.name, admin)
         # What OpenFL's message has no field for travels as trailing metadata.
         extras = {"fedkube-error": record.error,
                   "fedkube-queue-position": str(self.director.queue_position(record.name)),
@@ -200,8 +206,8 @@ class DirectorService(director_pb2_grpc.DirectorServicer):
     @unary_errors
     async def GetExperimentStatus(self, request: director_pb2.GetExperimentStatusRequest,
                                   context: Context) -> director_pb2.GetExperimentStatusResponse:
-        record = self.director.get_experiment_status(self._caller(context),
-                                                     request.experiment_name)
+        caller, admin = self._viewer(context)
+        record = self.director.get_experiment_status(caller, request.experiment_name, admin)
         return director_pb2.GetExperimentStatusResponse(experiment_status=record.status.value)
 
     @unary_errors
@@ -214,8 +220,8 @@ class DirectorService(director_pb2_grpc.DirectorServicer):
     @unary_errors
     async def GetTrainedModel(self, request: director_pb2.GetTrainedModelRequest,
                               context: Context) -> director_pb2.TrainedModelResponse:
-        record = self.director.get_experiment_status(self._caller(context),
-                                                     request.experiment_name)
+        caller, admin = self._viewer(context)
+        record = self.director.get_experiment_status(caller, request.experiment_name, admin)
         best = request.model_type == director_pb2.GetTrainedModelRequest.BEST_MODEL
         model = AggregatorRunner.trained_model(self.director.experiment_dir(record.name),
                                                best=best)
@@ -225,8 +231,8 @@ class DirectorService(director_pb2_grpc.DirectorServicer):
     async def GetMetricStream(
         self, request: director_pb2.GetMetricStreamRequest, context: Context,
     ) -> AsyncIterator[director_pb2.GetMetricStreamResponse]:
-        record = self.director.get_experiment_status(self._caller(context),
-                                                     request.experiment_name)
+        caller, admin = self._viewer(context)
+        record = self.director.get_experiment_status(caller, request.experiment_name, admin)
         if not isinstance(self.director.runner, AggregatorRunner):
             raise FailedPreconditionError("this director runs no aggregators")
         async for event in self.director.runner.metrics(
@@ -238,7 +244,8 @@ class DirectorService(director_pb2_grpc.DirectorServicer):
     @unary_errors
     async def RemoveExperimentData(self, request: director_pb2.RemoveExperimentRequest,
                                    context: Context) -> director_pb2.RemoveExperimentResponse:
-        self.director.remove_experiment_data(self._caller(context), request.experiment_name)
+        caller, admin = self._viewer(context)
+        self.director.remove_experiment_data(caller, request.experiment_name, admin)
         return director_pb2.RemoveExperimentResponse(acknowledgement=True)
 
     @unary_errors

@@ -61,9 +61,9 @@ def _issue_secrets(name: str, namespace: str) -> None:
     wanted = {
         n["director_tls"]: certs.issue(ca, director_host, hosts=[
             director_host, f"{director_host}.{namespace}", f"{director_host}.{namespace}.svc",
-            "localhost", "127.0.0.1"]),
-        n["envoy_tls"]: certs.issue(ca, f"{name}-envoy"),
-        n["operator_tls"]: certs.issue(ca, OPERATOR_IDENTITY),
+            "localhost", "127.0.0.1"], role="director"),
+        n["envoy_tls"]: certs.issue(ca, f"{name}-envoy", role="envoy"),
+        n["operator_tls"]: certs.issue(ca, OPERATOR_IDENTITY, role="admin"),
     }
     for secret, pair in wanted.items():
         kube.create_if_absent(build_tls_secret(secret, namespace, name, ca_pem=ca.cert_pem,

@@ -1,7 +1,8 @@
 """A certificate authority and leaf certificates for mTLS, made with `cryptography`.
 
 The CN of a leaf is the identity the director sees: an envoy's certificate carries its
-shard name, a model owner's its user name, the director's its host name.
+shard name, a model owner's its user name, the director's its host name. The OU is the
+role (admin, owner, envoy, collaborator, director) that the director's role table checks.
 """
 
 from __future__ import annotations
@@ -53,16 +54,19 @@ def create_ca(common_name: str = "fedkube-ca") -> KeyPair:
 
 
 def issue(ca: KeyPair, common_name: str, *, hosts: list[str] | None = None,
-          organization: str | None = None) -> KeyPair:
+          organization: str | None = None, role: str | None = None) -> KeyPair:
     """A leaf certificate usable as both TLS server and client, with SANs for `hosts`.
 
-    `organization` becomes the subject's O (Kubernetes reads it as the user's group).
+    `organization` becomes the subject's O (Kubernetes reads it as the user's group);
+    `role` its OU, which the director's role table reads (fedkube.transport.roles).
     """
     ca_cert = x509.load_pem_x509_certificate(ca.cert_pem)
     ca_key = serialization.load_pem_private_key(ca.key_pem, password=None)
     assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
     key = ec.generate_private_key(ec.SECP256R1())
     subject = [x509.NameAttribute(NameOID.COMMON_NAME, common_name)]
+    if role:
+        subject.insert(0, x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, role))
     if organization:
         subject.insert(0, x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization))
     sans: list[x509.GeneralName] = []
