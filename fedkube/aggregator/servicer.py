@@ -21,7 +21,7 @@ from fedkube.api.errors import (
 )
 from fedkube.proto import aggregator_pb2, aggregator_pb2_grpc, base_pb2
 from fedkube.transport.identity import caller_identity
-from fedkube.transport.status import Context, unary_errors
+from fedkube.transport.status import Context, stream_errors, unary_errors
 from fedkube.transport.tensors import ChunkAssembler, TensorError
 
 # A result may carry metrics and headers beyond the model; nothing near 4x the model.
@@ -92,9 +92,10 @@ class AggregatorService(aggregator_pb2_grpc.AggregatorServicer):
         return aggregator_pb2.SendLocalTaskResultsResponse(
             header=self._reply_header(results.header))
 
-    @unary_errors
-    async def GetMetricStream(self, request: Any, context: Context) -> Any:
+    @stream_errors
+    async def GetMetricStream(self, request: Any, context: Context) -> AsyncIterator[Any]:
         raise FailedPreconditionError("stream metrics from the director (GetMetricStream)")
+        yield  # an async generator, as a server-streaming RPC must be
 
     @unary_errors
     async def GetTrainedModel(self, request: Any, context: Context) -> Any:

@@ -8,11 +8,16 @@ member count, member size and total size (against zip bombs).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import io
+import lzma
 import stat
+import struct
 import sys
 import zipfile
+import zlib
+from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
 import yaml
@@ -30,9 +35,29 @@ class ArchiveError(ValueError):
     """The archive is unsafe or incomplete; the message says which member and why."""
 
 
+# What zipfile and the decompressors raise on corrupt or hostile bytes (found by fuzzing:
+# a damaged extra field raises IndexError, a damaged stream zlib.error, and so on).
+_CORRUPT = (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, IndexError,
+            struct.error, ValueError, NotImplementedError, RuntimeError, zlib.error,
+            lzma.LZMAError, UnicodeDecodeError, OverflowError)
+
+
+@contextlib.contextmanager
+def _reading(what: str) -> Iterator[None]:
+    """Turns zipfile's many failures on bad bytes into one ArchiveError."""
+    try:
+        yield
+    except ArchiveError:
+        raise
+    except _CORRUPT as exc:
+        raise ArchiveError(f"{what}: {type(exc).__name__}: {exc}") from exc
+
+
 def _check_member(info: zipfile.ZipInfo) -> PurePosixPath:
     name = info.filename
     path = PurePosixPath(name)
+    if not path.parts or any(ord(c) < 32 for c in name):
+        raise ArchiveError(f"{name!r}: empty names and control characters are not allowed")
     if name.startswith(("/", "\\")) or path.is_absolute() or (len(name) > 1 and name[1] == ":"):
         raise ArchiveError(f"{name!r}: absolute paths are not allowed")
     if ".." in path.parts or "\\" in name:
@@ -46,10 +71,8 @@ def _check_member(info: zipfile.ZipInfo) -> PurePosixPath:
 
 
 def _open(archive: Path | bytes) -> zipfile.ZipFile:
-    try:
+    with _reading("not a readable zip archive"):
         return zipfile.ZipFile(io.BytesIO(archive) if isinstance(archive, bytes) else archive)
-    except (zipfile.BadZipFile, OSError) as exc:
-        raise ArchiveError(f"not a zip archive: {exc}") from exc
 
 
 def _check_members(source: zipfile.ZipFile) -> list[PurePosixPath]:
@@ -64,14 +87,14 @@ def _check_members(source: zipfile.ZipFile) -> list[PurePosixPath]:
 
 def check_archive(archive: Path | bytes) -> Plan:
     """Checks every member as safe_extract would, and returns the plan."""
-    with _open(archive) as source:
+    with _open(archive) as source, _reading("corrupt archive"):
         _check_members(source)
     return read_plan(archive)
 
 
 def safe_extract(archive: Path | bytes, dest: Path) -> list[Path]:
     """Extracts every member under dest after checking them all; returns the files."""
-    with _open(archive) as source:
+    with _open(archive) as source, _reading("cannot extract the archive"):
         members = source.infolist()
         paths = _check_members(source)
         written = []
@@ -97,14 +120,12 @@ def safe_extract(archive: Path | bytes, dest: Path) -> list[Path]:
 def read_plan(archive: Path | bytes) -> Plan:
     """The plan of an archive, without extracting anything else."""
     try:
-        with zipfile.ZipFile(io.BytesIO(archive) if isinstance(archive, bytes) else archive) as z:
+        with _open(archive) as z, _reading(f"cannot read {PLAN_FILE}"):
             info = z.getinfo(PLAN_FILE)
             _check_member(info)
             text = z.read(info).decode()
     except KeyError as exc:
         raise ArchiveError(f"the archive has no {PLAN_FILE}") from exc
-    except (zipfile.BadZipFile, OSError, UnicodeDecodeError) as exc:
-        raise ArchiveError(f"cannot read {PLAN_FILE}: {exc}") from exc
     try:
         return Plan.model_validate(yaml.safe_load(text) or {})
     except (ValidationError, yaml.YAMLError) as exc:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import enum
 import functools
-from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -89,61 +88,3 @@ def refusal(method: str, role: Role | None) -> str | None:
         return (f"role {role.value!r} may not call {method.rsplit('/', 1)[-1]} (allowed: "
                 f"{', '.join(sorted(r.value for r in allowed))})")
     return None
-
-
-class RoleInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
-    """Checks the role table before any handler runs (mTLS servers only)."""
-
-    async def intercept_service(
-        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
-        details: grpc.HandlerCallDetails,
-    ) -> Any:
-        handler = await continuation(details)
-        if handler is None:
-            return None
-        return _guarded(handler, details.method)  # type: ignore[attr-defined]
-
-
-async def _check(method: str, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-    reason = refusal(method, caller_role(context))
-    if reason is not None:
-        await context.abort(grpc.StatusCode.PERMISSION_DENIED, reason)
-
-
-def _guarded(handler: Any, method: str) -> Any:
-    """The same handler, with the role check in front of its behaviour."""
-    codec = {"request_deserializer": handler.request_deserializer,
-             "response_serializer": handler.response_serializer}
-    if handler.unary_unary is not None:
-        unary_unary = handler.unary_unary
-
-        async def guarded_unary_unary(request: Any, context: Any) -> Any:
-            await _check(method, context)
-            return await unary_unary(request, context)
-
-        return grpc.unary_unary_rpc_method_handler(guarded_unary_unary, **codec)
-    if handler.stream_unary is not None:
-        stream_unary = handler.stream_unary
-
-        async def guarded_stream_unary(requests: Any, context: Any) -> Any:
-            await _check(method, context)
-            return await stream_unary(requests, context)
-
-        return grpc.stream_unary_rpc_method_handler(guarded_stream_unary, **codec)
-    if handler.unary_stream is not None:
-        unary_stream = handler.unary_stream
-
-        async def guarded_unary_stream(request: Any, context: Any) -> AsyncIterator[Any]:
-            await _check(method, context)
-            async for item in unary_stream(request, context):
-                yield item
-
-        return grpc.unary_stream_rpc_method_handler(guarded_unary_stream, **codec)
-    stream_stream = handler.stream_stream
-
-    async def guarded_stream_stream(requests: Any, context: Any) -> AsyncIterator[Any]:
-        await _check(method, context)
-        async for item in stream_stream(requests, context):
-            yield item
-
-    return grpc.stream_stream_rpc_method_handler(guarded_stream_stream, **codec)
