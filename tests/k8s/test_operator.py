@@ -50,6 +50,11 @@ def operated(cluster: ControlPlane, tmp_path_factory: pytest.TempPathFactory
     cluster.kubectl("apply", "-f", str(ROOT / "crds"))
     cluster.kubectl("wait", "--for=condition=Established", "crd", "--all", "--timeout=60s")
     cluster.kubectl("create", "namespace", NAMESPACE)
+    # Pod Security "restricted" enforced: every Pod the operator and envoys make (director,
+    # envoys, collaborators) must be admitted under it, or the tests below find none.
+    cluster.kubectl("label", "namespace", NAMESPACE,
+                    "pod-security.kubernetes.io/enforce=restricted",
+                    "pod-security.kubernetes.io/enforce-version=latest")
     port = free_port()
     processes = [director_process(work, port, period=1.0).start()]
     for index, shard in enumerate(("hospital-a", "hospital-b")):
@@ -159,6 +164,41 @@ def test_federation_workloads_and_gpu_placement(operated: Operated) -> None:
              message="envoy pods running on the two GPU nodes only")
     federation = operated.get("federation", "digits")
     assert federation["status"]["directorEndpoint"] == f"localhost:{operated.director_port}"
+    # The director's Pod too was admitted in the restricted namespace.
+    wait_for(lambda: len(operated.get("pods", "-l", "app.kubernetes.io/component=director")[
+        "items"]) == 1, timeout=60, message="director pod admitted")
+    events = operated.kubectl("get", "events", "--field-selector", "reason=FailedCreate",
+                              "-o", "name").stdout
+    assert events.strip() == "", events
+
+
+ENVOY_ACCOUNT = "system:serviceaccount:fl-test:digits-envoy"
+
+
+@pytest.mark.parametrize(("verb", "resource", "allowed"), [
+    ("create", "pods", True),
+    ("delete", "pods", True),
+    ("watch", "pods", True),
+    ("get", "pods --subresource=log", True),
+    ("create", "pods --subresource=exec", False),
+    ("get", "secrets", False),
+    ("list", "secrets", False),
+    ("create", "deployments.apps", False),
+    ("patch", "experiments.fedkube.io", False),
+    ("get", "shards.fedkube.io", False),
+    ("list", "nodes", False),
+    ("create", "pods -n default", False),
+])
+def test_envoy_rbac_is_least_privilege(operated: Operated, verb: str, resource: str,
+                                       allowed: bool) -> None:
+    wait_for(lambda: operated.kubectl("get", "rolebinding", "digits-envoy",
+                                      check=False).returncode == 0,
+             timeout=60, message="envoy RBAC applied")
+    args = resource.split()
+    namespace = [] if "-n" in args else ["-n", NAMESPACE]
+    result = operated.cluster.kubectl("auth", "can-i", verb, *args, *namespace, "--as",
+                                      ENVOY_ACCOUNT, check=False)
+    assert result.stdout.strip() == ("yes" if allowed else "no"), (verb, resource, result)
 
 
 def test_mtls_federation_gets_certificates(operated: Operated) -> None:
@@ -171,6 +211,9 @@ def test_mtls_federation_gets_certificates(operated: Operated) -> None:
     for secret in ("secure-ca", "secure-director-tls", "secure-envoy-tls"):
         data = operated.get("secret", secret)["data"]
         assert set(data) == {"ca.crt", "tls.crt", "tls.key"}
+        # Secrets are never logged, neither as PEM nor as the base64 the API carries.
+        log = operated.operator.output()
+        assert data["tls.key"][:40] not in log and "PRIVATE KEY" not in log
     director = operated.get("deployment", "secure-director")
     args = director["spec"]["template"]["spec"]["containers"][0]["args"]
     assert "--ca" in args and "--insecure" not in args

@@ -17,13 +17,23 @@ from fedkube.envoy_agent.runtimes import PodRuntime, make_runtime
 from fedkube.local import wait_for
 
 pytestmark = pytest.mark.k8s
+# Collaborator Pods must pass Pod Security "restricted", so they run in such a namespace.
+NAMESPACE = "collab-restricted"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def restricted_namespace(cluster: ControlPlane) -> None:
+    cluster.kubectl("create", "namespace", NAMESPACE, check=False)
+    cluster.kubectl("label", "--overwrite", "namespace", NAMESPACE,
+                    "pod-security.kubernetes.io/enforce=restricted",
+                    "pod-security.kubernetes.io/enforce-version=latest")
 
 
 def _runtime(cluster: ControlPlane, node: str, *, unschedulable_after_s: float = 60.0
              ) -> PodRuntime:
     envoy = EnvoyConfig(name="hospital-b", director="digits-director.default.svc:50051",
                         tls=TLSSettings(insecure=True), runtime="pod",
-                        pod=PodSettings(namespace="default", node_name=node,
+                        pod=PodSettings(namespace=NAMESPACE, node_name=node,
                                         image="fedkube:test",
                                         unschedulable_after_s=unschedulable_after_s))
     assert isinstance(make_runtime(envoy), PodRuntime)
@@ -44,7 +54,8 @@ async def test_collaborator_pod_gets_its_gpus_on_the_envoys_node(
     task = asyncio.create_task(runtime.run(_job(tmp_path, gpus=2)))
 
     def pod() -> dict:  # type: ignore[type-arg]
-        out = cluster.kubectl("get", "pod", "collab-default-digits-hospital-b", "-o", "json",
+        out = cluster.kubectl("get", "pod", "collab-default-digits-hospital-b", "-n", NAMESPACE,
+                              "-o", "json",
                               check=False)
         return dict(json.loads(out.stdout)) if out.returncode == 0 else {}
 
