@@ -60,6 +60,7 @@ def director_config(args: argparse.Namespace) -> DirectorConfig:
         "host": args.host, "port": args.port, "data_dir": args.data_dir,
         "sample_shape": args.sample_shape, "target_shape": args.target_shape,
         "health_check_period": args.health_check_period, "tls": _tls_overrides(args),
+        "metrics_port": args.metrics_port,
     })
 
 
@@ -272,6 +273,19 @@ def _metrics(client: Any, args: argparse.Namespace) -> int:
     return 0
 
 
+def _plot(client: Any, args: argparse.Namespace) -> int:
+    from fedkube.plot import plot_metrics
+
+    metrics = client.metrics(args.name)
+    if not metrics:
+        print(f"experiment {args.name} has no metrics yet", file=sys.stderr)
+        return 1
+    plot_metrics(metrics, args.out)
+    print(f"metrics of {args.name} ({max(m.round for m in metrics) + 1} rounds) plotted "
+          f"to {args.out}")
+    return 0
+
+
 def _model(client: Any, args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -289,7 +303,7 @@ def _remove(client: Any, args: argparse.Namespace) -> int:
 
 EXPERIMENT_ACTIONS: dict[str, Callable[[Any, argparse.Namespace], int]] = {
     "submit": _submit, "list": _list, "status": _status, "wait": _wait, "metrics": _metrics,
-    "model": _model, "remove": _remove,
+    "model": _model, "plot": _plot, "remove": _remove,
 }
 
 
@@ -323,7 +337,8 @@ def cmd_dev_cluster_up(args: argparse.Namespace) -> int:
 def cmd_operator_run(args: argparse.Namespace) -> int:
     from fedkube.operator.run import run_operator
 
-    run_operator(args.namespace, liveness_port=args.liveness_port)
+    run_operator(args.namespace, liveness_port=args.liveness_port,
+                 metrics_port=args.metrics_port)
     return 0
 
 
@@ -387,6 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--sample-shape", type=_shape)
     start.add_argument("--target-shape", type=_shape)
     start.add_argument("--health-check-period", type=float, help="seconds")
+    start.add_argument("--metrics-port", type=int,
+                       help="serve Prometheus /metrics on this port (0: any free port)")
     start.add_argument("--config", type=Path, help="director.yaml")
     _tls_flags(start)
     start.set_defaults(func=cmd_director_start, moves_models=True)
@@ -438,6 +455,8 @@ def build_parser() -> argparse.ArgumentParser:
         if action in ("list", "status", "metrics"):
             sub.add_argument("--output", choices=["table", "json"], default="table")
         sub.set_defaults(func=cmd_experiment)
+    actions.choices["plot"].add_argument("--out", type=Path, required=True,
+                                         help="PNG file to write")
     submit = actions.choices["submit"]
     submit.add_argument("--task", help="digits-logreg, digits-mlp (default), or with --archive")
     submit.add_argument("--archive", type=Path, help="a Python module with init_model, "
@@ -473,6 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
     run_op.add_argument("--namespace", action="append", default=[],
                         help="watch only this namespace (repeatable; default: all)")
     run_op.add_argument("--liveness-port", type=int, help="serve /healthz on this port")
+    run_op.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics here")
     run_op.set_defaults(func=cmd_operator_run)
 
     crds = commands.add_parser("crds", help="write the CustomResourceDefinitions (YAML)")

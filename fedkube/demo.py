@@ -20,8 +20,9 @@ from rich.live import Live
 from rich.table import Table
 
 from fedkube.api.plan import Plan
-from fedkube.client import DirectorClient, EnvoyView, Metric, experiment_archive
+from fedkube.client import DirectorClient, EnvoyView, experiment_archive
 from fedkube.local import Process, director_process, envoy_process, free_port, wait_for
+from fedkube.plot import plot_metrics
 from fedkube.tasks import digits
 from fedkube.tasks.models import BUILTIN_TASKS
 from fedkube.ui import shards_table, wait_with_progress
@@ -48,33 +49,6 @@ def centralized_accuracy(rounds: int, envoys: int, non_iid: bool) -> float:
     for r in range(rounds):
         model, _ = task.train(model, data, {**PARAMS, "seed": r})
     return task.validate(model, digits.test_set(), PARAMS)["accuracy"]
-
-
-def plot_metrics(metrics: list[Metric], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    for origin in sorted({m.origin for m in metrics}):
-        acc = [(m.round, m.value) for m in metrics if m.origin == origin and m.name == "accuracy"]
-        loss = [(m.round, m.value) for m in metrics
-                if m.origin == origin and m.task == "train" and m.name == "loss"]
-        style = {"linewidth": 3, "color": "black"} if origin == "aggregator" else {"alpha": 0.6}
-        if acc:
-            left.plot(*zip(*acc, strict=True), marker="o", label=origin, **style)
-        if loss:
-            right.plot(*zip(*loss, strict=True), marker=".", label=origin, **style)
-    left.set(title="validation accuracy of the global model", xlabel="round",
-             ylabel="accuracy")
-    right.set(title="training loss", xlabel="round", ylabel="loss")
-    for axis in (left, right):
-        axis.grid(alpha=0.3)
-        axis.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
 
 
 def run_demo(*, envoys: int, rounds: int, non_iid: bool, out_dir: Path, as_json: bool) -> int:

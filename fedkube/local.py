@@ -54,6 +54,7 @@ class Process:
     args: list[str]
     log_path: Path
     env: dict[str, str] = field(default_factory=dict)
+    log_format: str = "plain"
     popen: subprocess.Popen[bytes] | None = None
     _log: IO[bytes] | None = None
 
@@ -62,7 +63,7 @@ class Process:
         self._log = self.log_path.open("ab")
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         self.popen = subprocess.Popen(
-            [sys.executable, "-m", "fedkube.cli", "--log-format", "plain", *self.args],
+            [sys.executable, "-m", "fedkube.cli", "--log-format", self.log_format, *self.args],
             stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         return self
 

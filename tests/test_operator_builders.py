@@ -61,6 +61,13 @@ def test_director_deployment_is_recreated_and_locked_down() -> None:
     insecure = build_director_deployment("fed", "ns", FED.model_copy(update={"tls": "insecure"}))
     assert "--insecure" in insecure["spec"]["template"]["spec"]["containers"][0]["args"]
     assert not any(v["name"] == "tls" for v in insecure["spec"]["template"]["spec"]["volumes"])
+    # Prometheus finds the director's metrics port by the pod's annotations.
+    args = container["args"]
+    port = args[args.index("--metrics-port") + 1]
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert annotations["prometheus.io/port"] == port
+    assert {"name": "metrics", "containerPort": int(port)} in container["ports"]
 
 
 def test_envoy_daemonset_targets_gpu_nodes() -> None:

@@ -23,6 +23,7 @@ from typing import Protocol
 
 import numpy as np
 
+from fedkube import metrics
 from fedkube.aggregator.fedavg import Model, StreamingFedAvg
 from fedkube.api.errors import InvalidArgumentError, NotFoundError, PermissionDeniedError
 from fedkube.api.plan import Plan
@@ -165,15 +166,23 @@ class ExperimentAggregator:
         if missing:
             self.dropped |= missing
             self.dropouts |= missing
+            metrics.DROPOUTS.inc(len(missing))
             log.warning("experiment %s round %d closed without %s; dropped until they ask "
                         "for tasks again", self.name, self.round, sorted(missing),
                         extra={"experiment": self.name, "round": self.round})
 
     def _close_round(self) -> None:
+        opened = self._round_started or self._round_opened
+        metrics.ROUND_SECONDS.observe(self.clock() - opened)
         score = self._score_round()
         self._record(MetricEvent(AGGREGATOR, "train", "collaborators",
                                  float(len(self._trained)), self.round))
         self.model = self._fedavg.result()
+        log.info("experiment %s round %d closed with %d results (%s %s)", self.name,
+                 self.round, len(self._trained), self.plan.metric,
+                 "n/a" if score is None else f"{score:.4g}",
+                 extra={"experiment": self.name, "round": self.round,
+                        "results": len(self._trained), "metric": score})
         self.round += 1
         self._save("last.pb", self.model)
         self.outcome.round_closed(self.name, round_number=self.round,
@@ -292,7 +301,7 @@ class ExperimentAggregator:
         if results.data_size <= 0:
             raise InvalidArgumentError("data_size must be positive")
         update: Model = {}
-        metrics: dict[str, float] = {}
+        figures: dict[str, float] = {}
         for i, tensor in enumerate(results.tensors):
             try:
                 value = from_named_tensor(tensor, None if payloads is None else payloads[i])
@@ -303,7 +312,7 @@ class ExperimentAggregator:
             if tensor.report:
                 if value.size != 1:
                     raise InvalidArgumentError(f"metric {tensor.name!r} is not a scalar")
-                metrics[tensor.name] = float(value.reshape(()))
+                figures[tensor.name] = float(value.reshape(()))
             else:
                 if tensor.name in update:
                     raise InvalidArgumentError(f"tensor {tensor.name!r} sent twice")
@@ -316,30 +325,31 @@ class ExperimentAggregator:
                 if value.shape != self.model[name].shape:
                     raise InvalidArgumentError(f"tensor {name!r} has shape {value.shape}, "
                                                f"expected {self.model[name].shape}")
-        elif self.plan.metric not in metrics or not math.isfinite(metrics[self.plan.metric]):
+        elif self.plan.metric not in figures or not math.isfinite(figures[self.plan.metric]):
             raise InvalidArgumentError(f"validation results lack the metric "
                                        f"{self.plan.metric!r}")
-        return update, metrics
+        return update, figures
 
     def _accept(self, sender: str, results: aggregator_pb2.TaskResults,
                 payloads: Sequence[memoryview] | None = None
                 ) -> tuple[dict[str, float], float]:
         """The heavy part of taking a result (checks, the FedAvg update): thread-safe
         against the event loop while the receiving lock is held."""
-        update, metrics = self._check_results(sender, results, payloads)
+        update, figures = self._check_results(sender, results, payloads)
         weight = float(results.data_size) if self.plan.weighting == "samples" else 1.0
         if results.task_name == TRAIN:
             self._fedavg.add(update, weight)
-        return metrics, weight
+        return figures, weight
 
     def _accepted(self, sender: str, results: aggregator_pb2.TaskResults,
-                  metrics: dict[str, float], weight: float) -> None:
-        for name, value in metrics.items():
+                  figures: dict[str, float], weight: float) -> None:
+        for name, value in figures.items():
             self._record(MetricEvent(sender, results.task_name, name, value, self.round))
+        metrics.RESULTS.labels(results.task_name).inc()
         if results.task_name == TRAIN:
             self._trained.add(sender)
         else:
-            self._validated[sender] = (metrics[self.plan.metric], weight)
+            self._validated[sender] = (figures[self.plan.metric], weight)
         self._advance()
 
     def submit(self, sender: str, results: aggregator_pb2.TaskResults) -> None:
@@ -351,9 +361,10 @@ class ExperimentAggregator:
         the director's other calls (health checks, other experiments). `payloads` are
         the tensors' bytes when the message was parsed without them."""
         async with self._receiving:
-            metrics, weight = await asyncio.to_thread(self._accept, sender, results,
-                                                      payloads)
-            self._accepted(sender, results, metrics, weight)
+            with metrics.AGGREGATION_SECONDS.time():
+                figures, weight = await asyncio.to_thread(self._accept, sender, results,
+                                                          payloads)
+            self._accepted(sender, results, figures, weight)
 
 
 def expected_result_bytes(model: Model) -> int:

@@ -11,6 +11,7 @@ from typing import Any
 
 from google.protobuf.message import DecodeError
 
+from fedkube import metrics
 from fedkube.aggregator.experiment import expected_result_bytes
 from fedkube.aggregator.runner import AggregatorRunner
 from fedkube.api.errors import (
@@ -65,6 +66,7 @@ class AggregatorService(aggregator_pb2_grpc.AggregatorServicer):
         sender = self._sender(request.header, context)
         aggregator = self.runner.aggregator(request.header.federation_uuid)
         tensor = aggregator.get_tensor(sender, request.tensor_name, request.round_number)
+        metrics.BYTES_SENT.labels("GetAggregatedTensor").inc(len(tensor.data_bytes))
         return aggregator_pb2.GetAggregatedTensorResponse(
             header=self._reply_header(request.header), round_number=aggregator.round,
             tensor=tensor)
@@ -81,6 +83,7 @@ class AggregatorService(aggregator_pb2_grpc.AggregatorServicer):
         try:
             async for chunk in request_iterator:
                 assembler.add(chunk)
+                metrics.BYTES_RECEIVED.labels("SendLocalTaskResults").inc(len(chunk.npbytes))
             results, payloads = assembler.parse()
         except OverflowError as exc:
             raise ResourceExhaustedError(str(exc)) from exc

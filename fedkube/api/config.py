@@ -66,6 +66,8 @@ class DirectorConfig(_Strict):
     target_shape: list[str] = Field(default_factory=lambda: ["1"])
     health_check_period: float = Field(default=DEFAULT_HEALTH_CHECK_PERIOD, gt=0, le=3600)
     tls: TLSSettings
+    metrics_port: int | None = Field(default=None, ge=0, le=65535,
+                                     description="serve Prometheus /metrics (0: any port)")
 
     _shapes = field_validator("sample_shape", "target_shape", mode="before")(parse_shape)
 

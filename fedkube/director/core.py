@@ -173,6 +173,9 @@ class Director:
 
     # -- experiments ------------------------------------------------------------------
 
+    def experiment_records(self) -> list[ExperimentRecord]:
+        return list(self._experiments.values())
+
     def experiment(self, name: str) -> ExperimentRecord:
         experiment = self._experiments.get(name)
         if experiment is None:
@@ -249,7 +252,8 @@ class Director:
             if self.runner is not None:
                 self.runner.start(record)
             started.append(record.name)
-            log.info("experiment %s started", record.name)
+            log.info("experiment %s started", record.name,
+                     extra={"experiment": record.name, "round": record.current_round})
         return started
 
     def queue_position(self, name: str) -> int:
@@ -309,7 +313,8 @@ class Director:
             state = self._envoys.get(collaborator)
             if state is not None and state.current_experiment == name:
                 state.current_experiment = None
-        log.info("experiment %s %s%s", name, status.value, f": {error}" if error else "")
+        log.info("experiment %s %s%s", name, status.value, f": {error}" if error else "",
+                 extra={"experiment": name, "status": status.value})
         self._notify()
         self.schedule()
 

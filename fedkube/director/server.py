@@ -12,6 +12,7 @@ from fedkube.aggregator.runner import AggregatorRunner
 from fedkube.aggregator.servicer import AggregatorService
 from fedkube.api.config import DirectorConfig
 from fedkube.director.core import Director
+from fedkube.director.metrics import serve_metrics
 from fedkube.director.servicer import DirectorService
 from fedkube.director.store import open_store
 from fedkube.proto import aggregator_pb2_grpc, director_pb2_grpc
@@ -44,6 +45,7 @@ class DirectorServer:
         aggregator_pb2_grpc.add_AggregatorServicer_to_server(  # type: ignore[no-untyped-call]
             AggregatorService(self.runner, tls=tls is not None), self.server)
         self._flusher: asyncio.Task[None] | None = None
+        self.metrics_port: int | None = None
 
     async def start(self) -> None:
         # Aggregators first: a collaborator calling back right after a restart must find
@@ -51,6 +53,9 @@ class DirectorServer:
         for experiment in self.director.resumable():
             self.runner.start(experiment)
         await self.server.start()
+        if self.config.metrics_port is not None:
+            self.metrics_port = serve_metrics(self.director, self.config.metrics_port)
+            log.info("metrics on :%d/metrics", self.metrics_port)
         self._flusher = asyncio.create_task(self._flush_loop())
         mode = "insecure" if self.config.tls.insecure else "mTLS"
         log.info("director listening on %s:%d (%s), data in %s", self.config.host, self.port,

@@ -9,6 +9,7 @@ import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+from fedkube import metrics
 from fedkube.aggregator.runner import AggregatorRunner
 from fedkube.api.errors import (
     FailedPreconditionError,
@@ -82,6 +83,7 @@ class DirectorService(director_pb2_grpc.DirectorServicer):
         period = self.director.update_envoy_status(
             request.name, is_experiment_running=request.is_experiment_running,
             cuda_devices=request.cuda_devices)
+        metrics.HEALTH_CHECKS.inc()
         response = director_pb2.UpdateEnvoyStatusResponse()
         response.health_check_period.FromNanoseconds(int(period * 1e9))
         return response
@@ -101,6 +103,7 @@ class DirectorService(director_pb2_grpc.DirectorServicer):
                                                  request.collaborator_name)
         with path.open("rb") as archive:
             while chunk := archive.read(CHUNK_BYTES):
+                metrics.BYTES_SENT.labels("GetExperimentData").inc(len(chunk))
                 yield director_pb2.ExperimentData(size=len(chunk), npbytes=chunk)
 
     @unary_errors
@@ -143,6 +146,8 @@ class DirectorService(director_pb2_grpc.DirectorServicer):
                     raise ResourceExhaustedError(
                         f"experiment archive exceeds {MAX_ARCHIVE_BYTES} bytes")
                 sink.write(data.npbytes)
+                metrics.BYTES_RECEIVED.labels("SetNewExperiment").inc(
+                    len(data.npbytes) + message.model_proto.ByteSize())
                 try:
                     model.add(message.model_proto)
                 except OverflowError as exc:

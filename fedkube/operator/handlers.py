@@ -21,6 +21,7 @@ from fedkube.operator.manifests import (
     director_endpoint,
     names,
 )
+from fedkube.operator.metrics import EXPERIMENT_PHASES, observed
 from fedkube.operator.shards import build_shard_status
 from fedkube.transport import certs
 from fedkube.transport.tls import TLSFiles
@@ -83,6 +84,7 @@ def _render_envoy_config(federation: str, namespace: str, spec: FederationSpec,
 @kopf.on.resume(GROUP, VERSION, "federations")
 @kopf.on.create(GROUP, VERSION, "federations")
 @kopf.on.update(GROUP, VERSION, "federations")
+@observed("Federation")
 def reconcile_federation(name: str, namespace: str | None, spec: kopf.Spec, body: kopf.Body,
                          status: kopf.Status, meta: kopf.Meta, patch: kopf.Patch,
                          **_: Any) -> None:
@@ -158,6 +160,7 @@ def director_for(namespace: str, federation: str, index: FederationIndex) -> Dir
 @kopf.on.resume(GROUP, VERSION, "shards")
 @kopf.on.create(GROUP, VERSION, "shards")
 @kopf.on.update(GROUP, VERSION, "shards", field="spec")
+@observed("Shard")
 def place_shard(spec: kopf.Spec, namespace: str | None, **_: Any) -> None:
     namespace = namespace or "default"
     shard = ShardSpec.model_validate(dict(spec))
@@ -169,6 +172,7 @@ def place_shard(spec: kopf.Spec, namespace: str | None, **_: Any) -> None:
 
 
 @kopf.timer(GROUP, VERSION, "shards", interval=SHARD_POLL_S, idle=0)
+@observed("Shard")
 def mirror_shard(name: str, namespace: str | None, spec: kopf.Spec, status: kopf.Status,
                  meta: kopf.Meta, patch: kopf.Patch,
                  **kwargs: Any) -> None:
@@ -203,6 +207,7 @@ def _refuse(patch: kopf.Patch, status: kopf.Status, body: kopf.Body, reason: str
 
 
 @kopf.on.create(GROUP, VERSION, "experiments")
+@observed("Experiment")
 def submit_experiment(name: str, namespace: str | None, spec: kopf.Spec, status: kopf.Status,
                       meta: kopf.Meta, body: kopf.Body, patch: kopf.Patch,
                       retry: int, **kwargs: Any) -> None:
@@ -261,6 +266,7 @@ def _following(status: kopf.Status, **_: Any) -> bool:
 
 
 @kopf.timer(GROUP, VERSION, "experiments", interval=EXPERIMENT_POLL_S, when=_following)
+@observed("Experiment")
 def follow_experiment(name: str, namespace: str | None, spec: kopf.Spec, status: kopf.Status,
                       meta: kopf.Meta, body: kopf.Body, patch: kopf.Patch,
                       **kwargs: Any) -> None:
@@ -276,11 +282,14 @@ def follow_experiment(name: str, namespace: str | None, spec: kopf.Spec, status:
     # Only what changed: a queued experiment polled every second patches nothing.
     patch.status.update({key: value for key, value in transition.status.items()
                          if status.get(key) != value})
+    if transition.status["phase"] != status.get("phase"):
+        EXPERIMENT_PHASES.labels(transition.status["phase"]).inc()
     for kind, reason, message in transition.events:
         kopf.event(body, type=kind, reason=reason, message=message)
 
 
 @kopf.on.delete(GROUP, VERSION, "experiments")
+@observed("Experiment")
 def remove_experiment(name: str, namespace: str | None, spec: kopf.Spec, **kwargs: Any
                       ) -> None:
     """The finalizer's work: the director forgets the experiment and its models."""

@@ -24,6 +24,10 @@ _RESTRICTED_CONTAINER = {
     "runAsNonRoot": True, "capabilities": {"drop": ["ALL"]},
     "seccompProfile": {"type": "RuntimeDefault"},
 }
+METRICS_PORT = 9090
+# Read by the scrape config in the chart's values (no Prometheus Operator needed).
+SCRAPE_ANNOTATIONS = {"prometheus.io/scrape": "true", "prometheus.io/port": str(METRICS_PORT),
+                      "prometheus.io/path": "/metrics"}
 _POD_SECURITY = {"runAsNonRoot": True, "runAsUser": 10001, "fsGroup": 10001,
                  "seccompProfile": {"type": "RuntimeDefault"}}
 
@@ -91,7 +95,7 @@ def build_director_deployment(name: str, namespace: str, spec: FederationSpec) -
             "--data-dir", DATA_DIR, "--sample-shape", ",".join(spec.sample_shape),
             "--target-shape", ",".join(spec.target_shape),
             "--health-check-period", str(spec.health_check_period_seconds),
-            "--log-format", "json", *_tls_flags(spec)]
+            "--metrics-port", str(METRICS_PORT), "--log-format", "json", *_tls_flags(spec)]
     return {
         "apiVersion": "apps/v1", "kind": "Deployment",
         "metadata": {"name": names(name)["director"], "namespace": namespace,
@@ -102,14 +106,16 @@ def build_director_deployment(name: str, namespace: str, spec: FederationSpec) -
             "strategy": {"type": "Recreate"},
             "selector": {"matchLabels": labels(name, "director")},
             "template": {
-                "metadata": {"labels": labels(name, "director")},
+                "metadata": {"labels": labels(name, "director"),
+                             "annotations": SCRAPE_ANNOTATIONS},
                 "spec": {
                     "securityContext": _POD_SECURITY,
                     "automountServiceAccountToken": False,
                     "containers": [{
                         "name": "director", "image": spec.image,
                         "args": args,
-                        "ports": [{"name": "grpc", "containerPort": DEFAULT_PORT}],
+                        "ports": [{"name": "grpc", "containerPort": DEFAULT_PORT},
+                                  {"name": "metrics", "containerPort": METRICS_PORT}],
                         "readinessProbe": {"grpc": {"port": DEFAULT_PORT}},
                         "securityContext": _RESTRICTED_CONTAINER,
                         "volumeMounts": [{"name": "data", "mountPath": DATA_DIR},

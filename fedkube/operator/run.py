@@ -6,10 +6,15 @@ import asyncio
 from collections.abc import Sequence
 
 
-def run_operator(namespaces: Sequence[str] = (), *, liveness_port: int | None = None) -> None:
+def run_operator(namespaces: Sequence[str] = (), *, liveness_port: int | None = None,
+                 metrics_port: int | None = None) -> None:
     import kopf
 
     import fedkube.operator.handlers  # noqa: F401  (registers the handlers)
+    from fedkube.operator.metrics import serve_metrics
+
+    if metrics_port is not None:
+        serve_metrics(metrics_port)
 
     liveness = f"http://0.0.0.0:{liveness_port}/healthz" if liveness_port else None
     asyncio.run(kopf.operator(standalone=True, clusterwide=not namespaces,

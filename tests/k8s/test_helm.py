@@ -31,6 +31,13 @@ def test_chart_lints_and_renders(cluster: ControlPlane) -> None:
     container = docs[("Deployment", "fl-operator")]["spec"]["template"]["spec"]["containers"][0]
     assert container["args"][-2:] == ["--namespace", "team-a"]
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    # Metrics on, and findable by the scrape config in the values (pod annotations).
+    port = container["args"][container["args"].index("--metrics-port") + 1]
+    annotations = docs[("Deployment", "fl-operator")]["spec"]["template"]["metadata"][
+        "annotations"]
+    assert annotations["prometheus.io/port"] == port
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert values["metrics"]["scrapeConfig"]["kubernetes_sd_configs"] == [{"role": "pod"}]
     assert docs[("Federation", "default")]["spec"]["image"] == "ghcr.io/fedkube/fedkube:0.1.0"
 
 

@@ -27,6 +27,7 @@ class Operated:
     cluster: ControlPlane
     director_port: int
     operator: Process
+    metrics_port: int
 
     def kubectl(self, *args: str, input: str | None = None, check: bool = True
                 ) -> subprocess.CompletedProcess[str]:
@@ -59,12 +60,14 @@ def operated(cluster: ControlPlane, tmp_path_factory: pytest.TempPathFactory
     processes = [director_process(work, port, period=1.0).start()]
     for index, shard in enumerate(("hospital-a", "hospital-b")):
         processes.append(envoy_process(work, shard, port, index=index, count=2).start())
-    operator = Process("operator", ["operator", "run", "--namespace", NAMESPACE],
+    metrics_port = free_port()
+    operator = Process("operator", ["operator", "run", "--namespace", NAMESPACE,
+                                    "--metrics-port", str(metrics_port)],
                        work / "logs" / "operator.log",
                        env={"KUBECONFIG": str(cluster.kubeconfig)}).start()
     processes.append(operator)
     try:
-        yield Operated(cluster, port, operator)
+        yield Operated(cluster, port, operator, metrics_port)
     finally:
         for process in processes:
             process.stop()
@@ -317,3 +320,22 @@ def test_unschedulable_collaborator_pod_fails_the_experiment(operated: Operated,
     finally:
         envoy.stop()
         print(f"----- hospital-c -----\n{envoy.output()[-4000:]}")
+
+
+def test_operator_metrics_move(operated: Operated) -> None:
+    """Runs last: the tests above reconciled federations, shards and experiments."""
+    from tests.test_observability import scrape
+
+    samples = scrape(operated.metrics_port)
+
+    def total(name: str, **labels: str) -> float:
+        return sum(value for (n, labelled), value in samples.items()
+                   if n == name and labels.items() <= dict(labelled).items())
+
+    for kind in ("Federation", "Shard", "Experiment"):
+        assert total("fedkube_operator_reconciles_total", kind=kind) > 0, kind
+    assert total("fedkube_operator_reconcile_seconds_count", kind="Experiment") > 0
+    # The experiment of a missing federation was retried: its errors are counted.
+    assert total("fedkube_operator_reconcile_errors_total", kind="Experiment",
+                 error="TemporaryError") > 0
+    assert total("fedkube_operator_experiment_transitions_total", phase="Succeeded") >= 1

@@ -1,0 +1,49 @@
+"""Serving a director's Prometheus metrics (`fedkube director start --metrics-port P`).
+
+The counters and histograms live in fedkube.metrics; the gauges of current state (envoys
+online, experiments by state) are read from the director at scrape time, so they cost
+nothing between scrapes.
+"""
+
+from __future__ import annotations
+
+from collections import Counter as Tally
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import REGISTRY, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from fedkube.api.experiment import ExperimentStatus
+
+if TYPE_CHECKING:
+    from fedkube.director.core import Director
+
+class DirectorCollector(Collector):
+    """Gauges read from the director's state when Prometheus scrapes."""
+
+    def __init__(self, director: Director) -> None:
+        self.director = director
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        envoys = self.director.get_envoys()
+        online = GaugeMetricFamily("fedkube_envoys", "Registered envoys, by whether online",
+                                   labels=["online"])
+        up = sum(self.director.is_online(e) for e in envoys)
+        online.add_metric(["true"], up)
+        online.add_metric(["false"], len(envoys) - up)
+        yield online
+        states = Tally(e.status for e in self.director.experiment_records())
+        experiments = GaugeMetricFamily("fedkube_experiments", "Experiments, by state",
+                                        labels=["state"])
+        for state in ExperimentStatus:
+            experiments.add_metric([state.value], states.get(state, 0))
+        yield experiments
+
+
+def serve_metrics(director: Director, port: int, host: str = "0.0.0.0") -> int:
+    """Registers the state gauges and serves /metrics on port (0: any); returns the port."""
+    REGISTRY.register(DirectorCollector(director))
+    server, _ = start_http_server(port, addr=host)
+    return int(server.server_port)

@@ -1,0 +1,129 @@
+"""What users see into: Prometheus metrics of a running director, the metrics plot, JSON
+logs. Real processes; the metrics are scraped over HTTP as Prometheus would."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import grpc
+import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
+
+from fedkube.client import DirectorClient
+from fedkube.local import Process, director_process, envoy_process, free_port, wait_for
+from tests.test_fl_engine import submit
+
+
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample on /metrics, keyed by name and sorted labels."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_director_metrics_move_and_the_plot_and_json_logs(
+        tmp_path: Path, processes: list[Process]) -> None:
+    port, metrics_port = free_port(), free_port()
+    director = director_process(tmp_path, port, period=1.0,
+                                extra=["--metrics-port", str(metrics_port)])
+    director.log_format = "json"
+    processes.append(director.start())
+    for i in range(2):
+        processes.append(envoy_process(tmp_path, f"env{i}", port, index=i, count=2).start())
+    client = DirectorClient(f"localhost:{port}", client_id="alice", timeout=10)
+
+    def envoys_online() -> float:
+        try:
+            return scrape(metrics_port).get(("fedkube_envoys", (("online", "true"),)), 0.0)
+        except OSError:
+            return 0.0
+
+    wait_for(lambda: envoys_online() == 2.0, timeout=60, message="2 envoys online in metrics")
+    before = scrape(metrics_port)
+    assert before[("fedkube_experiments", (("state", "finished"),))] == 0
+    assert before.get(("fedkube_round_duration_seconds_count", ()), 0) == 0
+
+    submit(client, "watched", ["env0", "env1"], rounds=3)
+    assert client.wait("watched", timeout=120).status == "finished"
+    after = scrape(metrics_port)
+    assert after[("fedkube_experiments", (("state", "finished"),))] == 1
+    assert after[("fedkube_round_duration_seconds_count", ())] == 3
+    # 2 collaborators x 3 training rounds; 2 x 4 validations (3 rounds + the final model)
+    assert after[("fedkube_task_results_total", (("task", "train"),))] == 6
+    assert after[("fedkube_task_results_total", (("task", "validate"),))] == 8
+    assert after[("fedkube_aggregation_seconds_count", ())] == 14
+    model_bytes = (64 * 10 + 10) * 4
+    assert after[("fedkube_bytes_received_total", (("rpc", "SendLocalTaskResults"),))] \
+        >= 6 * model_bytes
+    assert after[("fedkube_bytes_sent_total", (("rpc", "GetAggregatedTensor"),))] \
+        >= 8 * model_bytes
+    assert after[("fedkube_health_checks_total", ())] > before[("fedkube_health_checks_total",
+                                                                 ())]
+
+    # The plot: a real PNG of a real size, not blank.
+    out = tmp_path / "watched.png"
+    result = subprocess.run([sys.executable, "-m", "fedkube.cli", "experiment", "plot",
+                             "watched", "--director", f"localhost:{port}", "--client-id",
+                             "alice", "--insecure", "--out", str(out)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    import matplotlib.image
+
+    pixels = matplotlib.image.imread(str(out))
+    assert pixels.shape[0] >= 300 and pixels.shape[1] >= 800
+    assert float(np.std(pixels[..., :3])) > 0.05  # lines and text, not a blank canvas
+
+    # JSON logs: one object per line, events carry experiment and round fields.
+    lines = [json.loads(line) for line in director.output().splitlines()
+             if line.startswith("{")]
+    assert lines and all({"time", "level", "logger", "message"} <= set(e) for e in lines)
+    assert any(e.get("experiment") == "watched" and "round" in e for e in lines)
+    client.close()
+
+
+def test_unknown_experiment_plot_is_a_clear_error(tmp_path: Path,
+                                                  processes: list[Process]) -> None:
+    port = free_port()
+    processes.append(director_process(tmp_path, port, period=1.0).start())
+
+    def up() -> bool:
+        try:
+            with DirectorClient(f"localhost:{port}", timeout=2) as client:
+                client.envoys()
+            return True
+        except grpc.RpcError:
+            return False
+
+    wait_for(up, timeout=30, message="director up")
+    result = subprocess.run([sys.executable, "-m", "fedkube.cli", "experiment", "plot", "nope",
+                             "--director", f"localhost:{port}", "--insecure", "--out",
+                             str(tmp_path / "x.png")], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode != 0
+    assert "no experiment named 'nope'" in result.stderr
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_grafana_dashboard_plots_only_series_we_export() -> None:
+    import re
+
+    from prometheus_client import REGISTRY
+
+    import fedkube.metrics  # registers the director's series
+    import fedkube.operator.metrics  # noqa: F401  (and the operator's)
+
+    dashboard = json.loads((Path(__file__).parents[1] / "deploy/grafana-dashboard.json")
+                           .read_text())
+    suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_count", "_sum"]}
+    exported = {family.name + suffix for family in REGISTRY.collect()
+                for suffix in suffixes.get(family.type, [""])}
+    exported |= {"fedkube_envoys", "fedkube_experiments"}  # scrape-time gauges
+    used = {name for panel in dashboard["panels"] for target in panel["targets"]
+            for name in re.findall(r"fedkube_[a-z_]+", target["expr"])}
+    assert len(used) >= 10
+    assert used <= exported, used - exported
