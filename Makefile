@@ -58,7 +58,8 @@ protos: install
 	$(PY) tools/gen_protos.py
 
 crds: install
-	$(PY) -m fedkube.cli crds --out crds --out charts/fedkube/crds
+	$(PY) -m fedkube.cli crds --out crds --out charts/fedkube/crds \
+		--reference docs/crd-reference.md
 
 bench: install openfl
 	FEDKUBE_OPENFL_PYTHON=$(OPENFL_VENV)/bin/python $(PY) -m benchmarks.health_checks

@@ -123,7 +123,10 @@ def cmd_shards(args: argparse.Namespace) -> int:
 
     with DirectorClient.from_files(args.director, ca=args.ca, cert=args.cert, key=args.key,
                                    client_id=args.client_id) as client:
-        envoys = client.envoys()
+        if args.wait_online:
+            envoys = client.wait_online(args.wait_online, timeout=args.timeout)
+        else:
+            envoys = client.envoys()
     if args.output == "json":
         print(json.dumps([vars(e) for e in envoys], indent=2))
         return 0
@@ -189,14 +192,8 @@ def _param(value: str) -> tuple[str, Any]:
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:
-    import grpc
-
-    try:
-        with _client(args) as client:
-            return int(EXPERIMENT_ACTIONS[args.action](client, args))
-    except grpc.RpcError as exc:
-        print(f"fedkube: {exc.code().name}: {exc.details()}", file=sys.stderr)  # type: ignore[attr-defined]
-        return 1
+    with _client(args) as client:
+        return int(EXPERIMENT_ACTIONS[args.action](client, args))
 
 
 def _submit(client: Any, args: argparse.Namespace) -> int:
@@ -350,6 +347,11 @@ def cmd_crds(args: argparse.Namespace) -> int:
     for directory in args.out or [Path("crds")]:
         for path in write_crds(directory):
             print(path)
+    if args.reference:
+        from fedkube.api.reference import reference_markdown
+
+        args.reference.write_text(reference_markdown())
+        print(args.reference)
     return 0
 
 
@@ -425,6 +427,9 @@ def build_parser() -> argparse.ArgumentParser:
     shards.add_argument("--director", required=True, help="host:port")
     shards.add_argument("--output", choices=["table", "json"], default="table")
     shards.add_argument("--client-id", default="owner")
+    shards.add_argument("--wait-online", type=int, default=0, metavar="N",
+                        help="first wait until at least N shards are online")
+    shards.add_argument("--timeout", type=float, default=300, help="seconds, for --wait-online")
     _tls_flags(shards)
     shards.set_defaults(func=cmd_shards)
 
@@ -498,6 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
     crds = commands.add_parser("crds", help="write the CustomResourceDefinitions (YAML)")
     crds.add_argument("--out", type=Path, action="append",
                       help="directory to write (repeatable; default: crds)")
+    crds.add_argument("--reference", type=Path, help="also write the Markdown reference here")
     crds.set_defaults(func=cmd_crds)
 
     certs = commands.add_parser("certs", help="create a CA and mTLS certificates")
@@ -534,11 +540,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         reexec_with_huge_pages(sys.argv[1:] if argv is None else list(argv))
     setup_logging(args.log_level, args.log_format)
     func: Callable[[argparse.Namespace], int] = args.func
+    import grpc
+
     try:
         return func(args)
     except ConfigError as exc:
         print(f"fedkube: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    except TimeoutError as exc:
+        print(f"fedkube: timed out: {exc}", file=sys.stderr)
+        return 1
+    except grpc.RpcError as exc:  # a refusal or an unreachable director: one clear line
+        print(f"fedkube: {exc.code().name}: {exc.details()}", file=sys.stderr)  # type: ignore[attr-defined]
+        return 1
 
 
 if __name__ == "__main__":

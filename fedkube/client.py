@@ -122,6 +122,25 @@ class DirectorClient:
                                         metadata=self._metadata, timeout=self.timeout)
         return [EnvoyView.from_proto(info) for info in response.envoy_infos]
 
+    def wait_online(self, count: int, *, timeout: float = 300,
+                    interval: float = 0.25) -> list[EnvoyView]:
+        """The registry once at least `count` shards are online (the director may still be
+        starting); TimeoutError naming how many were online otherwise."""
+        deadline = time.monotonic() + timeout
+        online = 0
+        while time.monotonic() < deadline:
+            try:
+                envoys = self.envoys()
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.UNAVAILABLE:  # type: ignore[attr-defined]
+                    raise
+            else:
+                online = sum(e.online for e in envoys)
+                if online >= count:
+                    return envoys
+            time.sleep(interval)
+        raise TimeoutError(f"{online} of {count} shards online after {timeout:g}s")
+
     # -- experiments ----------------------------------------------------------------------
 
     def submit(self, name: str, archive: bytes, *, collaborators: list[str] | None = None,

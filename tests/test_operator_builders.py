@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from fedkube.api.crds import build_crd, crd_files
+from fedkube.api.reference import reference_markdown
 from fedkube.api.resources import EXPERIMENT, ExperimentSpec, FederationSpec, ShardSpec
 from fedkube.client import EnvoyView, ExperimentStatus
 from fedkube.operator.conditions import set_condition
@@ -30,6 +31,9 @@ def test_generated_crds_are_current() -> None:
         for name, text in crd_files().items():
             assert (ROOT / directory / name).read_text() == text, \
                 f"{directory}/{name} is stale: make crds"
+    assert (ROOT / "docs/crd-reference.md").read_text() == reference_markdown(), \
+        "docs/crd-reference.md is stale: make crds"
+    assert "`spec.minCollaborators`" in reference_markdown()
 
 
 def test_experiment_crd_schema() -> None:

@@ -1,0 +1,55 @@
+"""The documentation's commands, run as written (free ports swapped in), so the docs
+cannot drift from the code."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from fedkube.local import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = ROOT / "docs" / "quickstart.md"
+
+
+def bash_blocks(path: Path, section: str) -> list[str]:
+    """The lines of the ```bash blocks under the '## ' heading that starts with section."""
+    text = path.read_text()
+    start = text.index(f"\n## {section}")
+    end = text.find("\n## ", start + 1)
+    body = text[start:end if end >= 0 else None]
+    return [line for block in re.findall(r"```bash\n(.*?)```", body, re.S)
+            for line in block.splitlines() if line.strip()]
+
+
+def run_script(lines: list[str], cwd: Path, env: dict[str, str], timeout: float
+               ) -> subprocess.CompletedProcess[str]:
+    """The lines as one bash script; background processes are stopped at its end."""
+    script = "\n".join(["set -euo pipefail", "trap 'kill $(jobs -p) 2>/dev/null || true' EXIT",
+                        *lines])
+    return subprocess.run(["bash", "-c", script], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_quickstart_local_sections_run_as_written(tmp_path: Path) -> None:
+    lines = bash_blocks(QUICKSTART, "1.") + bash_blocks(QUICKSTART, "2.")
+    assert any(line.startswith("fedkube director start") for line in lines)
+    grpc_port, metrics_port = str(free_port()), str(free_port())
+    lines = [line.replace("50051", grpc_port).replace("9090", metrics_port)
+             for line in lines]
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    result = run_script(lines, tmp_path, env, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    # What the page promises, checked.
+    assert (tmp_path / "demo-output" / "metrics.png").stat().st_size > 20_000
+    status = [json.loads(line) for line in result.stdout.splitlines()
+              if line.startswith("{") and '"status"' in line]
+    assert status and all(s["status"] == "finished" and s["round"] == 5 for s in status)
+    assert (tmp_path / "digits-1.png").read_bytes().startswith(b"\x89PNG")
+    assert (tmp_path / "best.npz").exists()
+    assert re.search(r"^fedkube_round_duration_seconds_count 5\.0$", result.stdout, re.M)
+    assert (tmp_path / "data" / "director.sqlite3").exists()
