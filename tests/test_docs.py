@@ -53,3 +53,21 @@ def test_quickstart_local_sections_run_as_written(tmp_path: Path) -> None:
     assert (tmp_path / "best.npz").exists()
     assert re.search(r"^fedkube_round_duration_seconds_count 5\.0$", result.stdout, re.M)
     assert (tmp_path / "data" / "director.sqlite3").exists()
+
+
+def test_concepts_yaml_is_valid_and_its_reasons_exist() -> None:
+    import yaml
+
+    from fedkube.api.resources import KINDS
+
+    text = (ROOT / "docs" / "concepts.md").read_text()
+    models = {kind.kind: kind.spec for kind in KINDS}
+    documents = [yaml.safe_load(block) for block in re.findall(r"```yaml\n(.*?)```", text, re.S)]
+    assert sorted(d["kind"] for d in documents) == ["Experiment", "Federation", "Shard"]
+    for document in documents:
+        models[document["kind"]].model_validate(document["spec"])  # extra fields refused
+    # Every condition reason and event the lifecycle table names is one the operator uses.
+    source = "".join(path.read_text() for path in (ROOT / "fedkube" / "operator").glob("*.py"))
+    table = text[text.index("### Lifecycle"):]
+    for reason in re.findall(r"`([A-Z][A-Za-z]+)`", table):
+        assert f'"{reason}"' in source, reason
