@@ -41,7 +41,7 @@ dev-cluster: install testenv
 	$(VENV)/bin/fedkube dev cluster up --dir .fedkube-cluster
 
 lint: install
-	$(VENV)/bin/ruff check fedkube tests tools benchmarks
+	$(VENV)/bin/ruff check fedkube tests tools benchmarks examples
 
 typecheck: install
 	$(VENV)/bin/mypy fedkube
