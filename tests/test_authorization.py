@@ -10,7 +10,7 @@ from google.protobuf import message_factory
 
 from fedkube.api.plan import Plan
 from fedkube.client import experiment_archive
-from fedkube.proto import aggregator_pb2, aggregator_pb2_grpc, director_pb2
+from fedkube.proto import aggregator_pb2, aggregator_pb2_grpc, director_pb2, streaming_pb2
 from fedkube.transport.channel import open_channel
 from fedkube.transport.limits import CHUNK_BYTES
 from fedkube.transport.roles import ROLE_TABLE, Role
@@ -28,7 +28,8 @@ CERTS: dict[str, Role | None] = {"root": Role.ADMIN, "alice": Role.OWNER, "env1"
 def _methods() -> list[tuple[str, Any]]:
     """Every RPC the director's port serves, with its descriptor."""
     found = []
-    for module, service in ((director_pb2, "Director"), (aggregator_pb2, "Aggregator")):
+    for module, service in ((director_pb2, "Director"), (aggregator_pb2, "Aggregator"),
+                            (streaming_pb2, "TensorStream")):
         descriptor = module.DESCRIPTOR.services_by_name[service]
         for method in descriptor.methods:
             found.append((f"/{descriptor.full_name}/{method.name}", method))
@@ -70,7 +71,7 @@ async def test_role_table_enforced_on_every_rpc(mtls_director: RunningDirector,
                            client_id=cert)
     role = CERTS[cert]
     methods = _methods()
-    assert len(methods) == 20  # 14 director RPCs, 6 aggregator RPCs: all in this matrix
+    assert len(methods) == 21  # 14 director, 6 aggregator, 1 streaming: all in this matrix
     refused, passed = [], []
     for path, method in methods:
         code = await _call(channel, path, method)
@@ -85,10 +86,10 @@ async def test_role_table_enforced_on_every_rpc(mtls_director: RunningDirector,
                  "GetExperimentStatus", "GetExperimentsList", "GetMetricStream",
                  "GetTrainedModel", "RemoveExperimentData", "SetNewExperiment"],
         "env1": ["GetAggregatedTensor", "GetDatasetInfo", "GetExperimentData", "GetTasks",
-                  "SendLocalTaskResults", "SetExperimentFailed", "UpdateEnvoyStatus",
-                  "UpdateShardInfo", "WaitExperiment"],
+                 "SendLocalTaskResults", "SetExperimentFailed", "StreamAggregatedTensor",
+                 "UpdateEnvoyStatus", "UpdateShardInfo", "WaitExperiment"],
         "collab1": ["GetAggregatedTensor", "GetExperimentData", "GetTasks",
-                    "SendLocalTaskResults"],
+                    "SendLocalTaskResults", "StreamAggregatedTensor"],
         "director": [], "norole": []}
     expected["alice"] = expected["root"]
     assert short == expected[cert]

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from fedkube.api.plan import Plan
 from fedkube.client import DirectorClient, experiment_archive
 from fedkube.local import Process, director_process, free_port, port_open, wait_for
-from fedkube.proto import aggregator_pb2, base_pb2, director_pb2
+from fedkube.proto import aggregator_pb2, base_pb2, director_pb2, streaming_pb2
 from fedkube.tasks.archive import ArchiveError, safe_extract
 from fedkube.transport.channel import open_sync_channel
 from fedkube.transport.tensors import chunk_message
@@ -38,7 +38,8 @@ CLEAR = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.N
          grpc.StatusCode.DEADLINE_EXCEEDED}
 
 _METHODS: list[tuple[str, bool, bool, type[Any]]] = []
-for _module, _service in ((director_pb2, "Director"), (aggregator_pb2, "Aggregator")):
+for _module, _service in ((director_pb2, "Director"), (aggregator_pb2, "Aggregator"),
+                         (streaming_pb2, "TensorStream")):
     _descriptor = _module.DESCRIPTOR.services_by_name[_service]
     for _method in _descriptor.methods:
         _METHODS.append((f"/{_descriptor.full_name}/{_method.name}", _method.client_streaming,
@@ -126,6 +127,8 @@ def _valid_example(path: str) -> bytes:
         "GetMetricStream": director_pb2.GetMetricStreamRequest(experiment_name="nope"),
         "GetTasks": aggregator_pb2.GetTasksRequest(header=header),
         "GetAggregatedTensor": aggregator_pb2.GetAggregatedTensorRequest(
+            header=header, tensor_name="weights", round_number=0),
+        "StreamAggregatedTensor": aggregator_pb2.GetAggregatedTensorRequest(
             header=header, tensor_name="weights", round_number=0),
         "SetExperimentFailed": director_pb2.SetExperimentFailedRequest(
             experiment_name="fuzz-other", collaborator_name="env2"),

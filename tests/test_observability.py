@@ -60,7 +60,8 @@ def test_director_metrics_move_and_the_plot_and_json_logs(
     model_bytes = (64 * 10 + 10) * 4
     assert after[("fedkube_bytes_received_total", (("rpc", "SendLocalTaskResults"),))] \
         >= 6 * model_bytes
-    assert after[("fedkube_bytes_sent_total", (("rpc", "GetAggregatedTensor"),))] \
+    # fedkube's collaborators download through the streamed extension RPC
+    assert after[("fedkube_bytes_sent_total", (("rpc", "StreamAggregatedTensor"),))] \
         >= 8 * model_bytes
     assert after[("fedkube_health_checks_total", ())] > before[("fedkube_health_checks_total",
                                                                  ())]

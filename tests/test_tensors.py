@@ -122,3 +122,42 @@ def test_tensor_reply_parsed_in_place() -> None:
     bad.tensor.data_bytes = bad.tensor.data_bytes[:-4]
     with pytest.raises(TensorError, match="44 bytes do not hold"):
         parse_tensor_response(bad.SerializeToString())
+
+
+@pytest.mark.parametrize("chunk_bytes", [5, 4096, 1 << 20])
+def test_streamed_tensor_reply_is_the_unary_reply_and_lands_in_a_reused_buffer(
+        chunk_bytes: int) -> None:
+    from fedkube.proto import aggregator_pb2
+    from fedkube.transport.tensors import (
+        StreamReceiver,
+        chunk_segments,
+        encode_tensor_response,
+        parse_tensor_response,
+        to_named_tensor,
+    )
+
+    header = aggregator_pb2.MessageHeader(sender="aggregator", receiver="env1",
+                                          federation_uuid="exp")
+    values = np.arange(3 * 1000, dtype=np.float32).reshape(3, 1000)
+    unary = aggregator_pb2.GetAggregatedTensorResponse(
+        header=header, round_number=4,
+        tensor=to_named_tensor("w", values, round_number=4)).SerializeToString()
+    chunks = [c.SerializeToString() for c in chunk_segments(
+        encode_tensor_response(header, 4, "w", values), chunk_bytes)]
+    receiver = StreamReceiver()
+    joined = receiver.receive("w", chunks)
+    assert bytes(joined) == unary  # byte for byte what GetAggregatedTensor sends
+    reply, got = parse_tensor_response(joined)
+    assert reply.round_number == 4 and reply.tensor.name == "w"
+    np.testing.assert_array_equal(got, values)
+    # The next round reuses the same memory (already faulted in)...
+    again = receiver.receive("w", chunks)
+    assert again.obj is joined.obj
+    # ...and a larger tensor moves to a larger buffer even while the task still holds
+    # views of the old one (a bytearray with views cannot be resized).
+    bigger = np.ones(100_000, np.float32)  # past any doubling of the old buffer
+    grown = receiver.receive("w", [c.SerializeToString() for c in chunk_segments(
+        encode_tensor_response(header, 5, "w", bigger), chunk_bytes)])
+    assert grown.obj is not joined.obj
+    np.testing.assert_array_equal(parse_tensor_response(grown)[1], bigger)
+    assert got.shape == (3, 1000)  # still a valid (if overwritten) view

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
+import numpy.typing as npt
 
 from fedkube import metrics
 from fedkube.aggregator.fedavg import Model, StreamingFedAvg
@@ -272,13 +273,20 @@ class ExperimentAggregator:
             round_number=self.round,
             tasks=[aggregator_pb2.Task(name=t, function_name=t, task_type=t) for t in tasks])
 
-    def get_tensor(self, sender: str, name: str, round_number: int) -> base_pb2.NamedTensor:
+    def tensor_values(self, sender: str, name: str, round_number: int
+                      ) -> npt.NDArray[np.float32]:
+        """The global model's tensor for a collaborator of this round (streamed from
+        memory by StreamAggregatedTensor)."""
         self._check_sender(sender)
         if round_number != self.round:
             raise InvalidArgumentError(f"round {round_number} is not open; the aggregator is "
                                        f"at round {self.round}")
         if name not in self.model:
             raise NotFoundError(f"no tensor {name!r} in experiment {self.name!r}")
+        return self.model[name]
+
+    def get_tensor(self, sender: str, name: str, round_number: int) -> base_pb2.NamedTensor:
+        self.tensor_values(sender, name, round_number)
         # Serialized once per round, however many collaborators ask.
         if name not in self._tensors:
             self._tensors[name] = to_named_tensor(name, self.model[name],

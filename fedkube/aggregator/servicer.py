@@ -22,8 +22,14 @@ from fedkube.api.errors import (
 )
 from fedkube.proto import aggregator_pb2, aggregator_pb2_grpc, base_pb2
 from fedkube.transport.identity import caller_identity
+from fedkube.transport.limits import CHUNK_BYTES
 from fedkube.transport.status import Context, stream_errors, unary_errors
-from fedkube.transport.tensors import ChunkAssembler, TensorError
+from fedkube.transport.tensors import (
+    ChunkAssembler,
+    TensorError,
+    chunk_segments,
+    encode_tensor_response,
+)
 
 # A result may carry metrics and headers beyond the model; nothing near 4x the model.
 RESULT_LIMIT_FACTOR = 4
@@ -94,6 +100,20 @@ class AggregatorService(aggregator_pb2_grpc.AggregatorServicer):
             sender, results, payloads)
         return aggregator_pb2.SendLocalTaskResultsResponse(
             header=self._reply_header(results.header))
+
+    @stream_errors
+    async def StreamAggregatedTensor(self, request: aggregator_pb2.GetAggregatedTensorRequest,
+                                     context: Context) -> AsyncIterator[base_pb2.DataStream]:
+        """fedkube.streaming.TensorStream: GetAggregatedTensor's reply in chunks, read
+        straight from the global model's memory."""
+        sender = self._sender(request.header, context)
+        aggregator = self.runner.aggregator(request.header.federation_uuid)
+        values = aggregator.tensor_values(sender, request.tensor_name, request.round_number)
+        segments = encode_tensor_response(self._reply_header(request.header),
+                                          aggregator.round, request.tensor_name, values)
+        for chunk in chunk_segments(segments, CHUNK_BYTES):
+            metrics.BYTES_SENT.labels("StreamAggregatedTensor").inc(len(chunk.npbytes))
+            yield chunk
 
     @stream_errors
     async def GetMetricStream(self, request: Any, context: Context) -> AsyncIterator[Any]:

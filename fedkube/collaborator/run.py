@@ -20,9 +20,10 @@ from fedkube.proto import aggregator_pb2, aggregator_pb2_grpc
 from fedkube.tasks.archive import read_plan, safe_extract
 from fedkube.tasks.models import Model, Task
 from fedkube.tasks.shard import ShardDescriptor
-from fedkube.transport.channel import open_sync_channel, raw_tensor_call
+from fedkube.transport.channel import open_sync_channel, raw_tensor_call, raw_tensor_stream
 from fedkube.transport.limits import CHUNK_BYTES
 from fedkube.transport.tensors import (
+    StreamReceiver,
     chunk_segments,
     encode_task_results,
     metric_tensors,
@@ -56,6 +57,9 @@ class Collaborator:
                                           options=[("grpc.max_reconnect_backoff_ms", 2000)])
         self._stub = aggregator_pb2_grpc.AggregatorStub(self._channel)  # type: ignore[no-untyped-call]
         self._get_tensor = raw_tensor_call(self._channel)
+        self._stream_tensor = raw_tensor_stream(self._channel)
+        self._streaming = True  # until a director (OpenFL's) answers UNIMPLEMENTED
+        self._received = StreamReceiver()
         self._header = aggregator_pb2.MessageHeader(sender=self.name, receiver="aggregator",
                                                     federation_uuid=self.experiment)
         self._names = list(self.task.init_model(self.plan.params))
@@ -63,17 +67,33 @@ class Collaborator:
     def _call(self, fn: Any, request: Any) -> Any:
         """Calls the aggregator, riding out a director restart."""
         for attempt in Retrying(retry=retry_if_exception(_transient), reraise=True,
-                                wait=wait_exponential_jitter(initial=0.2, max=2.0),
+                                wait=wait_exponential_jitter(multiplier=0.2, max=2.0),
                                 stop=stop_after_delay(RECONNECT_PATIENCE_S)):
             with attempt:
                 return fn(request, timeout=120)
         raise AssertionError("unreachable")
 
     def fetch_model(self, round_number: int) -> Model:
+        """The global model of a round. Streamed, each tensor lands in a buffer reused
+        round after round and the task gets a view of it (valid for this round: a task
+        that keeps arrays across rounds copies them); otherwise, as OpenFL sends it."""
         model = {}
         for name in self._names:
-            reply = self._call(self._get_tensor, aggregator_pb2.GetAggregatedTensorRequest(
-                header=self._header, tensor_name=name, round_number=round_number))
+            request = aggregator_pb2.GetAggregatedTensorRequest(
+                header=self._header, tensor_name=name, round_number=round_number)
+            if self._streaming:
+                try:
+                    view = self._call(lambda req, timeout, key=name: self._received.receive(
+                        key, self._stream_tensor(req, timeout=timeout)), request)
+                    model[name] = parse_tensor_response(view)[1]
+                    continue
+                except grpc.RpcError as exc:
+                    if exc.code() != grpc.StatusCode.UNIMPLEMENTED:  # type: ignore[attr-defined]
+                        raise
+                    log.info("the director does not stream tensors; using "
+                             "GetAggregatedTensor")
+                    self._streaming = False
+            reply = self._call(self._get_tensor, request)
             # A view of the reply's bytes, copied once so tasks may change it in place.
             model[name] = parse_tensor_response(reply)[1].copy()
         return model

@@ -79,7 +79,7 @@ class EnvoyAgent:
         """Calls fn until it succeeds or fails with a non-transient error."""
         async for attempt in AsyncRetrying(
             retry=retry_if_exception(_transient),
-            wait=wait_exponential_jitter(initial=0.2, max=min(self.config.max_backoff,
+            wait=wait_exponential_jitter(multiplier=0.2, max=min(self.config.max_backoff,
                                                               self.period)),
             before_sleep=self._log_retry, reraise=True,
         ):

@@ -75,6 +75,7 @@ def open_sync_channel(target: str, *, tls: TLSFiles | None,
 
 
 GET_AGGREGATED_TENSOR = "/openfl.aggregator.Aggregator/GetAggregatedTensor"
+STREAM_AGGREGATED_TENSOR = "/fedkube.streaming.TensorStream/StreamAggregatedTensor"
 
 
 def raw_tensor_call(channel: grpc.Channel) -> grpc.UnaryUnaryMultiCallable[Any, bytes]:
@@ -84,5 +85,16 @@ def raw_tensor_call(channel: grpc.Channel) -> grpc.UnaryUnaryMultiCallable[Any, 
 
     return channel.unary_unary(
         GET_AGGREGATED_TENSOR,
+        request_serializer=aggregator_pb2.GetAggregatedTensorRequest.SerializeToString,
+        response_deserializer=None)
+
+
+def raw_tensor_stream(channel: grpc.Channel) -> grpc.UnaryStreamMultiCallable[Any, bytes]:
+    """StreamAggregatedTensor answering with each chunk's wire bytes, for
+    tensors.StreamReceiver."""
+    from fedkube.proto import aggregator_pb2
+
+    return channel.unary_stream(
+        STREAM_AGGREGATED_TENSOR,
         request_serializer=aggregator_pb2.GetAggregatedTensorRequest.SerializeToString,
         response_deserializer=None)

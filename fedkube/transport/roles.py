@@ -52,6 +52,7 @@ ROLE_TABLE: dict[str, frozenset[Role]] = {
     _AGGREGATOR + "GetTasks": _TRAINING,
     _AGGREGATOR + "GetAggregatedTensor": _TRAINING,
     _AGGREGATOR + "SendLocalTaskResults": _TRAINING,
+    "/fedkube.streaming.TensorStream/StreamAggregatedTensor": _TRAINING,
 }
 
 

@@ -147,17 +147,64 @@ def encode_task_results(results: aggregator_pb2.TaskResults,
     (tobytes, the protobuf field, the serialized message)."""
     segments: list[bytes | memoryview] = [results.SerializeToString()]
     for name, array in arrays:
-        values = np.ascontiguousarray(array, dtype=DTYPE)
-        head = base_pb2.NamedTensor(
-            name=name, round_number=results.round_number, lossless=True,
-            transformer_metadata=[base_pb2.MetadataProto(int_list=list(values.shape))]
-        ).SerializeToString()
-        data = values.reshape(-1).data.cast("B")
-        # proto3 leaves an empty bytes field out; so do we, to stay byte-identical.
-        data_key = _length_key(_DATA_FIELD) + _varint(len(data)) if len(data) else b""
-        body = len(head) + len(data_key) + len(data)
-        segments += [_length_key(_TENSORS_FIELD) + _varint(body) + head + data_key, data]
+        segments += _tensor_field(_TENSORS_FIELD, name, results.round_number, array)
     return segments
+
+
+def _tensor_field(field: int, name: str, round_number: int, array: npt.ArrayLike
+                  ) -> list[bytes | memoryview]:
+    """A NamedTensor (as to_named_tensor makes it) as message field `field`: its head as
+    bytes, its values as a view of the array's memory."""
+    values = np.ascontiguousarray(array, dtype=DTYPE)
+    head = base_pb2.NamedTensor(
+        name=name, round_number=round_number, lossless=True,
+        transformer_metadata=[base_pb2.MetadataProto(int_list=list(values.shape))]
+    ).SerializeToString()
+    data = values.reshape(-1).data.cast("B")
+    # proto3 leaves an empty bytes field out; so do we, to stay byte-identical.
+    data_key = _length_key(_DATA_FIELD) + _varint(len(data)) if len(data) else b""
+    body = len(head) + len(data_key) + len(data)
+    return [_length_key(field) + _varint(body) + head + data_key, data]
+
+
+def encode_tensor_response(header: aggregator_pb2.MessageHeader, round_number: int,
+                           name: str, array: npt.ArrayLike) -> list[bytes | memoryview]:
+    """The wire bytes of GetAggregatedTensor's reply for `array`, as segments referencing
+    the array (what StreamAggregatedTensor sends in chunks, with no model-sized copy)."""
+    prefix = aggregator_pb2.GetAggregatedTensorResponse(
+        header=header, round_number=round_number).SerializeToString()
+    first, data = _tensor_field(_RESPONSE_TENSOR_FIELD, name, round_number, array)
+    return [prefix + bytes(first), data]
+
+
+_STREAM_DATA_FIELD = 2  # DataStream.npbytes
+
+
+class StreamReceiver:
+    """Joins a streamed message (raw DataStream chunks) into a buffer kept from call to
+    call under a key, so a model-sized tensor lands in memory already faulted in: fresh
+    pages cost far more than the copy on the machines we measured (docs/benchmarks.md)."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, bytearray] = {}
+
+    def receive(self, key: str, chunks: Iterable[bytes]) -> memoryview:
+        """The joined bytes, a view of the key's buffer: valid until its next receive."""
+        buffer = self._buffers.get(key, bytearray())
+        size = 0
+        for raw in chunks:
+            _, parts = _take_field(memoryview(raw), _STREAM_DATA_FIELD)
+            piece = parts[-1] if parts else memoryview(b"")
+            end = size + len(piece)
+            if end > len(buffer):
+                # A new buffer rather than a resize: views of the old one may be in use.
+                grown = bytearray(max(end, 2 * len(buffer)))
+                grown[:size] = buffer[:size]
+                buffer = grown
+            buffer[size:end] = piece
+            size = end
+        self._buffers[key] = buffer
+        return memoryview(buffer)[:size]
 
 
 def chunk_segments(segments: Iterable[bytes | memoryview], chunk_bytes: int
@@ -245,11 +292,11 @@ def parse_task_results(view: memoryview
     return message, [data for _, data in tensors]
 
 
-def parse_tensor_response(data: bytes
+def parse_tensor_response(data: bytes | memoryview
                           ) -> tuple[aggregator_pb2.GetAggregatedTensorResponse,
                                      npt.NDArray[np.float32]]:
     """A GetAggregatedTensor reply's wire bytes parsed in place: the message (its tensor
-    without data_bytes) and the values, a read-only view of `data`."""
+    without data_bytes) and the values, a view of `data` (writable when data is)."""
     rest, parts = _take_field(memoryview(data), _RESPONSE_TENSOR_FIELD)
     message = aggregator_pb2.GetAggregatedTensorResponse.FromString(rest)
     if not parts:
