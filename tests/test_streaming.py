@@ -13,11 +13,11 @@ import pytest
 
 from fedkube import metrics
 from fedkube.aggregator.runner import AggregatorRunner
-from fedkube.aggregator.servicer import AggregatorService
+from fedkube.aggregator.servicer import AggregatorService, add_aggregator_to_server
 from fedkube.api.plan import Plan
 from fedkube.client import experiment_archive
 from fedkube.collaborator.run import Collaborator
-from fedkube.proto import aggregator_pb2_grpc, streaming_pb2_grpc
+from fedkube.proto import aggregator_pb2_grpc
 from fedkube.tasks.digits import DigitsShard
 from fedkube.tasks.models import BUILTIN_TASKS
 from fedkube.transport.tensors import model_to_proto
@@ -55,9 +55,10 @@ async def test_collaborator_fetches_the_model_streamed_or_as_openfl_sends_it(
     runner.start(Started("exp", str(tmp_path / "archive.zip")))
     server = grpc.aio.server()
     service = AggregatorService(runner, tls=False)
-    aggregator_pb2_grpc.add_AggregatorServicer_to_server(service, server)  # type: ignore[no-untyped-call]
-    if streaming:  # an OpenFL 1.6 director serves the Aggregator service only
-        streaming_pb2_grpc.add_TensorStreamServicer_to_server(service, server)  # type: ignore[no-untyped-call]
+    if streaming:  # as fedkube's director serves it
+        add_aggregator_to_server(service, server)
+    else:  # an OpenFL 1.6 director: the Aggregator service only
+        aggregator_pb2_grpc.add_AggregatorServicer_to_server(service, server)  # type: ignore[no-untyped-call]
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     sent = metrics.BYTES_SENT.labels("StreamAggregatedTensor")._value.get()

@@ -130,6 +130,7 @@ def test_streamed_tensor_reply_is_the_unary_reply_and_lands_in_a_reused_buffer(
     from fedkube.proto import aggregator_pb2
     from fedkube.transport.tensors import (
         StreamReceiver,
+        chunk_frames,
         chunk_segments,
         encode_tensor_response,
         parse_tensor_response,
@@ -144,6 +145,9 @@ def test_streamed_tensor_reply_is_the_unary_reply_and_lands_in_a_reused_buffer(
         tensor=to_named_tensor("w", values, round_number=4)).SerializeToString()
     chunks = [c.SerializeToString() for c in chunk_segments(
         encode_tensor_response(header, 4, "w", values), chunk_bytes)]
+    # The frames the director sends are those messages' wire bytes, built in one copy.
+    assert list(chunk_frames(encode_tensor_response(header, 4, "w", values),
+                             chunk_bytes)) == chunks
     receiver = StreamReceiver()
     joined = receiver.receive("w", chunks)
     assert bytes(joined) == unary  # byte for byte what GetAggregatedTensor sends

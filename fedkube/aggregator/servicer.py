@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
+import grpc
 from google.protobuf.message import DecodeError
 
 from fedkube import metrics
@@ -20,14 +21,14 @@ from fedkube.api.errors import (
     PermissionDeniedError,
     ResourceExhaustedError,
 )
-from fedkube.proto import aggregator_pb2, aggregator_pb2_grpc, base_pb2
+from fedkube.proto import aggregator_pb2, aggregator_pb2_grpc
 from fedkube.transport.identity import caller_identity
 from fedkube.transport.limits import CHUNK_BYTES
 from fedkube.transport.status import Context, stream_errors, unary_errors
 from fedkube.transport.tensors import (
     ChunkAssembler,
     TensorError,
-    chunk_segments,
+    chunk_frames,
     encode_tensor_response,
 )
 
@@ -78,7 +79,7 @@ class AggregatorService(aggregator_pb2_grpc.AggregatorServicer):
             tensor=tensor)
 
     @unary_errors
-    async def SendLocalTaskResults(self, request_iterator: AsyncIterator[base_pb2.DataStream],
+    async def SendLocalTaskResults(self, request_iterator: AsyncIterator[bytes],
                                    context: Context
                                    ) -> aggregator_pb2.SendLocalTaskResultsResponse:
         # The experiment is named inside the message, so size the buffer on the largest
@@ -87,9 +88,9 @@ class AggregatorService(aggregator_pb2_grpc.AggregatorServicer):
                       default=1 << 20)
         assembler = ChunkAssembler(largest, RESULT_LIMIT_FACTOR * largest)
         try:
-            async for chunk in request_iterator:
-                assembler.add(chunk)
-                metrics.BYTES_RECEIVED.labels("SendLocalTaskResults").inc(len(chunk.npbytes))
+            async for frame in request_iterator:  # DataStream wire bytes, parsed here
+                assembler.add_frame(frame)
+                metrics.BYTES_RECEIVED.labels("SendLocalTaskResults").inc(len(frame))
             results, payloads = assembler.parse()
         except OverflowError as exc:
             raise ResourceExhaustedError(str(exc)) from exc
@@ -103,17 +104,17 @@ class AggregatorService(aggregator_pb2_grpc.AggregatorServicer):
 
     @stream_errors
     async def StreamAggregatedTensor(self, request: aggregator_pb2.GetAggregatedTensorRequest,
-                                     context: Context) -> AsyncIterator[base_pb2.DataStream]:
+                                     context: Context) -> AsyncIterator[bytes]:
         """fedkube.streaming.TensorStream: GetAggregatedTensor's reply in chunks, read
-        straight from the global model's memory."""
+        straight from the global model's memory, as DataStream wire bytes."""
         sender = self._sender(request.header, context)
         aggregator = self.runner.aggregator(request.header.federation_uuid)
         values = aggregator.tensor_values(sender, request.tensor_name, request.round_number)
         segments = encode_tensor_response(self._reply_header(request.header),
                                           aggregator.round, request.tensor_name, values)
-        for chunk in chunk_segments(segments, CHUNK_BYTES):
-            metrics.BYTES_SENT.labels("StreamAggregatedTensor").inc(len(chunk.npbytes))
-            yield chunk
+        for frame in chunk_frames(segments, CHUNK_BYTES):
+            metrics.BYTES_SENT.labels("StreamAggregatedTensor").inc(len(frame))
+            yield frame
 
     @stream_errors
     async def GetMetricStream(self, request: Any, context: Context) -> AsyncIterator[Any]:
@@ -127,3 +128,36 @@ class AggregatorService(aggregator_pb2_grpc.AggregatorServicer):
     @unary_errors
     async def GetExperimentDescription(self, request: Any, context: Context) -> Any:
         raise FailedPreconditionError("describe experiments through the director")
+
+
+class _Registrations:
+    """Stands in for a server to collect the handlers generated code would register."""
+
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]]
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        pass
+
+    def add_registered_method_handlers(self, service: str, handlers: Any) -> None:
+        self.handlers = dict(handlers)
+
+
+def add_aggregator_to_server(service: AggregatorService, server: grpc.aio.Server) -> None:
+    """Serves openfl.aggregator.Aggregator and fedkube.streaming.TensorStream. The model-
+    sized streams skip protobuf: SendLocalTaskResults gets its DataStream chunks as wire
+    bytes and StreamAggregatedTensor yields them, each copied once."""
+    generated = _Registrations()
+    aggregator_pb2_grpc.add_AggregatorServicer_to_server(service, generated)  # type: ignore[no-untyped-call]
+    handlers = generated.handlers
+    results = handlers["SendLocalTaskResults"]
+    handlers["SendLocalTaskResults"] = grpc.stream_unary_rpc_method_handler(
+        service.SendLocalTaskResults, request_deserializer=None,
+        response_serializer=results.response_serializer)
+    stream = grpc.unary_stream_rpc_method_handler(
+        service.StreamAggregatedTensor,
+        request_deserializer=aggregator_pb2.GetAggregatedTensorRequest.FromString,
+        response_serializer=None)
+    server.add_generic_rpc_handlers([
+        grpc.method_handlers_generic_handler("openfl.aggregator.Aggregator", handlers),
+        grpc.method_handlers_generic_handler("fedkube.streaming.TensorStream",
+                                             {"StreamAggregatedTensor": stream})])

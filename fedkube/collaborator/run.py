@@ -20,11 +20,16 @@ from fedkube.proto import aggregator_pb2, aggregator_pb2_grpc
 from fedkube.tasks.archive import read_plan, safe_extract
 from fedkube.tasks.models import Model, Task
 from fedkube.tasks.shard import ShardDescriptor
-from fedkube.transport.channel import open_sync_channel, raw_tensor_call, raw_tensor_stream
+from fedkube.transport.channel import (
+    open_sync_channel,
+    raw_results_call,
+    raw_tensor_call,
+    raw_tensor_stream,
+)
 from fedkube.transport.limits import CHUNK_BYTES
 from fedkube.transport.tensors import (
     StreamReceiver,
-    chunk_segments,
+    chunk_frames,
     encode_task_results,
     metric_tensors,
     parse_tensor_response,
@@ -58,6 +63,7 @@ class Collaborator:
         self._stub = aggregator_pb2_grpc.AggregatorStub(self._channel)  # type: ignore[no-untyped-call]
         self._get_tensor = raw_tensor_call(self._channel)
         self._stream_tensor = raw_tensor_stream(self._channel)
+        self._send_frames = raw_results_call(self._channel)
         self._streaming = True  # until a director (OpenFL's) answers UNIMPLEMENTED
         self._received = StreamReceiver()
         self._header = aggregator_pb2.MessageHeader(sender=self.name, receiver="aggregator",
@@ -105,8 +111,8 @@ class Collaborator:
                                              task_name=task, data_size=data_size,
                                              tensors=tensors)
         segments = encode_task_results(results, arrays)
-        self._call(lambda _, timeout: self._stub.SendLocalTaskResults(
-            chunk_segments(segments, CHUNK_BYTES), timeout=timeout), None)
+        self._call(lambda _, timeout: self._send_frames(
+            chunk_frames(segments, CHUNK_BYTES), timeout=timeout), None)
 
     def run(self) -> int:
         """Works until the aggregator says quit; returns the number of rounds trained."""

@@ -9,13 +9,13 @@ import logging
 import grpc
 
 from fedkube.aggregator.runner import AggregatorRunner
-from fedkube.aggregator.servicer import AggregatorService
+from fedkube.aggregator.servicer import AggregatorService, add_aggregator_to_server
 from fedkube.api.config import DirectorConfig
 from fedkube.director.core import Director
 from fedkube.director.metrics import serve_metrics
 from fedkube.director.servicer import DirectorService
 from fedkube.director.store import open_store
-from fedkube.proto import aggregator_pb2_grpc, director_pb2_grpc, streaming_pb2_grpc
+from fedkube.proto import director_pb2_grpc
 from fedkube.transport.server import create_server
 from fedkube.transport.tls import TLSFiles
 
@@ -42,11 +42,8 @@ class DirectorServer:
         director_pb2_grpc.add_DirectorServicer_to_server(  # type: ignore[no-untyped-call]
             DirectorService(self.director, tls=tls is not None), self.server)
         # Collaborators reach their aggregators on the director's own port.
-        aggregator = AggregatorService(self.runner, tls=tls is not None)
-        aggregator_pb2_grpc.add_AggregatorServicer_to_server(  # type: ignore[no-untyped-call]
-            aggregator, self.server)
-        streaming_pb2_grpc.add_TensorStreamServicer_to_server(  # type: ignore[no-untyped-call]
-            aggregator, self.server)
+        add_aggregator_to_server(AggregatorService(self.runner, tls=tls is not None),
+                                 self.server)
         self._flusher: asyncio.Task[None] | None = None
         self.metrics_port: int | None = None
 

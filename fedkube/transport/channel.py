@@ -98,3 +98,13 @@ def raw_tensor_stream(channel: grpc.Channel) -> grpc.UnaryStreamMultiCallable[An
         STREAM_AGGREGATED_TENSOR,
         request_serializer=aggregator_pb2.GetAggregatedTensorRequest.SerializeToString,
         response_deserializer=None)
+
+
+def raw_results_call(channel: grpc.Channel) -> grpc.StreamUnaryMultiCallable[bytes, Any]:
+    """SendLocalTaskResults taking DataStream wire bytes (tensors.chunk_frames), so the
+    model's memory is copied once on its way out."""
+    from fedkube.proto import aggregator_pb2
+
+    return channel.stream_unary(
+        "/openfl.aggregator.Aggregator/SendLocalTaskResults", request_serializer=None,
+        response_deserializer=aggregator_pb2.SendLocalTaskResultsResponse.FromString)
