@@ -48,3 +48,16 @@ def test_refuses_empty_rounds_and_bad_weights() -> None:
         fedavg.result()
     with pytest.raises(ValueError, match="positive"):
         fedavg.add({"w": np.ones(3, np.float32)}, 0.0)
+
+
+@pytest.mark.parametrize("size", [0, 1, 1000, 3 * (1 << 19) + 7])
+def test_all_finite_in_blocks_matches_numpy(size: int) -> None:
+    from fedkube.aggregator.fedavg import all_finite
+
+    values = np.ones(size, np.float32)
+    assert all_finite(values)
+    for bad in (np.nan, np.inf, -np.inf):
+        if size:
+            spoiled = values.copy()
+            spoiled[-1] = bad  # in the last, partial block
+            assert not all_finite(spoiled)

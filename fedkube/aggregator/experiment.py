@@ -25,7 +25,7 @@ import numpy as np
 import numpy.typing as npt
 
 from fedkube import metrics
-from fedkube.aggregator.fedavg import Model, StreamingFedAvg
+from fedkube.aggregator.fedavg import Model, StreamingFedAvg, all_finite
 from fedkube.api.errors import InvalidArgumentError, NotFoundError, PermissionDeniedError
 from fedkube.api.plan import Plan
 from fedkube.proto import aggregator_pb2, base_pb2
@@ -315,7 +315,7 @@ class ExperimentAggregator:
                 value = from_named_tensor(tensor, None if payloads is None else payloads[i])
             except TensorError as exc:
                 raise InvalidArgumentError(str(exc)) from exc
-            if not np.isfinite(value).all():
+            if not all_finite(value):
                 raise InvalidArgumentError(f"tensor {tensor.name!r} holds NaN or Inf")
             if tensor.report:
                 if value.size != 1:

@@ -17,6 +17,18 @@ Model = dict[str, npt.NDArray[np.float32]]
 BLOCK = 1 << 19
 
 
+def all_finite(values: npt.NDArray[np.float32]) -> bool:
+    """np.isfinite(values).all() in cache-sized blocks: no boolean temporary the size of
+    the model (fresh memory, whose page faults cost more than the check)."""
+    flat = values.reshape(-1)
+    scratch = np.empty(min(BLOCK, flat.size), bool)
+    for start in range(0, flat.size, BLOCK):
+        block = flat[start:start + BLOCK]
+        if not np.isfinite(block, out=scratch[:block.size]).all():
+            return False
+    return True
+
+
 class StreamingFedAvg:
     def __init__(self, template: Model) -> None:
         # Zero-filled now (np.zeros would map pages lazily): the page faults are paid when
