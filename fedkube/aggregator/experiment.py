@@ -44,6 +44,9 @@ WAIT_SECONDS = 1
 # How long the collaborators of a (re)started experiment get to start up and ask for their
 # first tasks (process or Pod start, image pull, install_requirements) before it fails.
 STARTUP_TIMEOUT_S = 900.0
+# Results up to this size are checked and added on the event loop: a thread hop costs more
+# than the work (profiled with py-spy at 32 collaborators, docs/benchmarks.md).
+INLINE_RESULT_BYTES = 256 << 10
 
 
 @dataclass(frozen=True)
@@ -368,10 +371,14 @@ class ExperimentAggregator:
         """submit() with the model-sized work in a thread, so a large model never stalls
         the director's other calls (health checks, other experiments). `payloads` are
         the tensors' bytes when the message was parsed without them."""
+        size = sum(len(p) for p in payloads) if payloads is not None else results.ByteSize()
         async with self._receiving:
             with metrics.AGGREGATION_SECONDS.time():
-                figures, weight = await asyncio.to_thread(self._accept, sender, results,
-                                                          payloads)
+                if size <= INLINE_RESULT_BYTES:
+                    figures, weight = self._accept(sender, results, payloads)
+                else:
+                    figures, weight = await asyncio.to_thread(self._accept, sender, results,
+                                                              payloads)
             self._accepted(sender, results, figures, weight)
 
 
