@@ -273,7 +273,7 @@ def _metrics(client: Any, args: argparse.Namespace) -> int:
 def _plot(client: Any, args: argparse.Namespace) -> int:
     from fedkube.plot import plot_metrics
 
-    metrics = client.metrics(args.name)
+    metrics = client.metrics(args.name, follow=False)  # a running experiment: so far
     if not metrics:
         print(f"experiment {args.name} has no metrics yet", file=sys.stderr)
         return 1

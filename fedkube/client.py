@@ -214,12 +214,24 @@ class DirectorClient:
                 raise TimeoutError(f"experiment {name} still {status.status} after {timeout}s")
             time.sleep(interval)
 
-    def metrics(self, name: str) -> list[Metric]:
-        """Every metric reported so far (follows the stream until the experiment ends)."""
+    def metrics(self, name: str, *, follow: bool = True,
+                snapshot_s: float = 2.0) -> list[Metric]:
+        """Every metric of the experiment: followed until it ends, or (follow=False) what
+        a running experiment has reported within snapshot_s."""
+        if not follow and self.status(name).done:
+            follow = True  # a finished experiment's stream ends by itself
         stream = self._stub.GetMetricStream(
-            director_pb2.GetMetricStreamRequest(experiment_name=name), metadata=self._metadata)
-        return [Metric(m.metric_origin, m.task_name, m.metric_name, m.metric_value, m.round)
-                for m in stream]
+            director_pb2.GetMetricStreamRequest(experiment_name=name), metadata=self._metadata,
+            timeout=None if follow else snapshot_s)
+        metrics = []
+        try:
+            for m in stream:
+                metrics.append(Metric(m.metric_origin, m.task_name, m.metric_name,
+                                      m.metric_value, m.round))
+        except grpc.RpcError as exc:
+            if follow or exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED:  # type: ignore[attr-defined]
+                raise
+        return metrics
 
     def model(self, name: str, *, best: bool = True) -> dict[str, npt.NDArray[np.float32]]:
         kind = director_pb2.GetTrainedModelRequest.BEST_MODEL if best else (

@@ -128,3 +128,24 @@ def test_grafana_dashboard_plots_only_series_we_export() -> None:
             for name in re.findall(r"fedkube_[a-z_]+", target["expr"])}
     assert len(used) >= 10
     assert used <= exported, used - exported
+
+
+def test_plot_of_a_running_experiment_shows_the_rounds_so_far(
+        tmp_path: Path, processes: list[Process]) -> None:
+    from fedkube.api.plan import Plan
+    from fedkube.demo import PARAMS
+    from tests.test_reliability import SLOW_TASK, current_round, start_federation, submit_plan
+
+    port, client, _ = start_federation(tmp_path, processes, 2, delays={0: 0.3, 1: 0.3})
+    plan = Plan(task="archive:slow", rounds=50, params=PARAMS, round_timeout_s=60)
+    submit_plan(client, "long", plan, ["env0", "env1"], {"slow.py": SLOW_TASK})
+    wait_for(lambda: current_round(client, "long") >= 2, timeout=60, message="round 2")
+    out = tmp_path / "long.png"
+    result = subprocess.run([sys.executable, "-m", "fedkube.cli", "experiment", "plot",
+                             "long", "--director", f"localhost:{port}", "--client-id",
+                             "alice", "--insecure", "--out", str(out)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert out.read_bytes().startswith(b"\x89PNG")
+    assert client.status("long").status == "in_progress"  # it did not wait for the end
+    client.close()
