@@ -22,6 +22,7 @@ from fedkube.api.errors import (
     ResourceExhaustedError,
 )
 from fedkube.proto import aggregator_pb2, aggregator_pb2_grpc
+from fedkube.transport.guard import add_guarded_service, generated_handlers
 from fedkube.transport.identity import caller_identity
 from fedkube.transport.limits import CHUNK_BYTES
 from fedkube.transport.status import Context, stream_errors, unary_errors
@@ -130,25 +131,13 @@ class AggregatorService(aggregator_pb2_grpc.AggregatorServicer):
         raise FailedPreconditionError("describe experiments through the director")
 
 
-class _Registrations:
-    """Stands in for a server to collect the handlers generated code would register."""
-
-    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]]
-
-    def add_generic_rpc_handlers(self, handlers: Any) -> None:
-        pass
-
-    def add_registered_method_handlers(self, service: str, handlers: Any) -> None:
-        self.handlers = dict(handlers)
-
-
-def add_aggregator_to_server(service: AggregatorService, server: grpc.aio.Server) -> None:
+def add_aggregator_to_server(service: AggregatorService, server: grpc.aio.Server, *,
+                             check_roles: bool = False) -> None:
     """Serves openfl.aggregator.Aggregator and fedkube.streaming.TensorStream. The model-
     sized streams skip protobuf: SendLocalTaskResults gets its DataStream chunks as wire
     bytes and StreamAggregatedTensor yields them, each copied once."""
-    generated = _Registrations()
-    aggregator_pb2_grpc.add_AggregatorServicer_to_server(service, generated)  # type: ignore[no-untyped-call]
-    handlers = generated.handlers
+    handlers = generated_handlers(aggregator_pb2_grpc.add_AggregatorServicer_to_server,
+                                  service)
     results = handlers["SendLocalTaskResults"]
     handlers["SendLocalTaskResults"] = grpc.stream_unary_rpc_method_handler(
         service.SendLocalTaskResults, request_deserializer=None,
@@ -157,7 +146,7 @@ def add_aggregator_to_server(service: AggregatorService, server: grpc.aio.Server
         service.StreamAggregatedTensor,
         request_deserializer=aggregator_pb2.GetAggregatedTensorRequest.FromString,
         response_serializer=None)
-    server.add_generic_rpc_handlers([
-        grpc.method_handlers_generic_handler("openfl.aggregator.Aggregator", handlers),
-        grpc.method_handlers_generic_handler("fedkube.streaming.TensorStream",
-                                             {"StreamAggregatedTensor": stream})])
+    add_guarded_service(server, "openfl.aggregator.Aggregator", handlers,
+                        check_roles=check_roles)
+    add_guarded_service(server, "fedkube.streaming.TensorStream",
+                        {"StreamAggregatedTensor": stream}, check_roles=check_roles)

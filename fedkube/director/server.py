@@ -16,6 +16,7 @@ from fedkube.director.metrics import serve_metrics
 from fedkube.director.servicer import DirectorService
 from fedkube.director.store import open_store
 from fedkube.proto import director_pb2_grpc
+from fedkube.transport.guard import add_guarded_service, generated_handlers
 from fedkube.transport.server import create_server
 from fedkube.transport.tls import TLSFiles
 
@@ -39,11 +40,13 @@ class DirectorServer:
         self.server, self.port = create_server(config.host, config.port, tls=tls)
         self.runner = AggregatorRunner(self.director)
         self.director.runner = self.runner
-        director_pb2_grpc.add_DirectorServicer_to_server(  # type: ignore[no-untyped-call]
-            DirectorService(self.director, tls=tls is not None), self.server)
+        secure = tls is not None  # under mTLS every call also passes the role table
+        add_guarded_service(self.server, "openfl.director.Director", generated_handlers(
+            director_pb2_grpc.add_DirectorServicer_to_server,
+            DirectorService(self.director, tls=secure)), check_roles=secure)
         # Collaborators reach their aggregators on the director's own port.
-        add_aggregator_to_server(AggregatorService(self.runner, tls=tls is not None),
-                                 self.server)
+        add_aggregator_to_server(AggregatorService(self.runner, tls=secure), self.server,
+                                 check_roles=secure)
         self._flusher: asyncio.Task[None] | None = None
         self.metrics_port: int | None = None
 

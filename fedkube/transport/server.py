@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import grpc
 
-from fedkube.transport.interceptors import GuardInterceptor
 from fedkube.transport.limits import SERVER_OPTIONS
 from fedkube.transport.tls import TLSFiles, server_credentials
 
 
 def create_server(host: str, port: int, *, tls: TLSFiles | None) -> tuple[grpc.aio.Server, int]:
     """Returns the server and the port it bound (port 0 picks a free one)."""
-    # Every call is checked for parseable bytes and, under mTLS, against the role table.
-    guard = GuardInterceptor(check_roles=tls is not None)
-    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[guard])
+    # Services are registered through fedkube.transport.guard, which checks every call.
+    server = grpc.aio.server(options=SERVER_OPTIONS)
     address = f"{host}:{port}"
     if tls is None:
         bound = server.add_insecure_port(address)
