@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -104,7 +105,13 @@ def cmd_envoy_start(args: argparse.Namespace) -> int:
 
     async def main() -> None:
         agent = EnvoyAgent(config, shard, runtime=make_runtime(config))
-        await agent.run()
+        # SIGTERM (a Pod deleted, a test's stop) unwinds like Ctrl-C: the running
+        # collaborator is stopped with its envoy instead of left behind.
+        task = asyncio.current_task()
+        assert task is not None
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+        with contextlib.suppress(asyncio.CancelledError):
+            await agent.run()
 
     try:
         asyncio.run(main())

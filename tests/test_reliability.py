@@ -12,6 +12,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import pytest
 
 from fedkube.api.plan import Plan
 from fedkube.client import DirectorClient
@@ -192,3 +193,32 @@ def test_a_straggler_does_not_hold_up_rounds_and_its_late_results_are_refused(
     assert "closed without this collaborator" in collaborator_log
     assert envoys[2].running
     assert np.isfinite(final.best_metrics["accuracy"])
+
+
+def collaborator_pids(work: Path) -> list[int]:
+    """Collaborator processes whose command line names a directory under work."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"collaborator" in argv and any(str(work).encode() in a for a in argv):
+            pids.append(int(entry.name))
+    return pids
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_no_collaborator_outlives_its_envoy(tmp_path: Path, processes: list[Process],
+                                            sig: signal.Signals) -> None:
+    _, client, envoys = start_federation(tmp_path, processes, 2, delays={0: 0.5, 1: 0.5})
+    plan = Plan(task="archive:slow", rounds=100, params=PARAMS, round_timeout_s=600)
+    submit_plan(client, "orphans", plan, ["env0", "env1"], {"slow.py": SLOW_TASK})
+    wait_for(lambda: len(collaborator_pids(tmp_path / "env1")) == 1, timeout=60,
+             message="env1's collaborator running")
+    envoys[1].kill(sig)  # SIGTERM: a deleted Pod; SIGKILL: the envoy dies outright
+    wait_for(lambda: not collaborator_pids(tmp_path / "env1"), timeout=30,
+             message="env1's collaborator gone with its envoy")
+    assert collaborator_pids(tmp_path / "env0")  # the other envoy's is untouched

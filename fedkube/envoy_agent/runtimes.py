@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -22,6 +23,16 @@ def _tls_args(config: EnvoyConfig) -> list[str]:
     if tls.insecure:
         return ["--insecure"]
     return ["--ca", str(tls.ca), "--cert", str(tls.cert), "--key", str(tls.key)]
+
+
+def _die_with_parent() -> None:
+    """In the collaborator, before exec: the kernel kills it if its envoy dies, even by
+    SIGKILL, so no collaborator outlives its envoy (Linux; elsewhere a no-op)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
 def _last_error(text: str) -> str:
@@ -54,7 +65,7 @@ class ProcessRuntime:
         with log_path.open("wb") as sink:
             process = await asyncio.create_subprocess_exec(*args, stdout=sink,
                                                            stderr=asyncio.subprocess.STDOUT,
-                                                           env=env)
+                                                           env=env, preexec_fn=_die_with_parent)
             try:
                 code = await process.wait()
             except asyncio.CancelledError:
