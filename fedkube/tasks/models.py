@@ -5,6 +5,8 @@ A task is three functions over a model (a dict of float32 arrays):
     train(model, (x, y), params) -> (Model, metrics)
     validate(model, (x, y), params) -> metrics        # includes "accuracy"
 User archives provide the same three functions in a module (see fedkube.tasks.archive).
+The model a task receives is valid for its round: the collaborator reuses its memory for
+the next round's download, so a task copies arrays it keeps across rounds.
 """
 
 from __future__ import annotations
