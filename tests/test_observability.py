@@ -26,6 +26,14 @@ def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
             for family in text_string_to_metric_families(text) for s in family.samples}
 
 
+def plot(port: int, experiment: str, out: Path) -> subprocess.CompletedProcess[str]:
+    """`fedkube experiment plot` as alice, the owner in these tests."""
+    return subprocess.run([sys.executable, "-m", "fedkube.cli", "experiment", "plot",
+                           experiment, "--director", f"localhost:{port}", "--client-id",
+                           "alice", "--insecure", "--out", str(out)],
+                          capture_output=True, text=True, timeout=120)
+
+
 def test_director_metrics_move_and_the_plot_and_json_logs(
         tmp_path: Path, processes: list[Process]) -> None:
     port, metrics_port = free_port(), free_port()
@@ -68,10 +76,7 @@ def test_director_metrics_move_and_the_plot_and_json_logs(
 
     # The plot: a real PNG of a real size, not blank.
     out = tmp_path / "watched.png"
-    result = subprocess.run([sys.executable, "-m", "fedkube.cli", "experiment", "plot",
-                             "watched", "--director", f"localhost:{port}", "--client-id",
-                             "alice", "--insecure", "--out", str(out)],
-                            capture_output=True, text=True, timeout=120)
+    result = plot(port, "watched", out)
     assert result.returncode == 0, result.stderr
     import matplotlib.image
 
@@ -141,10 +146,7 @@ def test_plot_of_a_running_experiment_shows_the_rounds_so_far(
     submit_plan(client, "long", plan, ["env0", "env1"], {"slow.py": SLOW_TASK})
     wait_for(lambda: current_round(client, "long") >= 2, timeout=60, message="round 2")
     out = tmp_path / "long.png"
-    result = subprocess.run([sys.executable, "-m", "fedkube.cli", "experiment", "plot",
-                             "long", "--director", f"localhost:{port}", "--client-id",
-                             "alice", "--insecure", "--out", str(out)],
-                            capture_output=True, text=True, timeout=60)
+    result = plot(port, "long", out)
     assert result.returncode == 0, result.stderr
     assert out.read_bytes().startswith(b"\x89PNG")
     assert client.status("long").status == "in_progress"  # it did not wait for the end
