@@ -53,7 +53,7 @@ def test_encoded_results_are_the_bytes_protobuf_would_write(chunk_bytes: int) ->
     """Model arrays streamed from memory give exactly TaskResults.SerializeToString()."""
     from fedkube.proto import aggregator_pb2
     from fedkube.transport.tensors import (
-        chunk_segments,
+        chunk_frames,
         encode_task_results,
         metric_tensors,
         to_named_tensor,
@@ -68,7 +68,8 @@ def test_encoded_results_are_the_bytes_protobuf_would_write(chunk_bytes: int) ->
         tensors=[*small, *(to_named_tensor(n, a, round_number=3) for n, a in arrays)])
     results = aggregator_pb2.TaskResults(header=header, round_number=3, task_name="train",
                                          data_size=10, tensors=small)
-    chunks = list(chunk_segments(encode_task_results(results, arrays), chunk_bytes))
+    chunks = [base_pb2.DataStream.FromString(frame) for frame in
+              chunk_frames(encode_task_results(results, arrays), chunk_bytes)]
     assert all(c.size == len(c.npbytes) == chunk_bytes for c in chunks[:-1])
     assert b"".join(c.npbytes for c in chunks) == expected.SerializeToString()
 
@@ -131,7 +132,6 @@ def test_streamed_tensor_reply_is_the_unary_reply_and_lands_in_a_reused_buffer(
     from fedkube.transport.tensors import (
         StreamReceiver,
         chunk_frames,
-        chunk_segments,
         encode_tensor_response,
         parse_tensor_response,
         to_named_tensor,
@@ -143,11 +143,10 @@ def test_streamed_tensor_reply_is_the_unary_reply_and_lands_in_a_reused_buffer(
     unary = aggregator_pb2.GetAggregatedTensorResponse(
         header=header, round_number=4,
         tensor=to_named_tensor("w", values, round_number=4)).SerializeToString()
-    chunks = [c.SerializeToString() for c in chunk_segments(
-        encode_tensor_response(header, 4, "w", values), chunk_bytes)]
-    # The frames the director sends are those messages' wire bytes, built in one copy.
-    assert list(chunk_frames(encode_tensor_response(header, 4, "w", values),
-                             chunk_bytes)) == chunks
+    chunks = list(chunk_frames(encode_tensor_response(header, 4, "w", values), chunk_bytes))
+    # The frames are DataStream messages' wire bytes, each chunk_bytes but the last.
+    messages = [base_pb2.DataStream.FromString(c) for c in chunks]
+    assert all(m.size == len(m.npbytes) == chunk_bytes for m in messages[:-1])
     receiver = StreamReceiver()
     joined = receiver.receive("w", chunks)
     assert bytes(joined) == unary  # byte for byte what GetAggregatedTensor sends
@@ -160,8 +159,8 @@ def test_streamed_tensor_reply_is_the_unary_reply_and_lands_in_a_reused_buffer(
     # ...and a larger tensor moves to a larger buffer even while the task still holds
     # views of the old one (a bytearray with views cannot be resized).
     bigger = np.ones(100_000, np.float32)  # past any doubling of the old buffer
-    grown = receiver.receive("w", [c.SerializeToString() for c in chunk_segments(
-        encode_tensor_response(header, 5, "w", bigger), chunk_bytes)])
+    grown = receiver.receive("w", chunk_frames(encode_tensor_response(header, 5, "w", bigger),
+                                               chunk_bytes))
     assert grown.obj is not joined.obj
     np.testing.assert_array_equal(parse_tensor_response(grown)[1], bigger)
     assert got.shape == (3, 1000)  # still a valid (if overwritten) view

@@ -74,7 +74,7 @@ class AggregatorService(aggregator_pb2_grpc.AggregatorServicer):
         sender = self._sender(request.header, context)
         aggregator = self.runner.aggregator(request.header.federation_uuid)
         tensor = aggregator.get_tensor(sender, request.tensor_name, request.round_number)
-        metrics.BYTES_SENT.labels("GetAggregatedTensor").inc(len(tensor.data_bytes))
+        metrics.BYTES_SENT.labels("GetAggregatedTensor").inc(tensor.ByteSize())  # no copy
         return aggregator_pb2.GetAggregatedTensorResponse(
             header=self._reply_header(request.header), round_number=aggregator.round,
             tensor=tensor)

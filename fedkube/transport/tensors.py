@@ -229,17 +229,11 @@ def _pieces(segments: Iterable[bytes | memoryview], chunk_bytes: int
         yield bytes(pending)
 
 
-def chunk_segments(segments: Iterable[bytes | memoryview], chunk_bytes: int
-                   ) -> Iterator[base_pb2.DataStream]:
-    """Wire segments cut into DataStream chunks of chunk_bytes (the last one shorter)."""
-    for piece in _pieces(segments, chunk_bytes):
-        yield base_pb2.DataStream(size=len(piece), npbytes=bytes(piece))
-
-
 def chunk_frames(segments: Iterable[bytes | memoryview], chunk_bytes: int
                  ) -> Iterator[bytes]:
-    """The same DataStream chunks as their wire bytes (for a handler whose serializer is
-    the identity): one copy per chunk where chunk_segments makes three."""
+    """Wire segments cut into DataStream chunks of chunk_bytes (the last one shorter), as
+    the chunks' wire bytes, for calls and handlers with no (de)serializer: one copy per
+    chunk, where building DataStream messages and serializing them makes three."""
     for piece in _pieces(segments, chunk_bytes):
         size = _varint(len(piece))
         yield b"".join((b"\x08", size, b"\x12", size, piece))  # size = 1, npbytes = 2
@@ -332,12 +326,9 @@ class ChunkAssembler:
         self._buffer = bytearray(min(max(expected_bytes, 1 << 16), limit_bytes))
         self._size = 0
 
-    def add(self, chunk: base_pb2.DataStream) -> None:
-        self._append(chunk.size, chunk.npbytes)
-
     def add_frame(self, frame: bytes) -> None:
         """A chunk as its DataStream wire bytes (a handler with no deserializer): the
-        payload is copied once, into the buffer, instead of three times."""
+        payload is copied once, into the buffer."""
         size, data = 0, memoryview(b"")
         view, pos = memoryview(frame), 0
         while pos < len(view):
