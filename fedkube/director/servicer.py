@@ -139,15 +139,16 @@ class DirectorService(director_pb2_grpc.DirectorServicer):
                 elif message.name != first.name:
                     raise InvalidArgumentError("experiment name changed within the stream")
                 data = message.experiment_data
-                if data.size != len(data.npbytes):
+                payload = data.npbytes  # each access of a bytes field copies it: once only
+                if data.size != len(payload):
                     raise InvalidArgumentError(
-                        f"chunk says {data.size} bytes but carries {len(data.npbytes)}")
-                if sink.tell() + len(data.npbytes) > MAX_ARCHIVE_BYTES:
+                        f"chunk says {data.size} bytes but carries {len(payload)}")
+                if sink.tell() + len(payload) > MAX_ARCHIVE_BYTES:
                     raise ResourceExhaustedError(
                         f"experiment archive exceeds {MAX_ARCHIVE_BYTES} bytes")
-                sink.write(data.npbytes)
+                sink.write(payload)
                 metrics.BYTES_RECEIVED.labels("SetNewExperiment").inc(
-                    len(data.npbytes) + message.model_proto.ByteSize())
+                    len(payload) + message.model_proto.ByteSize())
                 try:
                     model.add(message.model_proto)
                 except OverflowError as exc:
