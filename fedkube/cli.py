@@ -149,11 +149,13 @@ def cmd_shards(args: argparse.Namespace) -> int:
 
 def cmd_collaborator_run(args: argparse.Namespace) -> int:
     from fedkube.collaborator import environment
+    from fedkube.collaborator.lifetime import bind_to_envoy
     from fedkube.collaborator.run import Collaborator, extract, fetch_archive
     from fedkube.tasks.archive import load_task
     from fedkube.tasks.shard import load_shard
     from fedkube.transport.tls import TLSFiles
 
+    bind_to_envoy()
     tls = None if args.insecure else TLSFiles(ca=args.ca.read_bytes(), cert=args.cert.read_bytes(),
                                               key=args.key.read_bytes())
     archive = args.archive or fetch_archive(args.director, tls, args.experiment, args.name,

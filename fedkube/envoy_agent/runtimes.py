@@ -5,13 +5,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import signal
 import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
 from fedkube.api.config import EnvoyConfig
+from fedkube.collaborator.lifetime import ENVOY_PID
 from fedkube.envoy_agent.pods import PodPlacement, build_collaborator_pod
 from fedkube.envoy_agent.runtime import CollaboratorFailed, CollaboratorJob, Runtime
 
@@ -23,16 +23,6 @@ def _tls_args(config: EnvoyConfig) -> list[str]:
     if tls.insecure:
         return ["--insecure"]
     return ["--ca", str(tls.ca), "--cert", str(tls.cert), "--key", str(tls.key)]
-
-
-def _die_with_parent() -> None:
-    """In the collaborator, before exec: the kernel kills it if its envoy dies, even by
-    SIGKILL, so no collaborator outlives its envoy (Linux; elsewhere a no-op)."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        pr_set_pdeathsig = 1
-        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
 def _last_error(text: str) -> str:
@@ -60,12 +50,13 @@ class ProcessRuntime:
                 "--name", job.collaborator, "--archive", str(job.archive), "--work-dir",
                 str(job.work_dir), "--shard", self.config.shard.loader, *options,
                 *_tls_args(self.config)]
-        env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(map(str, job.cuda_devices))}
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(map(str, job.cuda_devices)),
+               ENVOY_PID: str(os.getpid())}  # the collaborator dies with this envoy
         log_path = job.work_dir / "collaborator.log"
         with log_path.open("wb") as sink:
             process = await asyncio.create_subprocess_exec(*args, stdout=sink,
                                                            stderr=asyncio.subprocess.STDOUT,
-                                                           env=env, preexec_fn=_die_with_parent)
+                                                           env=env)
             try:
                 code = await process.wait()
             except asyncio.CancelledError:
