@@ -7,11 +7,13 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import pytest
 
 from fedkube.api.config import DirectorConfig, TLSSettings
+from fedkube.client import DirectorClient
 from fedkube.director.server import DirectorServer
-from fedkube.local import Process
+from fedkube.local import Process, director_process, envoy_process, free_port, wait_for
 from fedkube.transport import certs
 
 DEFAULT_OPENFL_PYTHON = Path.home() / ".cache/fedkube/openfl-1.6-venv/bin/python"
@@ -95,6 +97,37 @@ async def mtls_director(tmp_path: Path, cert_dir: CertDir) -> AsyncIterator[Runn
     running = await start_director(tmp_path, tls=cert_dir.settings("director"))
     yield running
     await running.server.stop(None)
+
+
+# Read by the tests' slow task: the slow machine of a straggler, not a synchronisation.
+DELAY_ENV = "FEDKUBE_TEST_TRAIN_DELAY_S"
+
+
+def start_federation(tmp_path: Path, processes: list[Process], envoys: int, *,
+                     delays: dict[int, float] | None = None) -> tuple[int, DirectorClient,
+                                                                      list[Process]]:
+    """A director and envoys env0..env{n-1} on digits shards as real processes, all online;
+    its port, a client as owner alice, and the envoys. `delays` slows envoys' training
+    (seconds, by index) for tasks that read DELAY_ENV."""
+    port = free_port()
+    processes.append(director_process(tmp_path, port, period=1.0).start())
+    started = []
+    for i in range(envoys):
+        envoy = envoy_process(tmp_path, f"env{i}", port, index=i, count=envoys)
+        envoy.env[DELAY_ENV] = str((delays or {}).get(i, 0.0))
+        processes.append(envoy.start())
+        started.append(envoy)
+    client = DirectorClient(f"localhost:{port}", client_id="alice", timeout=10)
+
+    def online() -> bool:
+        try:
+            return sum(e.online for e in client.envoys()) == envoys
+        except grpc.RpcError:
+            return False
+
+    wait_for(online, timeout=60, message=f"{envoys} envoys online")
+    return port, client, started
+
 
 
 @pytest.fixture

@@ -8,34 +8,22 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
-import grpc
 import numpy as np
 import pytest
 
 from fedkube.client import DirectorClient
-from fedkube.local import Process, director_process, envoy_process, free_port, wait_for
+from fedkube.local import Process
 from fedkube.tasks import digits
+from tests.conftest import start_federation
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 @pytest.fixture
 def federation(tmp_path: Path, processes: list[Process]) -> str:
-    port = free_port()
-    processes.append(director_process(tmp_path, port, period=1.0).start())
-    for i in range(2):
-        processes.append(envoy_process(tmp_path, f"env{i}", port, index=i, count=2).start())
-    address = f"localhost:{port}"
-
-    def online() -> bool:
-        try:
-            with DirectorClient(address, timeout=2) as client:
-                return sum(e.online for e in client.envoys()) == 2
-        except grpc.RpcError:
-            return False
-
-    wait_for(online, timeout=60, message="two envoys online")
-    return address
+    port, client, _ = start_federation(tmp_path, processes, 2)
+    client.close()
+    return f"localhost:{port}"
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:

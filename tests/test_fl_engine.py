@@ -18,14 +18,14 @@ import pytest
 
 from fedkube.api.plan import Plan
 from fedkube.client import DirectorClient, experiment_archive
-from fedkube.local import Process, director_process, envoy_process, free_port, wait_for
+from fedkube.local import Process, wait_for
 from fedkube.proto import aggregator_pb2, aggregator_pb2_grpc, base_pb2
 from fedkube.tasks import digits
 from fedkube.tasks.models import BUILTIN_TASKS
 from fedkube.transport.channel import open_channel
 from fedkube.transport.limits import CHUNK_BYTES
 from fedkube.transport.tensors import chunk_message, to_named_tensor
-from tests.conftest import RunningDirector
+from tests.conftest import RunningDirector, start_federation
 from tests.test_director_grpc import shard_request, stub
 
 FAILING_TASK = b'''
@@ -81,20 +81,7 @@ def test_non_iid_demo_learns_every_digit_from_label_skewed_shards(tmp_path: Path
 @pytest.fixture
 def federation(tmp_path: Path, processes: list[Process]) -> DirectorClient:
     """A director and four envoys (shards of 4) as real processes."""
-    port = free_port()
-    processes.append(director_process(tmp_path, port, period=1.0).start())
-    for i in range(4):
-        processes.append(envoy_process(tmp_path, f"env{i}", port, index=i, count=4).start())
-    client = DirectorClient(f"localhost:{port}", client_id="alice", timeout=10)
-
-    def online() -> bool:
-        try:
-            return sum(e.online for e in client.envoys()) == 4
-        except grpc.RpcError:
-            return False
-
-    wait_for(online, timeout=60, message="four envoys online")
-    return client
+    return start_federation(tmp_path, processes, 4)[1]
 
 
 def submit(client: DirectorClient, name: str, collaborators: list[str], *, rounds: int = 3,

@@ -139,7 +139,8 @@ def test_plot_of_a_running_experiment_shows_the_rounds_so_far(
         tmp_path: Path, processes: list[Process]) -> None:
     from fedkube.api.plan import Plan
     from fedkube.demo import PARAMS
-    from tests.test_reliability import SLOW_TASK, current_round, start_federation, submit_plan
+    from tests.conftest import start_federation
+    from tests.test_reliability import SLOW_TASK, current_round, submit_plan
 
     port, client, _ = start_federation(tmp_path, processes, 2, delays={0: 0.3, 1: 0.3})
     plan = Plan(task="archive:slow", rounds=50, params=PARAMS, round_timeout_s=60)

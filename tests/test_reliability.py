@@ -17,9 +17,10 @@ import pytest
 from fedkube.api.plan import Plan
 from fedkube.client import DirectorClient
 from fedkube.demo import PARAMS, centralized_accuracy
-from fedkube.local import Process, director_process, envoy_process, free_port, wait_for
+from fedkube.local import Process, director_process, wait_for
 from fedkube.tasks import digits
 from fedkube.tasks.models import BUILTIN_TASKS
+from tests.conftest import start_federation
 from tests.test_fl_engine import submit
 
 # Trains like digits-logreg, after an optional delay read from the envoy's environment:
@@ -33,30 +34,6 @@ def train(model, data, params):
     time.sleep(float(os.environ.get("FEDKUBE_TEST_TRAIN_DELAY_S", "0")))
     return logreg_train(model, data, params)
 '''
-DELAY_ENV = "FEDKUBE_TEST_TRAIN_DELAY_S"
-
-
-def start_federation(tmp_path: Path, processes: list[Process], envoys: int, *,
-                     delays: dict[int, float] | None = None) -> tuple[int, DirectorClient,
-                                                                      list[Process]]:
-    port = free_port()
-    processes.append(director_process(tmp_path, port, period=1.0).start())
-    started = []
-    for i in range(envoys):
-        envoy = envoy_process(tmp_path, f"env{i}", port, index=i, count=envoys)
-        envoy.env[DELAY_ENV] = str((delays or {}).get(i, 0.0))
-        processes.append(envoy.start())
-        started.append(envoy)
-    client = DirectorClient(f"localhost:{port}", client_id="alice", timeout=10)
-
-    def online() -> bool:
-        try:
-            return sum(e.online for e in client.envoys()) == envoys
-        except grpc.RpcError:
-            return False
-
-    wait_for(online, timeout=60, message=f"{envoys} envoys online")
-    return port, client, started
 
 
 def kill_envoy_and_collaborator(envoy: Process) -> None:
