@@ -221,6 +221,16 @@ class ControlPlane:
                                *args], input=input, capture_output=True, text=True, check=check,
                               timeout=120)
 
+    def can_i(self, verb: str, resource: str, *, user: str, namespace: str) -> bool:
+        """`kubectl auth can-i` as user; resource may carry flags ("pods
+        --subresource=log") and its own "-n NAMESPACE", which then wins."""
+        args = resource.split()
+        where = [] if "-n" in args else ["-n", namespace]
+        result = self.kubectl("auth", "can-i", verb, *args, *where, "--as", user, check=False)
+        if result.stdout.strip() not in ("yes", "no"):
+            raise RuntimeError(f"kubectl auth can-i {verb} {resource}: {result.stderr}")
+        return result.stdout.strip() == "yes"
+
     def helm(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return subprocess.run([str(self.bin_dir / "helm"), f"--kubeconfig={self.kubeconfig}",
                                *args], capture_output=True, text=True, check=check, timeout=300)

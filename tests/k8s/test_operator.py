@@ -39,6 +39,13 @@ class Operated:
     def apply(self, *documents: dict[str, Any]) -> None:
         self.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(documents))
 
+    def not_accepted(self, experiment: str, reason: str, text: str) -> bool:
+        """Whether the experiment has Accepted=False for reason, its message naming text."""
+        conditions = self.get("experiment", experiment).get("status", {}).get(
+            "conditions", [])
+        return any(c["type"] == "Accepted" and c["status"] == "False"
+                   and c["reason"] == reason and text in c["message"] for c in conditions)
+
 
 def examples(name: str) -> list[dict[str, Any]]:
     return [d for d in yaml.safe_load_all((ROOT / "deploy" / name).read_text()) if d]
@@ -113,14 +120,8 @@ def test_experiment_of_a_missing_federation_says_so(operated: Operated) -> None:
     orphan["spec"]["federation"] = "nowhere"
     operated.apply(orphan)
 
-    def refused() -> bool:
-        conditions = operated.get("experiment", "orphan").get("status", {}).get(
-            "conditions", [])
-        return any(c["type"] == "Accepted" and c["status"] == "False"
-                   and c["reason"] == "FederationNotFound" and "nowhere" in c["message"]
-                   for c in conditions)
-
-    wait_for(refused, timeout=60, message="Accepted=False FederationNotFound")
+    wait_for(lambda: operated.not_accepted("orphan", "FederationNotFound", "nowhere"),
+             timeout=60, message="Accepted=False FederationNotFound")
     events = operated.get("events", "--field-selector", "involvedObject.name=orphan")
     assert any(e["reason"] == "FederationNotFound" for e in events["items"])
     assert operated.operator.running
@@ -134,14 +135,8 @@ def test_experiment_waits_for_unregistered_shards(operated: Operated) -> None:
     early["spec"].update(shards=["hospital-z"], minCollaborators=1)
     operated.apply(early)
 
-    def waiting() -> bool:
-        conditions = operated.get("experiment", "early").get("status", {}).get(
-            "conditions", [])
-        return any(c["type"] == "Accepted" and c["status"] == "False"
-                   and c["reason"] == "ShardsNotRegistered" and "hospital-z" in c["message"]
-                   for c in conditions)
-
-    wait_for(waiting, timeout=60, message="Accepted=False ShardsNotRegistered")
+    wait_for(lambda: operated.not_accepted("early", "ShardsNotRegistered", "hospital-z"),
+             timeout=60, message="Accepted=False ShardsNotRegistered")
     operated.kubectl("delete", "experiment", "early", "--wait=true", "--timeout=60s")
 
 
@@ -197,11 +192,8 @@ def test_envoy_rbac_is_least_privilege(operated: Operated, verb: str, resource: 
     wait_for(lambda: operated.kubectl("get", "rolebinding", "digits-envoy",
                                       check=False).returncode == 0,
              timeout=60, message="envoy RBAC applied")
-    args = resource.split()
-    namespace = [] if "-n" in args else ["-n", NAMESPACE]
-    result = operated.cluster.kubectl("auth", "can-i", verb, *args, *namespace, "--as",
-                                      ENVOY_ACCOUNT, check=False)
-    assert result.stdout.strip() == ("yes" if allowed else "no"), (verb, resource, result)
+    assert operated.cluster.can_i(verb, resource, user=ENVOY_ACCOUNT,
+                                  namespace=NAMESPACE) is allowed
 
 
 def test_mtls_federation_gets_certificates(operated: Operated) -> None:
