@@ -201,11 +201,9 @@ def serve_raw(port: int, tensor_replies: dict[str, bytes]) -> None:
     tasks = aggregator_pb2.GetTasksResponse(tasks=[
         aggregator_pb2.Task(name="validate"), aggregator_pb2.Task(name="train")]
     ).SerializeToString()
-    tensor = next(iter(tensor_replies.values()))
     replies = {name: aggregator_pb2.GetAggregatedTensorResponse(
         tensor=base_pb2.NamedTensor.FromString(data)).SerializeToString()
         for name, data in tensor_replies.items()}
-    del tensor
 
     async def get_tasks(request: bytes, context: Any) -> bytes:
         return tasks

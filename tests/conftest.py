@@ -6,6 +6,7 @@ import os
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -27,6 +28,19 @@ def openfl_python() -> Path:
         pytest.fail(f"OpenFL 1.6 peer not installed at {path}: run `make openfl` "
                     "(make test does it)")
     return path
+
+
+def served_rpcs() -> list[tuple[str, Any]]:
+    """Every RPC the director's port serves, as (path, method descriptor)."""
+    from fedkube.proto import aggregator_pb2, director_pb2, streaming_pb2
+
+    found = []
+    for module, service in ((director_pb2, "Director"), (aggregator_pb2, "Aggregator"),
+                            (streaming_pb2, "TensorStream")):
+        descriptor = module.DESCRIPTOR.services_by_name[service]
+        found += [(f"/{descriptor.full_name}/{method.name}", method)
+                  for method in descriptor.methods]
+    return found
 
 
 @dataclass(frozen=True)

@@ -10,30 +10,19 @@ from google.protobuf import message_factory
 
 from fedkube.api.plan import Plan
 from fedkube.client import experiment_archive
-from fedkube.proto import aggregator_pb2, aggregator_pb2_grpc, director_pb2, streaming_pb2
+from fedkube.proto import aggregator_pb2, aggregator_pb2_grpc, director_pb2
 from fedkube.transport.channel import open_channel
 from fedkube.transport.limits import CHUNK_BYTES
 from fedkube.transport.roles import ROLE_TABLE, Role
 from fedkube.transport.tensors import chunk_message
 from fedkube.transport.tls import TLSFiles
-from tests.conftest import CertDir, RunningDirector
+from tests.conftest import CertDir, RunningDirector, served_rpcs
 from tests.test_director_grpc import shard_request, stub
 
 # The test certificates (tests/conftest.py) and the role each carries.
 CERTS: dict[str, Role | None] = {"root": Role.ADMIN, "alice": Role.OWNER, "env1": Role.ENVOY,
                                  "collab1": Role.COLLABORATOR, "director": Role.DIRECTOR,
                                  "norole": None}
-
-
-def _methods() -> list[tuple[str, Any]]:
-    """Every RPC the director's port serves, with its descriptor."""
-    found = []
-    for module, service in ((director_pb2, "Director"), (aggregator_pb2, "Aggregator"),
-                            (streaming_pb2, "TensorStream")):
-        descriptor = module.DESCRIPTOR.services_by_name[service]
-        for method in descriptor.methods:
-            found.append((f"/{descriptor.full_name}/{method.name}", method))
-    return found
 
 
 async def _call(channel: grpc.aio.Channel, path: str, method: Any) -> grpc.StatusCode:
@@ -70,7 +59,7 @@ async def test_role_table_enforced_on_every_rpc(mtls_director: RunningDirector,
     channel = open_channel(mtls_director.address, tls=TLSFiles.from_dir(cert_dir.path, cert),
                            client_id=cert)
     role = CERTS[cert]
-    methods = _methods()
+    methods = served_rpcs()
     assert len(methods) == 21  # 14 director, 6 aggregator, 1 streaming: all in this matrix
     refused, passed = [], []
     for path, method in methods:

@@ -22,10 +22,11 @@ from hypothesis import strategies as st
 from fedkube.api.plan import Plan
 from fedkube.client import DirectorClient, experiment_archive
 from fedkube.local import Process, director_process, free_port, port_open, wait_for
-from fedkube.proto import aggregator_pb2, base_pb2, director_pb2, streaming_pb2
+from fedkube.proto import aggregator_pb2, base_pb2, director_pb2
 from fedkube.tasks.archive import ArchiveError, safe_extract
 from fedkube.transport.channel import open_sync_channel
 from fedkube.transport.tensors import chunk_message
+from tests.conftest import served_rpcs
 
 RPC_EXAMPLES = 6000
 ARCHIVE_EXAMPLES = 5000  # 11,000 generated inputs in all
@@ -37,13 +38,8 @@ CLEAR = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.N
          grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.RESOURCE_EXHAUSTED,
          grpc.StatusCode.DEADLINE_EXCEEDED}
 
-_METHODS: list[tuple[str, bool, bool, type[Any]]] = []
-for _module, _service in ((director_pb2, "Director"), (aggregator_pb2, "Aggregator"),
-                         (streaming_pb2, "TensorStream")):
-    _descriptor = _module.DESCRIPTOR.services_by_name[_service]
-    for _method in _descriptor.methods:
-        _METHODS.append((f"/{_descriptor.full_name}/{_method.name}", _method.client_streaming,
-                         _method.server_streaming, _method.input_type))
+_METHODS = [(path, method.client_streaming, method.server_streaming)
+            for path, method in served_rpcs()]
 
 NAMES = st.sampled_from(["env1", "env2", "fuzz", "", "../etc", "x" * 300, "\x00", "é"])
 
@@ -89,7 +85,7 @@ def _mutated(data: bytes, cuts: list[int], flips: list[tuple[int, int]]) -> byte
 
 @st.composite
 def requests(draw: st.DrawFn) -> tuple[str, bool, bool, list[bytes]]:
-    path, client_streaming, server_streaming, input_type = draw(st.sampled_from(_METHODS))
+    path, client_streaming, server_streaming = draw(st.sampled_from(_METHODS))
     if path.endswith("SendLocalTaskResults"):
         # The stream carries a TaskResults in DataStream chunks (whole or cut anywhere).
         body = draw(st.one_of(task_results(), st.binary(max_size=512)))
@@ -105,7 +101,6 @@ def requests(draw: st.DrawFn) -> tuple[str, bool, bool, list[bytes]]:
                       st.lists(st.tuples(st.integers(0, 1 << 16), st.integers(0, 255)),
                                max_size=4))))
         payloads = [raw] * (draw(st.integers(1, 3)) if client_streaming else 1)
-    del input_type
     return path, client_streaming, server_streaming, payloads
 
 
