@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from fedkube.api.config import ConfigError, DirectorConfig, EnvoyConfig, build_config, parse_shape
+from fedkube.transport.shard_certificate import CertificateRefused
 
 log = logging.getLogger("fedkube")
 
@@ -92,6 +93,12 @@ def envoy_config(args: argparse.Namespace) -> EnvoyConfig:
     })
 
 
+def _request_certificate(shard: str, role: str, *, cert: Path, key: Path) -> None:
+    from fedkube.transport.shard_certificate import request_certificate
+
+    request_certificate(shard, role, cert_path=cert, key_path=key)
+
+
 def cmd_envoy_start(args: argparse.Namespace) -> int:
     from fedkube.envoy_agent.agent import EnvoyAgent, ShardRefused
     from fedkube.envoy_agent.runtimes import make_runtime
@@ -102,6 +109,9 @@ def cmd_envoy_start(args: argparse.Namespace) -> int:
         shard = load_shard(config.shard.loader, dict(config.shard.options))
     except ShardLoaderError as exc:
         raise ConfigError(str(exc)) from exc
+    if config.tls.request_certificate:
+        assert config.tls.cert and config.tls.key  # checked by TLSSettings
+        _request_certificate(config.name, "envoy", cert=config.tls.cert, key=config.tls.key)
 
     async def main() -> None:
         agent = EnvoyAgent(config, shard, runtime=make_runtime(config))
@@ -156,6 +166,10 @@ def cmd_collaborator_run(args: argparse.Namespace) -> int:
     from fedkube.transport.tls import TLSFiles
 
     bind_to_envoy()
+    if args.request_certificate:
+        if args.insecure:
+            raise ConfigError("--request-certificate needs --ca/--cert/--key, not --insecure")
+        _request_certificate(args.name, "collaborator", cert=args.cert, key=args.key)
     tls = None if args.insecure else TLSFiles(ca=args.ca.read_bytes(), cert=args.cert.read_bytes(),
                                               key=args.key.read_bytes())
     archive = args.archive or fetch_archive(args.director, tls, args.experiment, args.name,
@@ -453,6 +467,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--shard", default="digits")
     run.add_argument("--shard-option", action="append", default=[])
     _tls_flags(run)
+    run.add_argument("--request-certificate", action="store_true",
+                     help="on Kubernetes: first request the shard's certificate from the "
+                     "operator, writing it to --cert/--key")
     run.set_defaults(func=cmd_collaborator_run, moves_models=True)
 
     experiment = commands.add_parser("experiment", help="submit and follow experiments")
@@ -556,6 +573,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"fedkube: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    except CertificateRefused as exc:
+        print(f"fedkube: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
     except TimeoutError as exc:
         print(f"fedkube: timed out: {exc}", file=sys.stderr)
         return 1

@@ -9,6 +9,7 @@ nodes Ready and runs their pods' lifecycles without containers.
 from __future__ import annotations
 
 import base64
+import json
 import os
 import shutil
 import ssl
@@ -86,16 +87,18 @@ def kwok_stages(bin_dir: Path) -> list[Path]:
         "pod/fast/pod-ready.yaml", "pod/fast/pod-complete.yaml", "pod/fast/pod-delete.yaml")]
 
 
-def _kubeconfig(path: Path, server: str, ca: bytes, pair: certs.KeyPair) -> Path:
+def _kubeconfig(path: Path, server: str, ca: bytes, pair: certs.KeyPair | str) -> Path:
+    """A kubeconfig for a client certificate, or a bearer token."""
     def b64(data: bytes) -> str:
         return base64.b64encode(data).decode()
 
+    user = ({"token": pair} if isinstance(pair, str) else
+            {"client-certificate-data": b64(pair.cert_pem), "client-key-data": b64(pair.key_pem)})
     path.write_text(yaml.safe_dump({
         "apiVersion": "v1", "kind": "Config", "current-context": "fedkube-test",
         "clusters": [{"name": "fedkube-test", "cluster": {
             "server": server, "certificate-authority-data": b64(ca)}}],
-        "users": [{"name": "user", "user": {"client-certificate-data": b64(pair.cert_pem),
-                                            "client-key-data": b64(pair.key_pem)}}],
+        "users": [{"name": "user", "user": user}],
         "contexts": [{"name": "fedkube-test",
                       "context": {"cluster": "fedkube-test", "user": "user"}}],
     }))
@@ -223,13 +226,40 @@ class ControlPlane:
 
     def can_i(self, verb: str, resource: str, *, user: str, namespace: str) -> bool:
         """`kubectl auth can-i` as user; resource may carry flags ("pods
-        --subresource=log") and its own "-n NAMESPACE", which then wins."""
+        --subresource=log") and its own "-n NAMESPACE", which then wins. Certificate
+        signers ("signers.certificates.k8s.io/NAME"), which discovery does not list, are
+        asked with a SubjectAccessReview."""
+        signers = "signers.certificates.k8s.io/"
+        if resource.startswith(signers):
+            return self._review(verb, "certificates.k8s.io", "signers",
+                                resource.removeprefix(signers), user=user)
         args = resource.split()
         where = [] if "-n" in args else ["-n", namespace]
         result = self.kubectl("auth", "can-i", verb, *args, *where, "--as", user, check=False)
         if result.stdout.strip() not in ("yes", "no"):
             raise RuntimeError(f"kubectl auth can-i {verb} {resource}: {result.stderr}")
         return result.stdout.strip() == "yes"
+
+    def _review(self, verb: str, group: str, resource: str, name: str, *, user: str) -> bool:
+        groups = ["system:authenticated"]
+        if user.startswith("system:serviceaccount:"):  # what impersonation would add
+            groups += ["system:serviceaccounts",
+                       f"system:serviceaccounts:{user.split(':')[2]}"]
+        review = {"apiVersion": "authorization.k8s.io/v1", "kind": "SubjectAccessReview",
+                  "spec": {"user": user, "groups": groups, "resourceAttributes": {
+                      "group": group, "resource": resource, "verb": verb, "name": name}}}
+        answer = json.loads(self.kubectl("create", "-o", "json", "-f", "-",
+                                         input=json.dumps(review)).stdout)
+        return bool(answer["status"].get("allowed"))
+
+    def pod_kubeconfig(self, path: Path, namespace: str, account: str,
+                       pod: str | None = None) -> Path:
+        """A kubeconfig holding the token `account` would have in `pod` (bound to it, so
+        the apiserver knows its node), or an unbound token: what a process in that Pod
+        sees, for Pods on KWOK nodes that run no containers."""
+        bound = ["--bound-object-kind", "Pod", "--bound-object-name", pod] if pod else []
+        token = self.kubectl("-n", namespace, "create", "token", account, *bound).stdout.strip()
+        return _kubeconfig(path, self.server, (self.work / "pki" / "ca.crt").read_bytes(), token)
 
     def helm(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return subprocess.run([str(self.bin_dir / "helm"), f"--kubeconfig={self.kubeconfig}",

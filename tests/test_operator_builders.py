@@ -92,12 +92,22 @@ def test_envoy_config_per_node() -> None:
     config = yaml.safe_load(data["gpu-1.yaml"])
     assert config["name"] == "a" and config["director"] == "fed-director.ns.svc:50051"
     assert config["shard"] == {"loader": "digits", "options": {"index": "0"}}
+    # Under mTLS no key travels: the envoy and its collaborator Pods request their own
+    # certificate, with only the CA mounted (a public ConfigMap, no shared Secret).
+    assert config["tls"] == {"ca": "/etc/fedkube/ca/ca.crt",
+                             "cert": "/var/lib/fedkube/tls/tls.crt",
+                             "key": "/var/lib/fedkube/tls/tls.key", "request_certificate": True}
+    assert config["pod"] == {"ca_config_map": "fed-ca-bundle",
+                             "certificate_account": "fed-collaborator"}
+    volumes = build_envoy_daemonset("fed", "ns", FED)["spec"]["template"]["spec"]["volumes"]
+    assert {"name": "ca", "configMap": {"name": "fed-ca-bundle"}} in volumes
+    assert not any("secret" in volume for volume in volumes)
 
 
 def test_workloads_share_the_federation_labels() -> None:
     kinds = [m["kind"] for m in build_federation_workloads("fed", "ns", FED)]
     assert kinds == ["PersistentVolumeClaim", "Service", "Deployment", "ServiceAccount",
-                     "Role", "RoleBinding", "DaemonSet"]
+                     "ServiceAccount", "Role", "RoleBinding", "DaemonSet"]
     for manifest in build_federation_workloads("fed", "ns", FED):
         assert manifest["metadata"]["labels"]["fedkube.io/federation"] == "fed"
 
@@ -202,3 +212,94 @@ def test_collaborator_pod_is_pinned_through_the_scheduler(tmp_path: Path) -> Non
     assert "--insecure" not in container["args"] and "--ca" in container["args"]
     assert {"name": "tls", "secret": {"secretName": "fed-envoy-tls",
                                       "defaultMode": 0o400}} in spec["volumes"]
+
+
+def test_collaborator_pod_requests_its_own_certificate(tmp_path: Path) -> None:
+    from fedkube.envoy_agent.pods import PodPlacement, build_collaborator_pod
+    from fedkube.envoy_agent.runtime import CollaboratorJob
+
+    job = CollaboratorJob(experiment="ns.e", collaborator="a", archive=tmp_path,
+                          work_dir=tmp_path, cuda_devices=(), gpus=0)
+    where = PodPlacement(namespace="ns", node_name="gpu-1", image="img", director="d:1",
+                         loader="digits", options={}, ca_config_map="fed-ca-bundle",
+                         certificate_account="fed-collaborator")
+    spec = build_collaborator_pod(job, where)["spec"]
+    args = spec["containers"][0]["args"]
+    assert "--request-certificate" in args and args[args.index("--ca") + 1].startswith(
+        "/etc/fedkube/ca/")
+    assert spec["serviceAccountName"] == "fed-collaborator"
+    assert spec["automountServiceAccountToken"] is True  # its token proves its node
+    assert {"name": "ca", "configMap": {"name": "fed-ca-bundle"}} in spec["volumes"]
+    assert not any("secret" in volume for volume in spec["volumes"])
+
+
+# -- the signer of shard certificates ------------------------------------------------------
+
+def _csr_spec(common_name: str = "ward-a", role: str = "envoy", *, node: str | None = "gpu-1",
+              account: str = "fed-envoy", **overrides: object) -> dict[str, object]:
+    import base64
+
+    from fedkube.transport import certs
+
+    request, _ = certs.make_request(common_name, role=role)
+    spec: dict[str, object] = {
+        "request": base64.b64encode(request).decode(), "signerName": "fedkube.io/shard",
+        "usages": ["client auth", "digital signature"],
+        "username": f"system:serviceaccount:ns:{account}",
+        "extra": ({} if node is None else {
+            "authentication.kubernetes.io/node-name": [node],
+            "authentication.kubernetes.io/pod-name": ["fed-envoy-x1"]})}
+    spec.update(overrides)
+    return spec
+
+
+SHARDS = {"ward-a": ShardSpec(federation="fed", node_name="gpu-1"),
+          "ward-b": ShardSpec(federation="fed", node_name="gpu-2"),
+          "elsewhere": ShardSpec(federation="other", node_name="gpu-1")}
+
+
+@pytest.mark.parametrize(("spec", "reason"), [
+    (_csr_spec(), "ShardNodeVerified"),
+    (_csr_spec(role="collaborator", account="fed-collaborator"), "ShardNodeVerified"),
+    (_csr_spec("ward-b"), "WrongNode"),                       # another node's shard
+    (_csr_spec(node=None), "NotBoundToPod"),                  # a token not bound to a Pod
+    (_csr_spec(role="admin"), "WrongRole"),                   # more than an envoy may be
+    (_csr_spec(role="envoy", account="fed-collaborator"), "WrongRole"),
+    (_csr_spec("elsewhere"), "UnknownShard"),                 # another federation's shard
+    (_csr_spec("nobody"), "UnknownShard"),
+    (_csr_spec(account="default"), "UnknownRequester"),
+    (_csr_spec(usages=["server auth"]), "BadUsages"),
+    (_csr_spec(request="bm90IGEgcmVxdWVzdA=="), "BadRequest"),
+])
+def test_signer_signs_a_shard_certificate_only_from_the_shard_node(
+        spec: dict[str, object], reason: str) -> None:
+    from fedkube.operator.signer import find_requester, review_request
+
+    requester = find_requester(str(spec["username"]), [("ns", "fed"), ("ns", "other")])
+    review = review_request(spec, requester, SHARDS)
+    assert review.reason == reason, review.message
+    assert review.approved is (reason == "ShardNodeVerified")
+
+
+def test_signed_certificate_carries_the_shard_and_role(tmp_path: Path) -> None:
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    from fedkube.operator.signer import find_requester, review_request
+    from fedkube.transport import certs
+
+    spec = _csr_spec(expirationSeconds=3600)
+    review = review_request(spec, find_requester(str(spec["username"]), [("ns", "fed")]),
+                            SHARDS)
+    assert review.request is not None and review.validity == dt.timedelta(hours=1)
+    ca = certs.create_ca()
+    cert = x509.load_pem_x509_certificate(certs.sign_request(ca, review.request,
+                                                             validity=review.validity))
+    assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "ward-a"
+    assert cert.subject.get_attributes_for_oid(
+        NameOID.ORGANIZATIONAL_UNIT_NAME)[0].value == "envoy"
+    assert cert.issuer == x509.load_pem_x509_certificate(ca.cert_pem).subject
+    lifetime = cert.not_valid_after_utc - cert.not_valid_before_utc
+    assert dt.timedelta(minutes=60) < lifetime <= dt.timedelta(minutes=66)

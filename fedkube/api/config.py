@@ -44,15 +44,18 @@ class TLSSettings(_Strict):
     ca: Path | None = None
     cert: Path | None = None
     key: Path | None = None
+    request_certificate: bool = Field(default=False, description=(
+        "on Kubernetes: request a certificate for this shard from the fedkube operator at "
+        "start and write it to cert/key (which need not exist yet)"))
 
     @model_validator(mode="after")
     def _complete(self) -> TLSSettings:
         files = (self.ca, self.cert, self.key)
-        if self.insecure and any(files):
+        if self.insecure and (any(files) or self.request_certificate):
             raise ValueError("insecure mode takes no ca/cert/key")
         if not self.insecure and not all(files):
             raise ValueError("mTLS needs ca, cert and key (or set insecure: true)")
-        for path in files:
+        for path in (self.ca,) if self.request_certificate else files:
             if path is not None and not path.is_file():
                 raise ValueError(f"no such file: {path}")
         return self
@@ -90,6 +93,11 @@ class PodSettings(_Strict):
     owner_uid: str | None = None
     tls_secret: str | None = Field(default=None, description="Secret with ca.crt, tls.crt, "
                                                              "tls.key for the collaborator")
+    ca_config_map: str | None = Field(default=None, description=(
+        "ConfigMap with the federation's ca.crt: the collaborator Pod then requests its "
+        "own certificate as certificate_account (instead of tls_secret)"))
+    certificate_account: str | None = Field(default=None, description=(
+        "service account of collaborator Pods that request their certificate"))
     unschedulable_after_s: float = Field(default=60.0, gt=0, description="how long a Pod may "
                                          "stay unschedulable before the experiment fails")
 

@@ -10,7 +10,9 @@ from fedkube.envoy_agent.runtime import CollaboratorJob
 
 GPU = "nvidia.com/gpu"
 TLS_DIR = "/etc/fedkube/tls"
+CA_DIR = "/etc/fedkube/ca"
 WORK_DIR = "/var/lib/fedkube/work"
+REQUESTED_TLS_DIR = f"{WORK_DIR}/tls"
 
 
 @dataclass(frozen=True)
@@ -22,6 +24,10 @@ class PodPlacement:
     loader: str
     options: dict[str, str]
     tls_secret: str | None = None
+    # Instead of a Secret: the CA from this ConfigMap, and a certificate the Pod requests
+    # for its shard as this service account (fedkube.transport.shard_certificate).
+    ca_config_map: str | None = None
+    certificate_account: str | None = None
     owner_pod: str | None = None
     owner_uid: str | None = None
 
@@ -32,10 +38,18 @@ def pod_name(job: CollaboratorJob) -> str:
     return name[:63].rstrip("-")
 
 
+def _tls_args(where: PodPlacement) -> list[str]:
+    if where.ca_config_map and where.certificate_account:
+        return ["--ca", f"{CA_DIR}/ca.crt", "--cert", f"{REQUESTED_TLS_DIR}/tls.crt",
+                "--key", f"{REQUESTED_TLS_DIR}/tls.key", "--request-certificate"]
+    if where.tls_secret:
+        return ["--ca", f"{TLS_DIR}/ca.crt", "--cert", f"{TLS_DIR}/tls.crt",
+                "--key", f"{TLS_DIR}/tls.key"]
+    return ["--insecure"]
+
+
 def build_collaborator_pod(job: CollaboratorJob, where: PodPlacement) -> dict[str, Any]:
-    tls = (["--insecure"] if where.tls_secret is None else
-           ["--ca", f"{TLS_DIR}/ca.crt", "--cert", f"{TLS_DIR}/tls.crt",
-            "--key", f"{TLS_DIR}/tls.key"])
+    tls = _tls_args(where)
     options = [arg for key, value in sorted(where.options.items())
                for arg in ("--shard-option", f"{key}={value}")]
     container: dict[str, Any] = {
@@ -52,7 +66,11 @@ def build_collaborator_pod(job: CollaboratorJob, where: PodPlacement) -> dict[st
         container["resources"] = {"limits": {GPU: str(job.gpus)}}
     volumes: list[dict[str, Any]] = [{"name": "work", "emptyDir": {}},
                                      {"name": "tmp", "emptyDir": {}}]
-    if where.tls_secret:
+    requests_certificate = "--request-certificate" in tls
+    if requests_certificate:
+        container["volumeMounts"].append({"name": "ca", "mountPath": CA_DIR, "readOnly": True})
+        volumes.append({"name": "ca", "configMap": {"name": where.ca_config_map}})
+    elif where.tls_secret:
         container["volumeMounts"].append({"name": "tls", "mountPath": TLS_DIR,
                                           "readOnly": True})
         volumes.append({"name": "tls", "secret": {"secretName": where.tls_secret,
@@ -81,7 +99,11 @@ def build_collaborator_pod(job: CollaboratorJob, where: PodPlacement) -> dict[st
             "tolerations": [{"key": GPU, "operator": "Exists", "effect": "NoSchedule"}],
             "securityContext": {"runAsNonRoot": True, "runAsUser": 10001,
                                 "seccompProfile": {"type": "RuntimeDefault"}},
-            "automountServiceAccountToken": False,
+            # A token only to prove the Pod's node when requesting its certificate; the
+            # account has no Role.
+            **({"serviceAccountName": where.certificate_account,
+                "automountServiceAccountToken": True} if requests_certificate else
+               {"automountServiceAccountToken": False}),
             "containers": [container],
             "volumes": volumes,
         },

@@ -92,7 +92,9 @@ class PodRuntime:
             namespace=namespace, node_name=node, image=image, director=config.director,
             loader=config.shard.loader,
             options={k: str(v) for k, v in config.shard.options.items()},
-            tls_secret=settings.tls_secret, owner_pod=settings.owner_pod or env.get("POD_NAME"),
+            tls_secret=settings.tls_secret, ca_config_map=settings.ca_config_map,
+            certificate_account=settings.certificate_account,
+            owner_pod=settings.owner_pod or env.get("POD_NAME"),
             owner_uid=settings.owner_uid or env.get("POD_UID"))
         self._core = core_api
         self.clock = clock

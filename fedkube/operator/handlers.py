@@ -15,6 +15,7 @@ from fedkube.operator import kube
 from fedkube.operator.conditions import is_true, set_condition
 from fedkube.operator.experiments import build_plan, build_status, director_name
 from fedkube.operator.manifests import (
+    build_ca_bundle,
     build_envoy_config,
     build_federation_workloads,
     build_tls_secret,
@@ -23,7 +24,14 @@ from fedkube.operator.manifests import (
 )
 from fedkube.operator.metrics import EXPERIMENT_PHASES, observed
 from fedkube.operator.shards import build_shard_status
+from fedkube.operator.signer import (
+    account_namespace,
+    find_requester,
+    is_decided,
+    review_request,
+)
 from fedkube.transport import certs
+from fedkube.transport.shard_certificate import SIGNER
 from fedkube.transport.tls import TLSFiles
 
 log = logging.getLogger(__name__)
@@ -47,8 +55,10 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
 
 # -- Federation ---------------------------------------------------------------------------
 
-def _issue_secrets(name: str, namespace: str) -> None:
-    """A CA and certificates for director, envoys and the operator, issued once."""
+def _issue_secrets(name: str, namespace: str, owner: kopf.Body) -> None:
+    """A CA and certificates for the director and the operator, issued once, and the CA
+    certificate for everyone. Envoys request a certificate for their own shard
+    (sign_shard_certificate below)."""
     n = names(name)
     existing = kube.read_secret(namespace, n["ca"])
     if existing is None:
@@ -63,12 +73,14 @@ def _issue_secrets(name: str, namespace: str) -> None:
         n["director_tls"]: certs.issue(ca, director_host, hosts=[
             director_host, f"{director_host}.{namespace}", f"{director_host}.{namespace}.svc",
             "localhost", "127.0.0.1"], role="director"),
-        n["envoy_tls"]: certs.issue(ca, f"{name}-envoy", role="envoy"),
         n["operator_tls"]: certs.issue(ca, OPERATOR_IDENTITY, role="admin"),
     }
     for secret, pair in wanted.items():
         kube.create_if_absent(build_tls_secret(secret, namespace, name, ca_pem=ca.cert_pem,
                                                cert_pem=pair.cert_pem, key_pem=pair.key_pem))
+    bundle = build_ca_bundle(name, namespace, ca.cert_pem)
+    kopf.adopt(bundle, owner=owner)
+    kube.apply(bundle)
 
 
 def _render_envoy_config(federation: str, namespace: str, spec: FederationSpec,
@@ -91,7 +103,7 @@ def reconcile_federation(name: str, namespace: str | None, spec: kopf.Spec, body
     namespace = namespace or "default"
     fed = FederationSpec.model_validate(dict(spec))
     if fed.tls == "mtls":
-        _issue_secrets(name, namespace)
+        _issue_secrets(name, namespace, body)
     for manifest in build_federation_workloads(name, namespace, fed):
         kopf.adopt(manifest, owner=body)
         kube.apply(manifest)
@@ -192,6 +204,48 @@ def mirror_shard(name: str, namespace: str | None, spec: kopf.Spec, status: kopf
         return
     patch.status.update(build_shard_status(dict(status), envoy, node=shard.node_name,
                                            generation=int(meta.get("generation", 0))))
+
+
+# -- shard certificates -------------------------------------------------------------------
+
+def _for_our_signer(spec: kopf.Spec, **_: Any) -> bool:
+    return spec.get("signerName") == SIGNER
+
+
+@kopf.on.event("certificates.k8s.io", "v1", "certificatesigningrequests", when=_for_our_signer)
+@observed("CertificateSigningRequest")
+def sign_shard_certificate(name: str, spec: kopf.Spec, status: kopf.Status,
+                           **kwargs: Any) -> None:
+    """Signs an envoy's or collaborator's request for its shard's certificate after
+    checking, from its Pod's token, that it runs on the shard's node (fedkube.operator.
+    signer); denies it with the reason otherwise. Requests from namespaces this operator
+    does not serve are left to the operator that does."""
+    if is_decided(dict(status)):
+        return
+    index: FederationIndex = kwargs[INDEX]
+    username = str(spec.get("username", ""))
+    requester = find_requester(username, list(index))
+    if requester is None and account_namespace(username) not in {ns for ns, _ in index}:
+        return
+    shards = ({} if requester is None else
+              {s["metadata"]["name"]: ShardSpec.model_validate(s["spec"])
+               for s in kube.list_custom("shards", requester.namespace)})
+    review = review_request(dict(spec), requester, shards)
+    if not review.approved or requester is None or review.request is None:
+        log.warning("certificate request %s denied: %s", name, review.message)
+        kube.decide_certificate_request(name, approved=False, reason=review.reason,
+                                        message=review.message)
+        return
+    secret = kube.read_secret(requester.namespace, names(requester.federation)["ca"])
+    if secret is None:  # the requester gives up at its timeout and asks again
+        log.warning("certificate request %s: no CA yet for federation %r", name,
+                    requester.federation)
+        return
+    ca = certs.KeyPair(cert_pem=secret["tls.crt"], key_pem=secret["tls.key"])
+    kube.decide_certificate_request(
+        name, approved=True, reason=review.reason, message=review.message,
+        certificate_pem=certs.sign_request(ca, review.request, validity=review.validity))
+    log.info("certificate request %s signed: %s", name, review.message)
 
 
 # -- Experiment ---------------------------------------------------------------------------

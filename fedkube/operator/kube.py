@@ -73,3 +73,21 @@ def create_if_absent(manifest: dict[str, Any]) -> bool:
         if exc.status == 409:
             return False
         raise
+
+
+def decide_certificate_request(name: str, *, approved: bool, reason: str, message: str,
+                               certificate_pem: bytes | None = None) -> None:
+    """Approves (and then signs) or denies a CertificateSigningRequest: the approval and the
+    certificate are two subresources, written in that order."""
+    api = client.CertificatesV1Api(api_client())
+    current = api.read_certificate_signing_request(name)
+    body = api_client().sanitize_for_serialization(current)  # type: ignore[no-untyped-call]
+    condition = {"type": "Approved" if approved else "Denied", "status": "True",
+                 "reason": reason, "message": message}
+    body.setdefault("status", {})["conditions"] = [
+        *body.get("status", {}).get("conditions", []), condition]
+    updated = api.replace_certificate_signing_request_approval(name, body)
+    if approved and certificate_pem is not None:
+        body = api_client().sanitize_for_serialization(updated)  # type: ignore[no-untyped-call]
+        body["status"]["certificate"] = base64.b64encode(certificate_pem).decode()
+        api.replace_certificate_signing_request_status(name, body)

@@ -18,6 +18,9 @@ GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSc
 DATA_DIR = "/var/lib/fedkube"
 TLS_DIR = "/etc/fedkube/tls"
 ENVOY_CONFIG_DIR = "/etc/fedkube/envoy"
+CA_DIR = "/etc/fedkube/ca"
+# Where an envoy keeps the key and certificate it requested for its shard (never a Secret).
+ENVOY_TLS_DIR = f"{DATA_DIR}/tls"
 
 _RESTRICTED_CONTAINER = {
     "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
@@ -36,7 +39,8 @@ def names(federation: str) -> dict[str, str]:
     return {"director": f"{federation}-director", "envoy": f"{federation}-envoy",
             "data": f"{federation}-director-data", "ca": f"{federation}-ca",
             "director_tls": f"{federation}-director-tls",
-            "envoy_tls": f"{federation}-envoy-tls",
+            "ca_bundle": f"{federation}-ca-bundle",
+            "collaborator": f"{federation}-collaborator",
             "operator_tls": f"{federation}-operator-tls",
             "envoy_config": f"{federation}-envoy-config"}
 
@@ -66,6 +70,14 @@ def _tls_volume(spec: FederationSpec, secret: str) -> tuple[list[Manifest], list
         return [], []
     return ([{"name": "tls", "secret": {"secretName": secret, "defaultMode": 0o400}}],
             [{"name": "tls", "mountPath": TLS_DIR, "readOnly": True}])
+
+
+def _ca_volume(federation: str, spec: FederationSpec) -> tuple[list[Manifest], list[Manifest]]:
+    """The federation's CA certificate alone (public): envoys request their own key pair."""
+    if spec.tls == "insecure":
+        return [], []
+    return ([{"name": "ca", "configMap": {"name": names(federation)["ca_bundle"]}}],
+            [{"name": "ca", "mountPath": CA_DIR, "readOnly": True}])
 
 
 def build_director_pvc(name: str, namespace: str, spec: FederationSpec) -> Manifest:
@@ -143,10 +155,11 @@ def build_envoy_config(federation: str, namespace: str, spec: FederationSpec,
             "shard": {"loader": shard.loader, "options": shard.options},
             "runtime": "pod", "work_dir": f"{DATA_DIR}/work",
             "pod": ({} if spec.tls == "insecure" else
-                    {"tls_secret": names(federation)["envoy_tls"]}),
+                    {"ca_config_map": names(federation)["ca_bundle"],
+                     "certificate_account": names(federation)["collaborator"]}),
             "tls": ({"insecure": True} if spec.tls == "insecure" else
-                    {"ca": f"{TLS_DIR}/ca.crt", "cert": f"{TLS_DIR}/tls.crt",
-                     "key": f"{TLS_DIR}/tls.key"})}
+                    {"ca": f"{CA_DIR}/ca.crt", "cert": f"{ENVOY_TLS_DIR}/tls.crt",
+                     "key": f"{ENVOY_TLS_DIR}/tls.key", "request_certificate": True})}
         data[f"{shard.node_name}.yaml"] = yaml.safe_dump(config, sort_keys=False)
     return {"apiVersion": "v1", "kind": "ConfigMap",
             "metadata": {"name": names(federation)["envoy_config"], "namespace": namespace,
@@ -155,7 +168,7 @@ def build_envoy_config(federation: str, namespace: str, spec: FederationSpec,
 
 
 def build_envoy_daemonset(name: str, namespace: str, spec: FederationSpec) -> Manifest:
-    volumes, mounts = _tls_volume(spec, names(name)["envoy_tls"])
+    volumes, mounts = _ca_volume(name, spec)
     config = f"{ENVOY_CONFIG_DIR}/$(NODE_NAME).yaml"
     return {
         "apiVersion": "apps/v1", "kind": "DaemonSet",
@@ -202,11 +215,16 @@ def build_envoy_daemonset(name: str, namespace: str, spec: FederationSpec) -> Ma
 
 def build_envoy_rbac(name: str, namespace: str) -> list[Manifest]:
     """The envoy may create, watch and delete collaborator Pods in its namespace: nothing
-    else."""
+    else. Collaborator Pods get an account of their own with no Role at all: its token only
+    proves their node when they request their shard's certificate."""
     account = names(name)["envoy"]
     meta = {"name": account, "namespace": namespace, "labels": labels(name, "envoy")}
+    collaborator = {"name": names(name)["collaborator"], "namespace": namespace,
+                    "labels": labels(name, "collaborator")}
     return [
         {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta},
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": collaborator,
+         "automountServiceAccountToken": False},
         {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": meta,
          "rules": [{"apiGroups": [""], "resources": ["pods"],
                     "verbs": ["create", "get", "list", "watch", "delete"]},
@@ -228,6 +246,13 @@ def build_tls_secret(name: str, namespace: str, federation: str, *, ca_pem: byte
             "metadata": {"name": name, "namespace": namespace,
                          "labels": labels(federation, "tls")},
             "data": {"ca.crt": b64(ca_pem), "tls.crt": b64(cert_pem), "tls.key": b64(key_pem)}}
+
+
+def build_ca_bundle(federation: str, namespace: str, ca_pem: bytes) -> Manifest:
+    return {"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": names(federation)["ca_bundle"], "namespace": namespace,
+                         "labels": labels(federation, "tls")},
+            "data": {"ca.crt": ca_pem.decode()}}
 
 
 def build_federation_workloads(name: str, namespace: str, spec: FederationSpec) -> list[Manifest]:

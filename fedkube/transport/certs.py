@@ -53,6 +53,42 @@ def create_ca(common_name: str = "fedkube-ca") -> KeyPair:
     return KeyPair(cert.public_bytes(serialization.Encoding.PEM), _key_pem(key))
 
 
+def _subject(common_name: str, *, organization: str | None = None,
+             role: str | None = None) -> x509.Name:
+    subject = [x509.NameAttribute(NameOID.COMMON_NAME, common_name)]
+    if role:
+        subject.insert(0, x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, role))
+    if organization:
+        subject.insert(0, x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization))
+    return x509.Name(subject)
+
+
+def _sign_leaf(ca: KeyPair, subject: x509.Name, public_key: ec.EllipticCurvePublicKey,
+               *, hosts: list[str], validity: dt.timedelta) -> bytes:
+    ca_cert = x509.load_pem_x509_certificate(ca.cert_pem)
+    ca_key = serialization.load_pem_private_key(ca.key_pem, password=None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    sans: list[x509.GeneralName] = []
+    for host in hosts:
+        try:
+            sans.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            sans.append(x509.DNSName(host))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(ca_cert.subject).public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(_now() - dt.timedelta(minutes=5)).not_valid_after(_now() + validity)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.SubjectAlternativeName(list(dict.fromkeys(sans))), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
+                                              ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
 def issue(ca: KeyPair, common_name: str, *, hosts: list[str] | None = None,
           organization: str | None = None, role: str | None = None) -> KeyPair:
     """A leaf certificate usable as both TLS server and client, with SANs for `hosts`.
@@ -60,34 +96,60 @@ def issue(ca: KeyPair, common_name: str, *, hosts: list[str] | None = None,
     `organization` becomes the subject's O (Kubernetes reads it as the user's group);
     `role` its OU, which the director's role table reads (fedkube.transport.roles).
     """
-    ca_cert = x509.load_pem_x509_certificate(ca.cert_pem)
-    ca_key = serialization.load_pem_private_key(ca.key_pem, password=None)
-    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
     key = ec.generate_private_key(ec.SECP256R1())
-    subject = [x509.NameAttribute(NameOID.COMMON_NAME, common_name)]
-    if role:
-        subject.insert(0, x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, role))
-    if organization:
-        subject.insert(0, x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization))
-    sans: list[x509.GeneralName] = []
-    for host in [common_name, *(hosts or [])]:
-        try:
-            sans.append(x509.IPAddress(ipaddress.ip_address(host)))
-        except ValueError:
-            sans.append(x509.DNSName(host))
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name(subject))
-        .issuer_name(ca_cert.subject).public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(_now() - dt.timedelta(minutes=5)).not_valid_after(_now() + VALIDITY)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.SubjectAlternativeName(list(dict.fromkeys(sans))), critical=False)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
-                                              ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    return KeyPair(cert.public_bytes(serialization.Encoding.PEM), _key_pem(key))
+    cert = _sign_leaf(ca, _subject(common_name, organization=organization, role=role),
+                      key.public_key(), hosts=[common_name, *(hosts or [])], validity=VALIDITY)
+    return KeyPair(cert, _key_pem(key))
+
+
+def make_request(common_name: str, *, role: str) -> tuple[bytes, bytes]:
+    """A PKCS#10 request for CN=common_name, OU=role, and its new private key (both PEM):
+    the key never leaves the requester."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    request = (x509.CertificateSigningRequestBuilder()
+               .subject_name(_subject(common_name, role=role))
+               .sign(key, hashes.SHA256()))
+    return request.public_bytes(serialization.Encoding.PEM), _key_pem(key)
+
+
+@dataclass(frozen=True)
+class RequestSubject:
+    common_name: str
+    role: str
+
+
+class BadRequest(ValueError):
+    """A certificate request that is unreadable, badly signed or names more than CN/OU."""
+
+
+def read_request(request_pem: bytes) -> tuple[RequestSubject, x509.CertificateSigningRequest]:
+    """The CN and OU of a request, after checking its signature (the requester holds the
+    key) and that its subject names nothing else."""
+    try:
+        request = x509.load_pem_x509_csr(request_pem)
+    except ValueError as exc:
+        raise BadRequest(f"not a PEM certificate request: {exc}") from exc
+    if not request.is_signature_valid:
+        raise BadRequest("the request's signature does not match its public key")
+    if not isinstance(request.public_key(), ec.EllipticCurvePublicKey):
+        raise BadRequest("the request's key is not an elliptic-curve key")
+    attributes = {attribute.oid: attribute.value for attribute in request.subject}
+    if (len(list(request.subject)) != 2
+            or set(attributes) != {NameOID.COMMON_NAME, NameOID.ORGANIZATIONAL_UNIT_NAME}):
+        raise BadRequest(f"the subject must be exactly CN=<shard>, OU=<role>, got "
+                         f"{request.subject.rfc4514_string()!r}")
+    return RequestSubject(common_name=str(attributes[NameOID.COMMON_NAME]),
+                          role=str(attributes[NameOID.ORGANIZATIONAL_UNIT_NAME])), request
+
+
+def sign_request(ca: KeyPair, request: x509.CertificateSigningRequest, *,
+                 validity: dt.timedelta = VALIDITY) -> bytes:
+    """The CA's certificate for a request already checked with `read_request`: its subject
+    and public key, none of its requested extensions."""
+    public_key = request.public_key()
+    assert isinstance(public_key, ec.EllipticCurvePublicKey)  # checked by read_request
+    common_name = str(request.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value)
+    return _sign_leaf(ca, request.subject, public_key, hosts=[common_name], validity=validity)
 
 
 def write_pair(directory: Path, name: str, pair: KeyPair) -> tuple[Path, Path]:

@@ -27,7 +27,13 @@ def test_chart_lints_and_renders(cluster: ControlPlane) -> None:
     docs = {(d["kind"], d["metadata"]["name"]): d for d in yaml.safe_load_all(rendered) if d}
     assert set(docs) == {("ServiceAccount", "fl-operator"), ("ClusterRole", "fl-operator"),
                          ("ClusterRoleBinding", "fl-operator"), ("Deployment", "fl-operator"),
+                         ("ClusterRole", "fl-operator-certificate-requester"),
+                         ("ClusterRoleBinding", "fl-operator-certificate-requester"),
                          ("Federation", "default")}
+    # Only the watched namespaces' accounts may file certificate requests.
+    assert docs[("ClusterRoleBinding", "fl-operator-certificate-requester")]["subjects"] == [
+        {"kind": "Group", "apiGroup": "rbac.authorization.k8s.io",
+         "name": "system:serviceaccounts:team-a"}]
     container = docs[("Deployment", "fl-operator")]["spec"]["template"]["spec"]["containers"][0]
     assert container["args"][-2:] == ["--namespace", "team-a"]
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
@@ -68,6 +74,15 @@ def test_install_creates_crds_and_an_available_operator(cluster: ControlPlane) -
     ("list", "nodes", False),
     ("create", "pods --subresource=exec", False),
     ("get", "pods --subresource=log", True),
+    # The signer of shard certificates, for its own signer name only.
+    ("watch", "certificatesigningrequests.certificates.k8s.io", True),
+    ("update", "certificatesigningrequests.certificates.k8s.io --subresource=approval", True),
+    ("update", "certificatesigningrequests.certificates.k8s.io --subresource=status", True),
+    ("approve", "signers.certificates.k8s.io/fedkube.io/shard", True),
+    ("sign", "signers.certificates.k8s.io/fedkube.io/shard", True),
+    ("approve", "signers.certificates.k8s.io/kubernetes.io/kube-apiserver-client", False),
+    ("sign", "signers.certificates.k8s.io/kubernetes.io/kubelet-serving", False),
+    ("delete", "certificatesigningrequests.certificates.k8s.io", False),
 ])
 def test_operator_rbac_is_least_privilege(cluster: ControlPlane, verb: str, resource: str,
                                           allowed: bool) -> None:

@@ -203,12 +203,16 @@ def test_mtls_federation_gets_certificates(operated: Operated) -> None:
     wait_for(lambda: operated.kubectl("get", "secret", "secure-operator-tls",
                                       check=False).returncode == 0,
              timeout=60, message="certificates issued")
-    for secret in ("secure-ca", "secure-director-tls", "secure-envoy-tls"):
+    for secret in ("secure-ca", "secure-director-tls", "secure-operator-tls"):
         data = operated.get("secret", secret)["data"]
         assert set(data) == {"ca.crt", "tls.crt", "tls.key"}
         # Secrets are never logged, neither as PEM nor as the base64 the API carries.
         log = operated.operator.output()
         assert data["tls.key"][:40] not in log and "PRIVATE KEY" not in log
+    # Envoys get no shared key: only the CA, and they request their own certificate
+    # (tests/k8s/test_shard_certificates.py).
+    assert "secure-envoy-tls" not in operated.kubectl("get", "secrets", "-o", "name").stdout
+    assert set(operated.get("configmap", "secure-ca-bundle")["data"]) == {"ca.crt"}
     director = operated.get("deployment", "secure-director")
     args = director["spec"]["template"]["spec"]["containers"][0]["args"]
     assert "--ca" in args and "--insecure" not in args
