@@ -16,6 +16,7 @@ import asyncio
 import json
 import logging
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -90,6 +91,9 @@ class ExperimentAggregator:
         # Held while a result is checked and added off the event loop; the loop skips
         # timeouts meanwhile so a round never closes under a half-added result.
         self._receiving = asyncio.Lock()
+        # Senders whose checked training result is being added after its reply (receive).
+        self._committing: set[str] = set()
+        self._commits: set[asyncio.Task[None]] = set()
         self._tensors: dict[str, base_pb2.NamedTensor] = {}
         self._start_round()
 
@@ -129,7 +133,8 @@ class ExperimentAggregator:
 
     def tasks_for(self, collaborator: str) -> list[str]:
         pending = [] if collaborator in self._validated else [VALIDATE]
-        if not self.final_validation and collaborator not in self._trained:
+        if (not self.final_validation and collaborator not in self._trained
+                and collaborator not in self._committing):
             pending.append(TRAIN)
         return pending
 
@@ -341,13 +346,16 @@ class ExperimentAggregator:
                                        f"{self.plan.metric!r}")
         return update, figures
 
+    def _weight(self, results: aggregator_pb2.TaskResults) -> float:
+        return float(results.data_size) if self.plan.weighting == "samples" else 1.0
+
     def _accept(self, sender: str, results: aggregator_pb2.TaskResults,
                 payloads: Sequence[memoryview] | None = None
                 ) -> tuple[dict[str, float], float]:
         """The heavy part of taking a result (checks, the FedAvg update): thread-safe
         against the event loop while the receiving lock is held."""
         update, figures = self._check_results(sender, results, payloads)
-        weight = float(results.data_size) if self.plan.weighting == "samples" else 1.0
+        weight = self._weight(results)
         if results.task_name == TRAIN:
             self._fedavg.add(update, weight)
         return figures, weight
@@ -370,16 +378,53 @@ class ExperimentAggregator:
                       payloads: Sequence[memoryview] | None = None) -> None:
         """submit() with the model-sized work in a thread, so a large model never stalls
         the director's other calls (health checks, other experiments). `payloads` are
-        the tensors' bytes when the message was parsed without them."""
+        the tensors' bytes when the message was parsed without them.
+
+        A large training result is acknowledged once checked: its FedAvg update (most
+        of the work) runs after the reply, still holding the receiving lock, so no other
+        result is added and no round closes meanwhile, and the sender's task counts as
+        done from the reply on. The sender's upload then ends when its bytes are in and
+        checked, not when they are summed."""
         size = sum(len(p) for p in payloads) if payloads is not None else results.ByteSize()
-        async with self._receiving:
-            with metrics.AGGREGATION_SECONDS.time():
-                if size <= INLINE_RESULT_BYTES:
-                    figures, weight = self._accept(sender, results, payloads)
-                else:
-                    figures, weight = await asyncio.to_thread(self._accept, sender, results,
-                                                              payloads)
-            self._accepted(sender, results, figures, weight)
+        await self._receiving.acquire()
+        handed_off = False
+        try:
+            started = time.perf_counter()
+            if size <= INLINE_RESULT_BYTES:
+                figures, weight = self._accept(sender, results, payloads)
+                metrics.AGGREGATION_SECONDS.observe(time.perf_counter() - started)
+                self._accepted(sender, results, figures, weight)
+                return
+            update, figures = await asyncio.to_thread(self._check_results, sender, results,
+                                                      payloads)
+            if results.task_name != TRAIN:
+                metrics.AGGREGATION_SECONDS.observe(time.perf_counter() - started)
+                self._accepted(sender, results, figures, self._weight(results))
+                return
+            self._committing.add(sender)
+            commit = asyncio.create_task(self._commit(sender, results, update, figures,
+                                                      started))
+            self._commits.add(commit)
+            commit.add_done_callback(self._commits.discard)
+            handed_off = True
+        finally:
+            if not handed_off:
+                self._receiving.release()
+
+    async def _commit(self, sender: str, results: aggregator_pb2.TaskResults, update: Model,
+                      figures: dict[str, float], started: float) -> None:
+        try:
+            weight = self._weight(results)
+            await asyncio.to_thread(self._fedavg.add, update, weight)
+            metrics.AGGREGATION_SECONDS.observe(time.perf_counter() - started)
+            if not self.done:
+                self._accepted(sender, results, figures, weight)
+        except Exception as exc:  # after the reply: the experiment fails, not the director
+            log.exception("experiment %s: adding %s's result failed", self.name, sender)
+            self.fail(f"adding {sender}'s result to round {self.round} failed: {exc}")
+        finally:
+            self._committing.discard(sender)
+            self._receiving.release()
 
 
 def expected_result_bytes(model: Model) -> int:

@@ -1,0 +1,82 @@
+"""The aggregator's receive path for model-sized results: the sender's reply comes once
+its result is checked, and the FedAvg update that follows still holds the round."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedkube.aggregator.experiment import ExperimentAggregator
+from fedkube.aggregator.fedavg import Model, StreamingFedAvg
+from fedkube.api.errors import InvalidArgumentError
+from fedkube.api.plan import Plan
+from fedkube.proto import aggregator_pb2
+from fedkube.transport.tensors import to_named_tensor
+
+SIZE = 1 << 20  # 4 MiB of float32: past the inline limit, so checked and added in threads
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.closed: list[int] = []
+
+    def round_closed(self, name: str, *, round_number: int, total_rounds: int,
+                     summary: dict[str, str]) -> None:
+        self.closed.append(round_number)
+
+    def experiment_done(self, name: str, *, error: str | None) -> None:
+        pass
+
+
+def _train(sender: str, value: float, samples: int) -> aggregator_pb2.TaskResults:
+    return aggregator_pb2.TaskResults(
+        header=aggregator_pb2.MessageHeader(sender=sender, federation_uuid="exp"),
+        round_number=0, task_name="train", data_size=samples,
+        tensors=[to_named_tensor("w", np.full(SIZE, value, np.float32))])
+
+
+class GatedFedAvg(StreamingFedAvg):
+    """The real FedAvg, whose add waits for the test to open a gate."""
+
+    gate = threading.Event()
+
+    def add(self, update: Model, weight: float) -> None:
+        assert self.gate.wait(timeout=30)
+        super().add(update, weight)
+
+
+async def test_reply_comes_before_the_add_which_still_holds_the_round(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("fedkube.aggregator.experiment.StreamingFedAvg", GatedFedAvg)
+    GatedFedAvg.gate.clear()
+    now = [0.0]
+    outcome = Recorder()
+    aggregator = ExperimentAggregator(
+        name="exp", plan=Plan(task="digits-logreg", rounds=2, round_timeout_s=1.0),
+        collaborators=["a", "b"], initial={"w": np.zeros(SIZE, np.float32)}, workdir=tmp_path,
+        outcome=outcome, clock=lambda: now[0])
+    aggregator.get_tasks("a")  # starts the round's clock
+
+    # The reply to "a" comes while its add is still blocked...
+    await asyncio.wait_for(aggregator.receive("a", _train("a", 1.0, 30)), timeout=5)
+    # ...and from then on its task is done: no second training task, a replay refused.
+    assert "train" not in aggregator.tasks_for("a")
+    with pytest.raises(InvalidArgumentError, match="no pending 'train' task"):
+        aggregator._check_results("a", _train("a", 1.0, 30))
+    # The round cannot close under the pending add, even past its timeout.
+    now[0] = 60.0
+    aggregator.tick()
+    assert outcome.closed == [] and not aggregator.done
+
+    # "b" waits its turn behind the add; once the gate opens both are summed, weighted.
+    now[0] = 0.5
+    second = asyncio.create_task(aggregator.receive("b", _train("b", 4.0, 10)))
+    GatedFedAvg.gate.set()
+    await asyncio.wait_for(second, timeout=30)
+    await asyncio.wait_for(asyncio.gather(*aggregator._commits), timeout=30)
+    assert outcome.closed == [1]
+    np.testing.assert_allclose(aggregator.model["w"], np.full(SIZE, (30 + 40) / 40, np.float32))
