@@ -73,7 +73,7 @@ bench-full: install openfl testenv
 	$(PY) -m benchmarks.aggregation --updates 8,32 --mib 64,256
 	$(PY) -m benchmarks.transfer --mib 16,64,256,1024
 	$(PY) -m benchmarks.round_latency --collaborators 8,32 --rounds 20
-	$(PY) -m benchmarks.operator_scale --nodes 200 --experiments 200
+	$(PY) -m benchmarks.operator_scale --nodes 1000
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache demo-output

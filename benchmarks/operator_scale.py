@@ -1,9 +1,13 @@
-"""Operator at scale on the KWOK cluster: N GPU nodes, then N Experiments created at once
-(16 concurrent API clients);
-time until every one is `Accepted` (submitted to the director), and the operator's CPU
-and peak RSS meanwhile. The director and two envoys run as local processes.
+"""Operator at scale on the KWOK cluster: N GPU nodes, a Shard on each, and N
+Experiments (one per shard) created at once with the Shards (16 concurrent API clients);
+time until every Experiment is `Accepted` (submitted to the director) and every Shard
+`Online`, and the operator's CPU and peak RSS meanwhile.
 
-    python -m benchmarks.operator_scale --nodes 200 --experiments 200 [--json]
+The director runs as a local process; the N envoys are simulated by one asyncio client
+speaking the envoy wire protocol (registration, then a health check every period), since
+KWOK nodes run no containers. The envoy DaemonSet still puts a Pod on every node.
+
+    python -m benchmarks.operator_scale --nodes 1000 [--json]
 """
 
 from __future__ import annotations
@@ -18,12 +22,15 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from fedkube.client import DirectorClient
 from fedkube.devcluster import REPO, ControlPlane, FakeNode
-from fedkube.local import Process, director_process, envoy_process, free_port, wait_for
+from fedkube.local import Process, director_process, free_port, wait_for
 
 NAMESPACE = "scale"
-SHARDS = ("shard-0", "shard-1")
+HEALTH_PERIOD_S = 10.0
+
+
+def shard_name(i: int) -> str:
+    return f"shard-{i:04d}"
 
 
 def _proc(pid: int) -> tuple[float, int]:
@@ -37,46 +44,117 @@ def _proc(pid: int) -> tuple[float, int]:
     return cpu, hwm
 
 
+def _shards(count: int) -> list[dict[str, Any]]:
+    return [{"apiVersion": "fedkube.io/v1alpha1", "kind": "Shard",
+             "metadata": {"name": shard_name(i), "namespace": NAMESPACE},
+             "spec": {"federation": "digits", "nodeName": f"gpu-{i:04d}",
+                      "options": {"index": str(i), "count": str(count)}}}
+            for i in range(count)]
+
+
 def _experiments(count: int) -> list[dict[str, Any]]:
     return [{"apiVersion": "fedkube.io/v1alpha1", "kind": "Experiment",
              "metadata": {"name": f"exp-{i:04d}", "namespace": NAMESPACE},
              "spec": {"federation": "digits", "task": "digits-logreg", "rounds": 1,
-                      "shards": list(SHARDS)}} for i in range(count)]
+                      "shards": [shard_name(i)]}} for i in range(count)]
 
 
 def _create_all(plane: ControlPlane, bodies: list[dict[str, Any]]) -> None:
-    """Creates the Experiments at once: 16 concurrent clients, as many users would."""
+    """Creates the resources at once: 16 concurrent clients, as many users would."""
     from concurrent.futures import ThreadPoolExecutor
 
     from kubernetes import client, config
 
     api = client.CustomObjectsApi(config.new_client_from_config(  # type: ignore[no-untyped-call]
         config_file=str(plane.kubeconfig)))
+    plural = {"Shard": "shards", "Experiment": "experiments"}
     with ThreadPoolExecutor(16) as pool:
         list(pool.map(lambda body: api.create_namespaced_custom_object(
-            "fedkube.io", "v1alpha1", NAMESPACE, "experiments", body), bodies))
+            "fedkube.io", "v1alpha1", NAMESPACE, plural[body["kind"]], body), bodies))
 
 
-def _accepted(plane: ControlPlane) -> int:
-    items = json.loads(plane.kubectl("-n", NAMESPACE, "get", "experiments", "-o",
+def _count(plane: ControlPlane, plural: str, condition: str) -> int:
+    items = json.loads(plane.kubectl("-n", NAMESPACE, "get", plural, "-o",
                                      "json").stdout)["items"]
-    return sum(any(c["type"] == "Accepted" and c["status"] == "True"
+    return sum(any(c["type"] == condition and c["status"] == "True"
                    for c in item.get("status", {}).get("conditions", [])) for item in items)
 
 
-def run(nodes: int, experiments: int, work: Path) -> dict[str, float]:
+class SimulatedEnvoys:
+    """N envoys in one thread: each registers its shard, then checks in every period
+    with a random phase, as `fedkube envoy start` does."""
+
+    def __init__(self, port: int, names: list[str]) -> None:
+        import threading
+
+        self.port, self.names = port, names
+        self.registered = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> SimulatedEnvoys:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        import asyncio
+
+        asyncio.run(self._envoys())
+
+    async def _envoys(self) -> None:
+        import asyncio
+        import random
+
+        import grpc
+
+        from benchmarks.health_checks import shard
+        from fedkube.proto import director_pb2, director_pb2_grpc
+
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{self.port}")
+        stub = director_pb2_grpc.DirectorStub(channel)  # type: ignore[no-untyped-call]
+        limit = asyncio.Semaphore(256)
+
+        async def register(i: int, name: str) -> None:
+            request = shard(i)
+            request.shard_info.node_info.name = name
+            async with limit:
+                response = await stub.UpdateShardInfo(request, timeout=60)
+                assert response.accepted
+
+        await asyncio.gather(*(register(i, n) for i, n in enumerate(self.names)))
+        self.registered.set()
+
+        async def check_in(name: str) -> None:
+            request = director_pb2.UpdateEnvoyStatusRequest(name=name)
+            await asyncio.sleep(random.uniform(0, HEALTH_PERIOD_S))
+            while not self._stop.is_set():
+                await stub.UpdateEnvoyStatus(request, timeout=30)
+                await asyncio.sleep(HEALTH_PERIOD_S)
+
+        tasks = [asyncio.create_task(check_in(name)) for name in self.names]
+        await asyncio.to_thread(self._stop.wait)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await channel.close(None)
+
+
+def run(nodes: int, work: Path) -> dict[str, float]:
     plane = ControlPlane(work / "k8s", nodes=tuple(FakeNode(f"gpu-{i:04d}", gpus=8)
                                                    for i in range(nodes)))
     processes: list[Process] = []
     try:
-        plane.start(timeout=300)
+        plane.start(timeout=600)
         plane.kubectl("apply", "-f", str(REPO / "crds"))
         plane.kubectl("wait", "--for=condition=Established", "crd", "--all", "--timeout=60s")
         plane.kubectl("create", "namespace", NAMESPACE)
         port = free_port()
-        processes.append(director_process(work, port, period=2.0).start())
-        for index, shard in enumerate(SHARDS):
-            processes.append(envoy_process(work, shard, port, index=index, count=2).start())
+        director = director_process(work, port, period=HEALTH_PERIOD_S).start()
+        processes.append(director)
         operator = Process("operator", ["--log-level", "warning", "operator", "run",
                                         "--namespace", NAMESPACE], work / "logs" / "operator.log",
                            env={"KUBECONFIG": str(plane.kubeconfig)}).start()
@@ -84,54 +162,47 @@ def run(nodes: int, experiments: int, work: Path) -> dict[str, float]:
         federation = {"apiVersion": "fedkube.io/v1alpha1", "kind": "Federation",
                       "metadata": {"name": "digits", "namespace": NAMESPACE},
                       "spec": {"sampleShape": ["8", "8"], "targetShape": ["1"],
-                               "tls": "insecure", "directorEndpoint": f"localhost:{port}"}}
-        shards = [{"apiVersion": "fedkube.io/v1alpha1", "kind": "Shard",
-                   "metadata": {"name": name, "namespace": NAMESPACE},
-                   "spec": {"federation": "digits", "nodeName": f"gpu-{i:04d}",
-                            "options": {"index": str(i), "count": "2"}}}
-                  for i, name in enumerate(SHARDS)]
-        plane.apply([federation, *shards])
+                               "tls": "insecure", "directorEndpoint": f"localhost:{port}",
+                               "healthCheckPeriodSeconds": int(HEALTH_PERIOD_S)}}
+        plane.apply([federation])
         wait_for(lambda: plane.kubectl("-n", NAMESPACE, "get", "daemonset", "digits-envoy",
                                        check=False).returncode == 0,
                  timeout=120, message="federation reconciled")
-        def envoys_ready() -> bool:
-            daemonset = json.loads(plane.kubectl("-n", NAMESPACE, "get", "daemonset",
-                                                 "digits-envoy", "-o", "json").stdout)
-            return bool(daemonset.get("status", {}).get("numberReady") == nodes)
-
-        wait_for(envoys_ready, timeout=300, interval=1,
-                 message=f"envoy pods ready on all {nodes} GPU nodes")
-        wait_for(lambda: all(p.running for p in processes), timeout=1,
-                 message="director, envoys and operator running")
-        with DirectorClient(f"localhost:{port}", client_id="bench") as director:
-            wait_for(lambda: sum(e.online for e in director.envoys()) == len(SHARDS),
-                     timeout=60, message="both shards registered")
-        assert operator.popen is not None and processes[0].popen is not None
-        pid, director_pid = operator.popen.pid, processes[0].popen.pid
-        cpu_before, _ = _proc(pid)
-        director_before, _ = _proc(director_pid)
-        start = time.perf_counter()
-        _create_all(plane, _experiments(experiments))
-        applied = time.perf_counter() - start
-        try:
-            wait_for(lambda: _accepted(plane) == experiments, timeout=600, interval=0.5,
-                     message=f"{experiments} experiments Accepted")
-        except TimeoutError:
-            print(f"{_accepted(plane)} of {experiments} Accepted; operator log tail:\n"
-                  f"{operator.output()[-3000:]}")
-            raise
-        elapsed = time.perf_counter() - start
-        cpu_after, peak_kib = _proc(pid)
-        director_after, _ = _proc(director_pid)
+        with SimulatedEnvoys(port, [shard_name(i) for i in range(nodes)]) as envoys:
+            if not envoys.registered.wait(timeout=300):
+                raise TimeoutError(f"{nodes} simulated envoys registered")
+            wait_for(lambda: operator.running and director.running, timeout=1,
+                     message="director and operator running")
+            assert operator.popen is not None and director.popen is not None
+            pid, director_pid = operator.popen.pid, director.popen.pid
+            cpu_before, _ = _proc(pid)
+            director_before, _ = _proc(director_pid)
+            start = time.perf_counter()
+            _create_all(plane, [*_shards(nodes), *_experiments(nodes)])
+            applied = time.perf_counter() - start
+            try:
+                wait_for(lambda: _count(plane, "experiments", "Accepted") == nodes,
+                         timeout=900, interval=1, message=f"{nodes} experiments Accepted")
+            except TimeoutError:
+                print(f"{_count(plane, 'experiments', 'Accepted')} of {nodes} Accepted; "
+                      f"operator log tail:\n{operator.output()[-3000:]}")
+                raise
+            accepted = time.perf_counter() - start
+            wait_for(lambda: _count(plane, "shards", "Online") == nodes, timeout=300,
+                     interval=1, message=f"{nodes} shards Online")
+            online = time.perf_counter() - start
+            cpu_after, peak_kib = _proc(pid)
+            director_after, _ = _proc(director_pid)
         envoy_pods = len(json.loads(plane.kubectl(
             "-n", NAMESPACE, "get", "pods", "-l", "app.kubernetes.io/component=envoy",
             "-o", "json").stdout)["items"])
-        return {"nodes": nodes, "experiments": experiments, "envoy_pods": envoy_pods,
-                "apply_s": round(applied, 2), "all_accepted_s": round(elapsed, 2),
-                "operator_cpu_percent": round(100 * (cpu_after - cpu_before) / elapsed, 1),
+        return {"nodes": nodes, "shards": nodes, "experiments": nodes,
+                "envoy_pods": envoy_pods, "create_s": round(applied, 2),
+                "all_accepted_s": round(accepted, 2), "all_online_s": round(online, 2),
+                "operator_cpu_percent": round(100 * (cpu_after - cpu_before) / online, 1),
                 "operator_peak_rss_mib": round(peak_kib / 1024, 1),
                 "director_cpu_percent": round(100 * (director_after - director_before)
-                                              / elapsed, 1)}
+                                              / online, 1)}
     finally:
         for process in processes:
             process.stop()
@@ -141,16 +212,17 @@ def run(nodes: int, experiments: int, work: Path) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--nodes", type=int, default=200)
-    parser.add_argument("--experiments", type=int, default=200)
+    parser.add_argument("--nodes", type=int, default=200,
+                        help="GPU nodes; as many Shards and Experiments")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="fedkube-scale-") as tmp:
-        result = run(args.nodes, args.experiments, Path(tmp))
+        result = run(args.nodes, Path(tmp))
     view = Table(title="Operator at scale (KWOK)")
-    for key in result:
-        view.add_column(key, justify="right")
-    view.add_row(*(str(v) for v in result.values()))
+    view.add_column("figure")
+    view.add_column("value", justify="right")
+    for key, value in result.items():
+        view.add_row(key, str(value))
     Console().print(view)
     if args.json:
         print(json.dumps(result))

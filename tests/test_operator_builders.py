@@ -303,3 +303,48 @@ def test_signed_certificate_carries_the_shard_and_role(tmp_path: Path) -> None:
     assert cert.issuer == x509.load_pem_x509_certificate(ca.cert_pem).subject
     lifetime = cert.not_valid_after_utc - cert.not_valid_before_utc
     assert dt.timedelta(minutes=60) < lifetime <= dt.timedelta(minutes=66)
+
+
+def test_a_burst_of_render_requests_shares_renders() -> None:
+    """50 Shards created at once: a couple of renders, and each request is answered by a
+    render that started after it (so it sees that request's Shard)."""
+    import threading
+    import time
+
+    from fedkube.operator.coalesce import Coalescer
+
+    coalescer, shards, renders = Coalescer(), [], []
+    guard = threading.Lock()
+
+    def render() -> None:
+        with guard:
+            seen = len(shards)
+        time.sleep(0.05)  # a render's API round trips
+        renders.append(seen)
+
+    def create_shard(i: int) -> None:
+        with guard:
+            shards.append(i)
+            needed = len(shards)
+        coalescer.run("fed", render)
+        assert max(renders) >= needed  # a render that saw this Shard has finished
+
+    threads = [threading.Thread(target=create_shard, args=(i,)) for i in range(50)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert renders[-1] == 50 and len(renders) <= 5
+
+
+def test_shard_status_patches_only_what_changed() -> None:
+    from fedkube.operator.shards import status_changes
+
+    shown = {"online": True, "lastHealthCheck": "2026-11-25T10:00:00Z", "gpus": 8}
+    assert status_changes(shown, {**shown, "lastHealthCheck": "2026-11-25T10:00:30Z"}) == {}
+    assert status_changes(shown, {**shown, "lastHealthCheck": "2026-11-25T10:01:00Z"}) == {
+        "lastHealthCheck": "2026-11-25T10:01:00Z"}
+    assert status_changes(shown, {**shown, "online": False,
+                                  "lastHealthCheck": "2026-11-25T10:00:05Z"}) == {
+        "online": False}
+    assert status_changes({}, shown) == shown

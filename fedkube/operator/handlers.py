@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any
+import time
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
 
 import grpc
 import kopf
 
 from fedkube.api.resources import GROUP, VERSION, ExperimentSpec, FederationSpec, ShardSpec
-from fedkube.client import DirectorClient
+from fedkube.client import DirectorClient, EnvoyView
 from fedkube.operator import kube
+from fedkube.operator.coalesce import Coalescer
 from fedkube.operator.conditions import is_true, set_condition
 from fedkube.operator.experiments import build_plan, build_status, director_name
 from fedkube.operator.manifests import (
@@ -23,7 +26,7 @@ from fedkube.operator.manifests import (
     names,
 )
 from fedkube.operator.metrics import EXPERIMENT_PHASES, observed
-from fedkube.operator.shards import build_shard_status
+from fedkube.operator.shards import build_shard_status, status_changes
 from fedkube.operator.signer import (
     account_namespace,
     find_requester,
@@ -83,14 +86,22 @@ def _issue_secrets(name: str, namespace: str, owner: kopf.Body) -> None:
     kube.apply(bundle)
 
 
+_ENVOY_CONFIGS = Coalescer()
+
+
 def _render_envoy_config(federation: str, namespace: str, spec: FederationSpec,
                          owner: kopf.Body) -> None:
-    shards = {s["metadata"]["name"]: ShardSpec.model_validate(s["spec"])
-              for s in kube.list_custom("shards", namespace)
-              if s.get("spec", {}).get("federation") == federation}
-    manifest = build_envoy_config(federation, namespace, spec, shards)
-    kopf.adopt(manifest, owner=owner)
-    kube.apply(manifest)
+    """Renders the federation's envoy ConfigMap from all its Shards; a burst of Shard
+    changes shares renders (fedkube.operator.coalesce)."""
+    def render() -> None:
+        shards = {s["metadata"]["name"]: ShardSpec.model_validate(s["spec"])
+                  for s in kube.list_custom("shards", namespace)
+                  if s.get("spec", {}).get("federation") == federation}
+        manifest = build_envoy_config(federation, namespace, spec, shards)
+        kopf.adopt(manifest, owner=owner)
+        kube.apply(manifest)
+
+    _ENVOY_CONFIGS.run((namespace, federation), render)
 
 
 @kopf.on.resume(GROUP, VERSION, "federations")
@@ -167,6 +178,42 @@ def director_for(namespace: str, federation: str, index: FederationIndex) -> Dir
     return client
 
 
+T = TypeVar("T")
+
+
+class SharedListing(Generic[T]):
+    """A director listing (the shard registry, the experiment list) per federation,
+    shared by every resource's poll for up to `ttl` seconds: with N Shards or Experiments
+    polling, the director answers one listing per federation per `ttl`, not N."""
+
+    def __init__(self, ttl: float = 1.0) -> None:
+        self.ttl = ttl
+        self._entries: dict[tuple[str, str], tuple[float, T]] = {}
+        self._locks: dict[tuple[str, str], threading.Lock] = {}
+        self._guard = threading.Lock()
+
+    def get(self, key: tuple[str, str], fetch: Callable[[], T]) -> T:
+        with self._guard:
+            lock = self._locks.setdefault(key, threading.Lock())
+        with lock:  # one listing in flight per federation; the others wait for it
+            cached = self._entries.get(key)
+            if cached is not None and time.monotonic() - cached[0] < self.ttl:
+                return cached[1]
+            value = fetch()
+            self._entries[key] = (time.monotonic(), value)
+            return value
+
+
+REGISTRY: SharedListing[dict[str, EnvoyView]] = SharedListing()
+EXPERIMENTS: SharedListing[dict[str, tuple[str, float]]] = SharedListing()
+
+
+def _registry(namespace: str, federation: str, director: DirectorClient
+              ) -> dict[str, EnvoyView]:
+    return REGISTRY.get((namespace, federation),
+                        lambda: {envoy.name: envoy for envoy in director.envoys()})
+
+
 # -- Shard --------------------------------------------------------------------------------
 
 @kopf.on.resume(GROUP, VERSION, "shards")
@@ -192,7 +239,7 @@ def mirror_shard(name: str, namespace: str | None, spec: kopf.Spec, status: kopf
     shard = ShardSpec.model_validate(dict(spec))
     try:
         director = director_for(namespace, shard.federation, kwargs[INDEX])
-        envoy = next((e for e in director.envoys() if e.name == name), None)
+        envoy = _registry(namespace, shard.federation, director).get(name)
     except FederationMissing as exc:
         patch.status["conditions"] = set_condition(
             list(status.get("conditions", [])), "Ready", False, "FederationNotFound", str(exc))
@@ -202,8 +249,8 @@ def mirror_shard(name: str, namespace: str | None, spec: kopf.Spec, status: kopf
             list(status.get("conditions", [])), "Ready", False, "DirectorUnreachable",
             str(exc.details() if hasattr(exc, "details") else exc))
         return
-    patch.status.update(build_shard_status(dict(status), envoy, node=shard.node_name,
-                                           generation=int(meta.get("generation", 0))))
+    patch.status.update(status_changes(dict(status), build_shard_status(
+        dict(status), envoy, node=shard.node_name, generation=int(meta.get("generation", 0)))))
 
 
 # -- shard certificates -------------------------------------------------------------------
@@ -278,7 +325,8 @@ def submit_experiment(name: str, namespace: str | None, spec: kopf.Spec, status:
 
     archive, model = experiment_archive(plan)
     try:
-        registered = {e.name: e.online for e in director.envoys()}
+        registered = {shard: envoy.online for shard, envoy in
+                      _registry(namespace, experiment.federation, director).items()}
         collaborators = experiment.shards or sorted(n for n, on in registered.items() if on)
         if not collaborators:
             _refuse(patch, status, body, "NoShardsOnline",
@@ -314,6 +362,12 @@ def submit_experiment(name: str, namespace: str | None, spec: kopf.Spec, status:
                message=f"submitted to the director of {experiment.federation}")
 
 
+# Per followed experiment: the director's list entry (state, progress) when its details
+# were last fetched, and when.
+_detailed: dict[tuple[str, str], tuple[tuple[str, float], float]] = {}
+DETAIL_REFRESH_S = 10.0
+
+
 def _following(status: kopf.Status, **_: Any) -> bool:
     return (is_true(list(status.get("conditions", [])), "Accepted")
             and status.get("phase") not in FINAL_PHASES)
@@ -326,13 +380,27 @@ def follow_experiment(name: str, namespace: str | None, spec: kopf.Spec, status:
                       **kwargs: Any) -> None:
     namespace = namespace or "default"
     experiment = ExperimentSpec.model_validate(dict(spec))
+    key = (namespace, name)
     try:
         director = director_for(namespace, experiment.federation, kwargs[INDEX])
+        listed = EXPERIMENTS.get((namespace, experiment.federation), lambda: {
+            entry: (state, progress) for entry, state, progress in director.experiments()})
+        seen = listed.get(director_name(namespace, name))
+        last = _detailed.get(key)
+        # The list says nothing moved: skip the detailed call (but refresh it now and
+        # then, for what the list does not show, such as the queue position).
+        if (seen is not None and last is not None and last[0] == seen
+                and time.monotonic() - last[1] < DETAIL_REFRESH_S):
+            return
         report = director.status(director_name(namespace, name))
     except (FederationMissing, grpc.RpcError) as exc:
         log.warning("experiment %s/%s: %s", namespace, name, exc)
         return
+    if seen is not None:
+        _detailed[key] = (seen, time.monotonic())
     transition = build_status(dict(status), report, int(meta.get("generation", 0)))
+    if transition.status["phase"] in FINAL_PHASES:
+        _detailed.pop(key, None)
     # Only what changed: a queued experiment polled every second patches nothing.
     patch.status.update({key: value for key, value in transition.status.items()
                          if status.get(key) != value})

@@ -8,6 +8,11 @@ from typing import Any
 from fedkube.client import EnvoyView
 from fedkube.operator.conditions import Conditions, set_condition
 
+# lastHealthCheck is written when it moves by this much: with a patch per Shard per poll
+# for every health check, 1,000 Shards would cost the apiserver 200 writes a second.
+# (Online/offline still flips at the next poll, as a node's Ready does with its Lease.)
+HEALTH_STAMP_RESOLUTION_S = 60
+
 
 def build_shard_status(current: dict[str, Any], envoy: EnvoyView | None, *,
                        node: str | None, generation: int) -> dict[str, Any]:
@@ -43,3 +48,17 @@ def build_shard_status(current: dict[str, Any], envoy: EnvoyView | None, *,
     return {"conditions": conditions, "online": envoy.online, "gpus": len(devices),
             "node": node, "cudaDevices": devices, "lastHealthCheck": seen,
             "currentExperiment": busy}
+
+
+def status_changes(current: dict[str, Any], wanted: dict[str, Any]) -> dict[str, Any]:
+    """The fields of `wanted` to patch: those that differ, except a lastHealthCheck less
+    than HEALTH_STAMP_RESOLUTION_S newer than the one shown."""
+    changes = {key: value for key, value in wanted.items() if current.get(key) != value}
+    shown, seen = current.get("lastHealthCheck"), changes.get("lastHealthCheck")
+    if shown and seen:
+        def parse(stamp: str) -> dt.datetime:
+            return dt.datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ")
+
+        if (parse(seen) - parse(shown)).total_seconds() < HEALTH_STAMP_RESOLUTION_S:
+            del changes["lastHealthCheck"]
+    return changes
