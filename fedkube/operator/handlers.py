@@ -220,37 +220,19 @@ def _registry(namespace: str, federation: str, director: DirectorClient
 @kopf.on.create(GROUP, VERSION, "shards")
 @kopf.on.update(GROUP, VERSION, "shards", field="spec")
 @observed("Shard")
-def place_shard(spec: kopf.Spec, namespace: str | None, **_: Any) -> None:
+def place_shard(spec: kopf.Spec, namespace: str | None, status: kopf.Status, patch: kopf.Patch,
+                **_: Any) -> None:
     namespace = namespace or "default"
     shard = ShardSpec.model_validate(dict(spec))
     federation = kube.get_custom("federations", namespace, shard.federation)
-    if federation is not None:
-        _render_envoy_config(shard.federation, namespace,
-                             FederationSpec.model_validate(federation["spec"]),
-                             kopf.Body(federation))  # type: ignore[arg-type]
-
-
-@kopf.timer(GROUP, VERSION, "shards", interval=SHARD_POLL_S, idle=0)
-@observed("Shard")
-def mirror_shard(name: str, namespace: str | None, spec: kopf.Spec, status: kopf.Status,
-                 meta: kopf.Meta, patch: kopf.Patch,
-                 **kwargs: Any) -> None:
-    namespace = namespace or "default"
-    shard = ShardSpec.model_validate(dict(spec))
-    try:
-        director = director_for(namespace, shard.federation, kwargs[INDEX])
-        envoy = _registry(namespace, shard.federation, director).get(name)
-    except FederationMissing as exc:
+    if federation is None:
         patch.status["conditions"] = set_condition(
-            list(status.get("conditions", [])), "Ready", False, "FederationNotFound", str(exc))
+            list(status.get("conditions", [])), "Ready", False, "FederationNotFound",
+            f"Federation {shard.federation!r} does not exist in {namespace!r}")
         return
-    except grpc.RpcError as exc:
-        patch.status["conditions"] = set_condition(
-            list(status.get("conditions", [])), "Ready", False, "DirectorUnreachable",
-            str(exc.details() if hasattr(exc, "details") else exc))
-        return
-    patch.status.update(status_changes(dict(status), build_shard_status(
-        dict(status), envoy, node=shard.node_name, generation=int(meta.get("generation", 0)))))
+    _render_envoy_config(shard.federation, namespace,
+                         FederationSpec.model_validate(federation["spec"]),
+                         kopf.Body(federation))  # type: ignore[arg-type]
 
 
 # -- shard certificates -------------------------------------------------------------------
@@ -362,54 +344,6 @@ def submit_experiment(name: str, namespace: str | None, spec: kopf.Spec, status:
                message=f"submitted to the director of {experiment.federation}")
 
 
-# Per followed experiment: the director's list entry (state, progress) when its details
-# were last fetched, and when.
-_detailed: dict[tuple[str, str], tuple[tuple[str, float], float]] = {}
-DETAIL_REFRESH_S = 10.0
-
-
-def _following(status: kopf.Status, **_: Any) -> bool:
-    return (is_true(list(status.get("conditions", [])), "Accepted")
-            and status.get("phase") not in FINAL_PHASES)
-
-
-@kopf.timer(GROUP, VERSION, "experiments", interval=EXPERIMENT_POLL_S, when=_following)
-@observed("Experiment")
-def follow_experiment(name: str, namespace: str | None, spec: kopf.Spec, status: kopf.Status,
-                      meta: kopf.Meta, body: kopf.Body, patch: kopf.Patch,
-                      **kwargs: Any) -> None:
-    namespace = namespace or "default"
-    experiment = ExperimentSpec.model_validate(dict(spec))
-    key = (namespace, name)
-    try:
-        director = director_for(namespace, experiment.federation, kwargs[INDEX])
-        listed = EXPERIMENTS.get((namespace, experiment.federation), lambda: {
-            entry: (state, progress) for entry, state, progress in director.experiments()})
-        seen = listed.get(director_name(namespace, name))
-        last = _detailed.get(key)
-        # The list says nothing moved: skip the detailed call (but refresh it now and
-        # then, for what the list does not show, such as the queue position).
-        if (seen is not None and last is not None and last[0] == seen
-                and time.monotonic() - last[1] < DETAIL_REFRESH_S):
-            return
-        report = director.status(director_name(namespace, name))
-    except (FederationMissing, grpc.RpcError) as exc:
-        log.warning("experiment %s/%s: %s", namespace, name, exc)
-        return
-    if seen is not None:
-        _detailed[key] = (seen, time.monotonic())
-    transition = build_status(dict(status), report, int(meta.get("generation", 0)))
-    if transition.status["phase"] in FINAL_PHASES:
-        _detailed.pop(key, None)
-    # Only what changed: a queued experiment polled every second patches nothing.
-    patch.status.update({key: value for key, value in transition.status.items()
-                         if status.get(key) != value})
-    if transition.status["phase"] != status.get("phase"):
-        EXPERIMENT_PHASES.labels(transition.status["phase"]).inc()
-    for kind, reason, message in transition.events:
-        kopf.event(body, type=kind, reason=reason, message=message)
-
-
 @kopf.on.delete(GROUP, VERSION, "experiments")
 @observed("Experiment")
 def remove_experiment(name: str, namespace: str | None, spec: kopf.Spec, **kwargs: Any
@@ -424,3 +358,118 @@ def remove_experiment(name: str, namespace: str | None, spec: kopf.Spec, **kwarg
     except grpc.RpcError as exc:
         if exc.code() not in (grpc.StatusCode.NOT_FOUND,):  # type: ignore[attr-defined]
             raise kopf.TemporaryError(f"removing from the director: {exc}", delay=5) from exc
+
+
+# -- following the director: one poll per federation --------------------------------------
+#
+# A timer per Shard and per Experiment would cost kopf a handler call per object per
+# period (1,200 a second for 1,000 of each); instead each Federation polls its director
+# once per period and patches the few objects whose status moved. Indexes keep every
+# Shard's and followed Experiment's current status in memory, fed by kopf's watches.
+
+@kopf.index(GROUP, VERSION, "shards")
+def shard_states(name: str, namespace: str | None, spec: kopf.Spec, status: kopf.Status,
+                 meta: kopf.Meta, **_: Any) -> dict[tuple[str, str], dict[str, Any]]:
+    return {(namespace or "default", str(spec.get("federation", ""))): {
+        "name": name, "node": spec.get("nodeName"), "status": dict(status),
+        "generation": int(meta.get("generation", 0))}}
+
+
+def _following(status: kopf.Status, **_: Any) -> bool:
+    return (is_true(list(status.get("conditions", [])), "Accepted")
+            and status.get("phase") not in FINAL_PHASES)
+
+
+@kopf.index(GROUP, VERSION, "experiments", when=_following)
+def followed_experiments(name: str, namespace: str | None, spec: kopf.Spec,
+                         status: kopf.Status, meta: kopf.Meta, **_: Any
+                         ) -> dict[tuple[str, str], dict[str, Any]]:
+    namespace = namespace or "default"
+    return {(namespace, str(spec.get("federation", ""))): {
+        "name": name, "status": dict(status), "generation": int(meta.get("generation", 0)),
+        "ref": {"apiVersion": f"{GROUP}/{VERSION}", "kind": "Experiment",
+                "metadata": {"name": name, "namespace": namespace, "uid": meta.get("uid")}}}}
+
+
+@kopf.timer(GROUP, VERSION, "federations", interval=SHARD_POLL_S, idle=0)
+@observed("Federation")
+def mirror_shards(name: str, namespace: str | None, **kwargs: Any) -> None:
+    """Each Shard's status from the director's registry: one listing for all of them."""
+    namespace = namespace or "default"
+    shards = list(kwargs["shard_states"].get((namespace, name), []))
+    if not shards:
+        return
+    try:
+        registry = _registry(namespace, name, director_for(namespace, name, kwargs[INDEX]))
+    except grpc.RpcError as exc:
+        detail = str(exc.details() if hasattr(exc, "details") else exc)
+        for shard in shards:
+            conditions = set_condition(list(shard["status"].get("conditions", [])), "Ready",
+                                       False, "DirectorUnreachable", detail)
+            if conditions != shard["status"].get("conditions"):
+                kube.patch_status("shards", namespace, shard["name"],
+                                  {"conditions": conditions})
+        return
+    for shard in shards:
+        changes = status_changes(shard["status"], build_shard_status(
+            shard["status"], registry.get(shard["name"]), node=shard["node"],
+            generation=shard["generation"]))
+        if changes:
+            kube.patch_status("shards", namespace, shard["name"], changes)
+
+
+# Per followed experiment: the director's list entry (state, progress) when its details
+# were last fetched, and when.
+_detailed: dict[tuple[str, str], tuple[tuple[str, float], float]] = {}
+DETAIL_REFRESH_S = 10.0
+
+
+@kopf.timer(GROUP, VERSION, "federations", interval=EXPERIMENT_POLL_S, idle=0)
+@observed("Federation")
+def follow_experiments(name: str, namespace: str | None, **kwargs: Any) -> None:
+    """The director's progress of each accepted Experiment into its status and Events.
+    The director's experiment list (one call) says which moved; only those are asked for
+    details and patched (and the others every DETAIL_REFRESH_S, for what the list does
+    not show, such as the queue position)."""
+    namespace = namespace or "default"
+    followed = list(kwargs["followed_experiments"].get((namespace, name), []))
+    for key in [k for k in _detailed if k[0] == namespace
+                and k[1] not in {e["name"] for e in followed}]:
+        _detailed.pop(key, None)
+    if not followed:
+        return
+    try:
+        director = director_for(namespace, name, kwargs[INDEX])
+        listed = {entry: (state, progress) for entry, state, progress in director.experiments()}
+    except grpc.RpcError as exc:
+        log.warning("federation %s/%s: %s", namespace, name, exc)
+        return
+    for experiment in followed:
+        _follow(namespace, experiment, director, listed)
+
+
+def _follow(namespace: str, experiment: dict[str, Any], director: DirectorClient,
+            listed: dict[str, tuple[str, float]]) -> None:
+    key = (namespace, experiment["name"])
+    seen = listed.get(director_name(namespace, experiment["name"]))
+    last = _detailed.get(key)
+    if (seen is not None and last is not None and last[0] == seen
+            and time.monotonic() - last[1] < DETAIL_REFRESH_S):
+        return
+    try:
+        report = director.status(director_name(namespace, experiment["name"]))
+    except grpc.RpcError as exc:
+        log.warning("experiment %s/%s: %s", namespace, experiment["name"], exc)
+        return
+    if seen is not None:
+        _detailed[key] = (seen, time.monotonic())
+    status = experiment["status"]
+    transition = build_status(status, report, experiment["generation"])
+    # Only what changed: a queued experiment patches nothing.
+    changes = {k: v for k, v in transition.status.items() if status.get(k) != v}
+    if changes:
+        kube.patch_status("experiments", namespace, experiment["name"], changes)
+    if transition.status["phase"] != status.get("phase"):
+        EXPERIMENT_PHASES.labels(transition.status["phase"]).inc()
+    for kind, reason, message in transition.events:
+        kopf.event(experiment["ref"], type=kind, reason=reason, message=message)

@@ -53,6 +53,12 @@ def list_custom(plural: str, namespace: str) -> list[dict[str, Any]]:
     return list(listing.get("items", []))  # type: ignore[attr-defined]
 
 
+def patch_status(plural: str, namespace: str, name: str, changes: dict[str, Any]) -> None:
+    """A merge patch of some status fields of one of our resources."""
+    client.CustomObjectsApi(api_client()).patch_namespaced_custom_object_status(
+        GROUP, VERSION, namespace, plural, name, {"status": changes})
+
+
 def read_secret(namespace: str, name: str) -> dict[str, bytes] | None:
     try:
         secret = client.CoreV1Api(api_client()).read_namespaced_secret(name, namespace)
