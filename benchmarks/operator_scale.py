@@ -155,7 +155,7 @@ def run(nodes: int, work: Path) -> dict[str, float]:
         port = free_port()
         director = director_process(work, port, period=HEALTH_PERIOD_S).start()
         processes.append(director)
-        operator = Process("operator", ["--log-level", "warning", "operator", "run",
+        operator = Process("operator", ["--log-level", "info", "operator", "run",
                                         "--namespace", NAMESPACE], work / "logs" / "operator.log",
                            env={"KUBECONFIG": str(plane.kubeconfig)}).start()
         processes.append(operator)
@@ -215,9 +215,15 @@ def main() -> None:
     parser.add_argument("--nodes", type=int, default=200,
                         help="GPU nodes; as many Shards and Experiments")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--work", type=Path, help="keep logs and state here (default: a "
+                        "temporary directory, removed)")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="fedkube-scale-") as tmp:
-        result = run(args.nodes, Path(tmp))
+    if args.work:
+        args.work.mkdir(parents=True, exist_ok=True)
+        result = run(args.nodes, args.work)
+    else:
+        with tempfile.TemporaryDirectory(prefix="fedkube-scale-") as tmp:
+            result = run(args.nodes, Path(tmp))
     view = Table(title="Operator at scale (KWOK)")
     view.add_column("figure")
     view.add_column("value", justify="right")

@@ -159,22 +159,23 @@ def director_for(namespace: str, federation: str, index: FederationIndex) -> Dir
     fed = FederationSpec.model_validate(spec)
     key, wanted = (namespace, federation), (director_endpoint(federation, namespace, fed),
                                             fed.tls)
+    # Made under the lock: two handlers racing here must not each make one and close the
+    # other's mid-call.
     with _clients_lock:
         cached = _clients.get(key)
         if cached is not None and cached[0] == wanted:
             return cached[1]
-    tls = None
-    if fed.tls == "mtls":
-        secret = kube.read_secret(namespace, names(federation)["operator_tls"])
-        if secret is None:
-            raise kopf.TemporaryError(f"waiting for the certificates of {federation!r}", delay=5)
-        tls = TLSFiles(ca=secret["ca.crt"], cert=secret["tls.crt"], key=secret["tls.key"])
-    client = DirectorClient(wanted[0], tls=tls, client_id=OPERATOR_IDENTITY, timeout=10)
-    with _clients_lock:
-        replaced = _clients.get(key)
+        tls = None
+        if fed.tls == "mtls":
+            secret = kube.read_secret(namespace, names(federation)["operator_tls"])
+            if secret is None:
+                raise kopf.TemporaryError(f"waiting for the certificates of {federation!r}",
+                                          delay=5)
+            tls = TLSFiles(ca=secret["ca.crt"], cert=secret["tls.crt"], key=secret["tls.key"])
+        client = DirectorClient(wanted[0], tls=tls, client_id=OPERATOR_IDENTITY, timeout=10)
         _clients[key] = (wanted, client)
-    if replaced is not None:
-        replaced[1].close()
+    if cached is not None:  # the federation's endpoint or TLS mode changed
+        cached[1].close()
     return client
 
 
