@@ -188,8 +188,13 @@ def run(nodes: int, work: Path) -> dict[str, float]:
                       f"operator log tail:\n{operator.output()[-3000:]}")
                 raise
             accepted = time.perf_counter() - start
-            wait_for(lambda: _count(plane, "shards", "Online") == nodes, timeout=300,
-                     interval=1, message=f"{nodes} shards Online")
+            print(f"all {nodes} Accepted after {accepted:.1f} s")
+            try:
+                wait_for(lambda: _count(plane, "shards", "Online") == nodes, timeout=300,
+                         interval=1, message=f"{nodes} shards Online")
+            except TimeoutError:
+                print(f"{_count(plane, 'shards', 'Online')} of {nodes} Online")
+                raise
             online = time.perf_counter() - start
             cpu_after, peak_kib = _proc(pid)
             director_after, _ = _proc(director_pid)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Generic, TypeVar
 
 import grpc
@@ -392,6 +394,19 @@ def followed_experiments(name: str, namespace: str | None, spec: kopf.Spec,
                 "metadata": {"name": name, "namespace": namespace, "uid": meta.get("uid")}}}}
 
 
+# The per-object API calls of one poll run on these threads: one at a time, 1,000 status
+# patches to a busy apiserver took minutes. Each carries the handler's context (kopf's
+# event posting lives there).
+_POLL_WORKERS = ThreadPoolExecutor(16, thread_name_prefix="fedkube-poll")
+
+
+def _for_each(fn: Callable[[dict[str, Any]], None], objects: list[dict[str, Any]]) -> None:
+    futures = [_POLL_WORKERS.submit(contextvars.copy_context().run, fn, obj)
+               for obj in objects]
+    for future in futures:
+        future.result()
+
+
 @kopf.timer(GROUP, VERSION, "federations", interval=SHARD_POLL_S, idle=0)
 @observed("Federation")
 def mirror_shards(name: str, namespace: str | None, **kwargs: Any) -> None:
@@ -411,12 +426,14 @@ def mirror_shards(name: str, namespace: str | None, **kwargs: Any) -> None:
                 kube.patch_status("shards", namespace, shard["name"],
                                   {"conditions": conditions})
         return
-    for shard in shards:
+    def mirror(shard: dict[str, Any]) -> None:
         changes = status_changes(shard["status"], build_shard_status(
             shard["status"], registry.get(shard["name"]), node=shard["node"],
             generation=shard["generation"]))
         if changes:
             kube.patch_status("shards", namespace, shard["name"], changes)
+
+    _for_each(mirror, shards)
 
 
 # Per followed experiment: the director's list entry (state, progress) when its details
@@ -445,8 +462,7 @@ def follow_experiments(name: str, namespace: str | None, **kwargs: Any) -> None:
     except grpc.RpcError as exc:
         log.warning("federation %s/%s: %s", namespace, name, exc)
         return
-    for experiment in followed:
-        _follow(namespace, experiment, director, listed)
+    _for_each(lambda experiment: _follow(namespace, experiment, director, listed), followed)
 
 
 def _follow(namespace: str, experiment: dict[str, Any], director: DirectorClient,
