@@ -75,8 +75,11 @@ def cmd_director_start(args: argparse.Namespace) -> int:
         server = DirectorServer(config)
         await server.serve_forever()
 
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(main())
+    from fedkube.eventloop import server_loop_factory
+
+    with (contextlib.suppress(KeyboardInterrupt),
+          asyncio.Runner(loop_factory=server_loop_factory()) as runner):
+        runner.run(main())
     return 0
 
 
