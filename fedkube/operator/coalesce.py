@@ -1,36 +1,55 @@
-"""One run of a job for any burst of requests to run it.
+"""One run of a job for any burst of requests to run it, off the requester's thread.
 
 When 1,000 Shards are created at once, each one's handler asks for its federation's envoy
 ConfigMap to be rendered again, and each render reads every Shard: a render per request is
-quadratic. Here a request returns as soon as a render that started after it has finished,
-so a burst costs a couple of renders, and no request is answered by a render that began
-before it (which could miss its Shard).
+quadratic, and handlers that wait for renders hold kopf's few handler threads while the
+Experiments behind them wait. Here a request only marks the key dirty and returns; one
+worker thread renders each dirty key, and a request made during a render schedules one
+more render after it, so no request is left with a render that began before it (which
+could miss its Shard). A failed render is retried after a delay.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Hashable
+from concurrent.futures import ThreadPoolExecutor
+
+log = logging.getLogger(__name__)
 
 
 class Coalescer:
-    def __init__(self) -> None:
+    def __init__(self, *, retry_after: float = 5.0) -> None:
+        self.retry_after = retry_after
         self._guard = threading.Lock()
-        self._locks: dict[Hashable, threading.Lock] = {}
-        self._requested: dict[Hashable, int] = {}
-        self._done: dict[Hashable, int] = {}
+        self._jobs: dict[Hashable, Callable[[], None]] = {}
+        self._scheduled: set[Hashable] = set()
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="fedkube-render")
+        self.runs = 0
 
-    def run(self, key: Hashable, job: Callable[[], None]) -> None:
-        """Runs job unless a run of it for `key` that started after this call has already
-        succeeded; runs for one key never overlap."""
+    def request(self, key: Hashable, job: Callable[[], None]) -> None:
+        """Runs job (the latest one given for `key`) soon, on the worker thread."""
         with self._guard:
-            ticket = self._requested[key] = self._requested.get(key, 0) + 1
-            lock = self._locks.setdefault(key, threading.Lock())
-        with lock:
-            with self._guard:
-                if self._done.get(key, 0) >= ticket:
-                    return
-                covers = self._requested[key]
+            self._jobs[key] = job
+            if key in self._scheduled:
+                return  # a run that has not started yet will see this request
+            self._scheduled.add(key)
+        self._worker.submit(self._run, key)
+
+    def _run(self, key: Hashable) -> None:
+        with self._guard:
+            self._scheduled.discard(key)  # requests from now on get a run of their own
+            job = self._jobs[key]
+        try:
             job()
-            with self._guard:
-                self._done[key] = max(self._done.get(key, 0), covers)
+            self.runs += 1
+        except Exception:
+            log.exception("rendering %s failed; retrying in %g s", key, self.retry_after)
+            timer = threading.Timer(self.retry_after, self.request, (key, job))
+            timer.daemon = True
+            timer.start()
+
+    def drain(self, timeout: float = 30.0) -> None:
+        """Waits until every run requested so far has finished (for tests)."""
+        self._worker.submit(lambda: None).result(timeout=timeout)

@@ -55,6 +55,8 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.persistence.finalizer = f"{GROUP}/director-data"
     settings.posting.level = logging.WARNING  # kopf's own handler logs stay out of Events
     settings.watching.server_timeout = 300
+    # Handlers mostly wait on the apiserver and the director: more of them at once.
+    settings.execution.max_workers = 32
     kube.api_client()
 
 
@@ -93,8 +95,8 @@ _ENVOY_CONFIGS = Coalescer()
 
 def _render_envoy_config(federation: str, namespace: str, spec: FederationSpec,
                          owner: kopf.Body) -> None:
-    """Renders the federation's envoy ConfigMap from all its Shards; a burst of Shard
-    changes shares renders (fedkube.operator.coalesce)."""
+    """Renders the federation's envoy ConfigMap from all its Shards, soon and off this
+    handler's thread; a burst of Shard changes shares renders (fedkube.operator.coalesce)."""
     def render() -> None:
         shards = {s["metadata"]["name"]: ShardSpec.model_validate(s["spec"])
                   for s in kube.list_custom("shards", namespace)
@@ -103,7 +105,7 @@ def _render_envoy_config(federation: str, namespace: str, spec: FederationSpec,
         kopf.adopt(manifest, owner=owner)
         kube.apply(manifest)
 
-    _ENVOY_CONFIGS.run((namespace, federation), render)
+    _ENVOY_CONFIGS.request((namespace, federation), render)
 
 
 @kopf.on.resume(GROUP, VERSION, "federations")
