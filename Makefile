@@ -29,7 +29,9 @@ $(OPENFL_STAMP):
 	rm -rf $(OPENFL_VENV)
 	$(PYTHON) -m venv $(OPENFL_VENV)
 	$(OPENFL_VENV)/bin/pip install -q --upgrade pip
-	$(OPENFL_VENV)/bin/pip install -q 'openfl==1.6'
+	# OpenFL 1.6's director calls np.reshape(newshape=...), gone in numpy 2.4: with a newer
+	# numpy it refuses every experiment (benchmarks/round_processes.py found it).
+	$(OPENFL_VENV)/bin/pip install -q 'openfl==1.6' 'numpy<2.1'
 	touch $@
 
 # The Kubernetes test control plane, built from Go modules and cached under $(CACHE).
