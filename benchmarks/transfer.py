@@ -3,12 +3,16 @@ loopback to a server in another process, insecure and with mTLS.
 
 - fedkube upload: `SendLocalTaskResults` as our collaborator sends it (the array streamed
   from memory in 2 MiB DataStream chunks) to a real director, which reassembles it into
-  one buffer, parses it in place, checks it and adds it to the round's FedAvg.
+  one buffer, parses it in place and checks it before it replies (the FedAvg update of a
+  model-sized result follows the reply).
 - fedkube download: `StreamAggregatedTensor` (fedkube's extension beside OpenFL's unary
   `GetAggregatedTensor`) of the same tensor from that director, read as the collaborator
   reads it: chunks joined into a buffer it keeps from round to round, parsed in place.
 - raw gRPC: a client-streaming upload and a server-streaming download of the same number
   of bytes in 2 MiB messages, with identity (de)serializers: the transport's ceiling.
+- OpenFL 1.6 (from its virtualenv, when present): its aggregator's reassembly of a
+  streamed result (`openfl.protocols.utils.datastream_to_proto`, which concatenates the
+  chunks one by one), timed alone, without the network: an upper bound of its upload.
 
 Each figure is the best of two (two training rounds for fedkube; downloads: the best of
 both collaborators' fetches over three rounds, so the receive buffers are warm as they
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -250,6 +255,34 @@ def run_mode(mode: str, sizes: list[int], work: Path) -> list[Result]:
     return results
 
 
+# -- OpenFL 1.6's reassembly ------------------------------------------------------------
+
+OPENFL_REASSEMBLY = """
+import logging, sys, time
+import numpy as np
+from openfl.protocols import aggregator_pb2, base_pb2, utils
+
+n = int(sys.argv[1]) * (1 << 20) // 4
+tensor = base_pb2.NamedTensor(name="w", data_bytes=np.full(n, 0.5, np.float32).tobytes())
+results = aggregator_pb2.TaskResults(round_number=0, task_name="train", data_size=1,
+                                     tensors=[tensor])
+chunks = list(utils.proto_to_datastream(results, logging.getLogger()))
+start = time.perf_counter()
+utils.datastream_to_proto(aggregator_pb2.TaskResults(), iter(chunks))
+print(time.perf_counter() - start)
+"""
+OPENFL_MAX_MIB = 256  # quadratic: 1 GiB would copy about 256 GiB and take minutes
+
+
+def openfl_reassembly_gb_s(python: Path, mib: int) -> float:
+    """OpenFL 1.6's aggregator receive path for a streamed result, alone (no network):
+    `openfl.protocols.utils.datastream_to_proto` on the chunks its collaborator sends."""
+    seconds = float(subprocess.run([str(python), "-c", OPENFL_REASSEMBLY, str(mib)],
+                                   capture_output=True, text=True, check=True,
+                                   timeout=1800).stdout.strip().splitlines()[-1])
+    return mib * MiB / 1e9 / seconds
+
+
 def table(results: list[Result]) -> None:
     view = Table(title="Model transfer on loopback (GB/s, best of two)")
     for column in ("TLS", "MiB", "direction", "raw gRPC", "fedkube", "fedkube / raw"):
@@ -266,6 +299,9 @@ def main() -> None:
     parser.add_argument("--mib", default="16,64,256,1024")
     parser.add_argument("--no-tls", action="store_true", help="insecure only")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--openfl-python", type=Path, default=Path(os.environ.get(
+        "FEDKUBE_OPENFL_PYTHON", Path.home() / ".cache/fedkube/openfl-1.6-venv/bin/python")),
+        help="OpenFL 1.6's virtualenv python, for its reassembly (skipped when missing)")
     parser.add_argument("--serve-raw", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--certs", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -277,8 +313,22 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="fedkube-transfer-") as tmp:
         results = [r for mode in modes for r in run_mode(mode, sizes, Path(tmp))]
     table(results)
+    openfl = {}
+    if args.openfl_python.exists():
+        view = Table(title="Upload: fedkube's whole upload vs OpenFL 1.6's chunk reassembly "
+                     "alone (GB/s)")
+        for column in ("MiB", "fedkube upload (insecure)", "OpenFL reassembly", "fedkube / OpenFL"):
+            view.add_column(column, justify="right")
+        for r in results:
+            if r.mode == "insecure" and r.direction == "upload" and r.mib <= OPENFL_MAX_MIB:
+                openfl[r.mib] = round(openfl_reassembly_gb_s(args.openfl_python, r.mib), 4)
+                view.add_row(str(r.mib), f"{r.fedkube_gb_s:.2f}", f"{openfl[r.mib]:.3f}",
+                             f"{r.fedkube_gb_s / openfl[r.mib]:.0f}x")
+        Console().print(view)
     if args.json:
-        print(json.dumps([{**asdict(r), "ratio": round(r.ratio, 3)} for r in results]))
+        print(json.dumps({"transfer": [{**asdict(r), "ratio": round(r.ratio, 3)}
+                                       for r in results],
+                          "openfl_reassembly_gb_s": openfl}))
 
 
 if __name__ == "__main__":
