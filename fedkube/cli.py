@@ -170,7 +170,7 @@ def cmd_collaborator_run(args: argparse.Namespace) -> int:
 
     bind_to_envoy()
     if args.request_certificate:
-        if args.insecure:
+        if args.insecure or not (args.ca and args.cert and args.key):
             raise ConfigError("--request-certificate needs --ca/--cert/--key, not --insecure")
         _request_certificate(args.name, "collaborator", cert=args.cert, key=args.key)
     tls = None if args.insecure else TLSFiles(ca=args.ca.read_bytes(), cert=args.cert.read_bytes(),

@@ -187,9 +187,9 @@ T = TypeVar("T")
 
 
 class SharedListing(Generic[T]):
-    """A director listing (the shard registry, the experiment list) per federation,
-    shared by every resource's poll for up to `ttl` seconds: with N Shards or Experiments
-    polling, the director answers one listing per federation per `ttl`, not N."""
+    """A director listing per federation (the shard registry), shared by the Shards' poll
+    and every Experiment's submission for up to `ttl` seconds: with N Experiments
+    submitted at once, the director answers one listing per federation per `ttl`, not N."""
 
     def __init__(self, ttl: float = 1.0) -> None:
         self.ttl = ttl
@@ -210,7 +210,6 @@ class SharedListing(Generic[T]):
 
 
 REGISTRY: SharedListing[dict[str, EnvoyView]] = SharedListing()
-EXPERIMENTS: SharedListing[dict[str, tuple[str, float]]] = SharedListing()
 
 
 def _registry(namespace: str, federation: str, director: DirectorClient
@@ -419,6 +418,8 @@ def mirror_shards(name: str, namespace: str | None, **kwargs: Any) -> None:
         return
     try:
         registry = _registry(namespace, name, director_for(namespace, name, kwargs[INDEX]))
+    except FederationMissing:  # being deleted
+        return
     except grpc.RpcError as exc:
         detail = str(exc.details() if hasattr(exc, "details") else exc)
         for shard in shards:
@@ -428,6 +429,7 @@ def mirror_shards(name: str, namespace: str | None, **kwargs: Any) -> None:
                 kube.patch_status("shards", namespace, shard["name"],
                                   {"conditions": conditions})
         return
+
     def mirror(shard: dict[str, Any]) -> None:
         changes = status_changes(shard["status"], build_shard_status(
             shard["status"], registry.get(shard["name"]), node=shard["node"],
@@ -440,7 +442,7 @@ def mirror_shards(name: str, namespace: str | None, **kwargs: Any) -> None:
 
 # Per followed experiment: the director's list entry (state, progress) when its details
 # were last fetched, and when.
-_detailed: dict[tuple[str, str], tuple[tuple[str, float], float]] = {}
+_detailed: dict[tuple[str, str, str], tuple[tuple[str, float], float]] = {}
 DETAIL_REFRESH_S = 10.0
 
 
@@ -453,23 +455,26 @@ def follow_experiments(name: str, namespace: str | None, **kwargs: Any) -> None:
     not show, such as the queue position)."""
     namespace = namespace or "default"
     followed = list(kwargs["followed_experiments"].get((namespace, name), []))
-    for key in [k for k in _detailed if k[0] == namespace
-                and k[1] not in {e["name"] for e in followed}]:
+    following = {e["name"] for e in followed}
+    for key in [k for k in _detailed if k[:2] == (namespace, name) and k[2] not in following]:
         _detailed.pop(key, None)
     if not followed:
         return
     try:
         director = director_for(namespace, name, kwargs[INDEX])
         listed = {entry: (state, progress) for entry, state, progress in director.experiments()}
+    except FederationMissing:  # being deleted
+        return
     except grpc.RpcError as exc:
         log.warning("federation %s/%s: %s", namespace, name, exc)
         return
-    _for_each(lambda experiment: _follow(namespace, experiment, director, listed), followed)
+    _for_each(lambda experiment: _follow(namespace, name, experiment, director, listed),
+              followed)
 
 
-def _follow(namespace: str, experiment: dict[str, Any], director: DirectorClient,
-            listed: dict[str, tuple[str, float]]) -> None:
-    key = (namespace, experiment["name"])
+def _follow(namespace: str, federation: str, experiment: dict[str, Any],
+            director: DirectorClient, listed: dict[str, tuple[str, float]]) -> None:
+    key = (namespace, federation, experiment["name"])
     seen = listed.get(director_name(namespace, experiment["name"]))
     last = _detailed.get(key)
     if (seen is not None and last is not None and last[0] == seen

@@ -16,6 +16,7 @@ import yaml
 
 from fedkube.devcluster import ControlPlane
 from fedkube.local import Process, director_process, envoy_process, free_port, wait_for
+from tests.k8s.conftest import restricted_namespace
 
 pytestmark = pytest.mark.k8s
 ROOT = Path(__file__).resolve().parents[2]
@@ -55,14 +56,7 @@ def examples(name: str) -> list[dict[str, Any]]:
 def operated(cluster: ControlPlane, tmp_path_factory: pytest.TempPathFactory
              ) -> Iterator[Operated]:
     work = tmp_path_factory.mktemp("operated")
-    cluster.kubectl("apply", "-f", str(ROOT / "crds"))
-    cluster.kubectl("wait", "--for=condition=Established", "crd", "--all", "--timeout=60s")
-    cluster.kubectl("create", "namespace", NAMESPACE)
-    # Pod Security "restricted" enforced: every Pod the operator and envoys make (director,
-    # envoys, collaborators) must be admitted under it, or the tests below find none.
-    cluster.kubectl("label", "namespace", NAMESPACE,
-                    "pod-security.kubernetes.io/enforce=restricted",
-                    "pod-security.kubernetes.io/enforce-version=latest")
+    restricted_namespace(cluster, NAMESPACE)
     port = free_port()
     processes = [director_process(work, port, period=1.0).start()]
     for index, shard in enumerate(("hospital-a", "hospital-b")):

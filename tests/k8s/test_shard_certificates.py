@@ -28,6 +28,7 @@ from fedkube.envoy_agent.pods import PodPlacement, build_collaborator_pod
 from fedkube.envoy_agent.runtime import CollaboratorJob
 from fedkube.local import Process, director_process, free_port, wait_for
 from fedkube.transport.shard_certificate import CertificateRefused, request_certificate
+from tests.k8s.conftest import restricted_namespace
 
 pytestmark = pytest.mark.k8s
 ROOT = Path(__file__).resolve().parents[2]
@@ -100,12 +101,7 @@ def _manifests(director_port: int) -> list[dict[str, Any]]:
 def sealed(cluster: ControlPlane, tmp_path_factory: pytest.TempPathFactory
            ) -> Iterator[Sealed]:
     work = tmp_path_factory.mktemp("sealed")
-    cluster.kubectl("apply", "-f", str(ROOT / "crds"))
-    cluster.kubectl("wait", "--for=condition=Established", "crd", "--all", "--timeout=60s")
-    cluster.kubectl("create", "namespace", NAMESPACE)
-    cluster.kubectl("label", "namespace", NAMESPACE,
-                    "pod-security.kubernetes.io/enforce=restricted",
-                    "pod-security.kubernetes.io/enforce-version=latest")
+    restricted_namespace(cluster, NAMESPACE)
     # The chart's binding that lets this namespace's accounts file requests.
     cluster.kubectl("apply", "-f", "-", input=cluster.helm(
         "template", "certs", str(CHART), "--namespace", "fedkube-system",
