@@ -38,8 +38,12 @@ def pod_name(job: CollaboratorJob) -> str:
     return name[:63].rstrip("-")
 
 
+def _requests_certificate(where: PodPlacement) -> bool:
+    return bool(where.ca_config_map and where.certificate_account)
+
+
 def _tls_args(where: PodPlacement) -> list[str]:
-    if where.ca_config_map and where.certificate_account:
+    if _requests_certificate(where):
         return ["--ca", f"{CA_DIR}/ca.crt", "--cert", f"{REQUESTED_TLS_DIR}/tls.crt",
                 "--key", f"{REQUESTED_TLS_DIR}/tls.key", "--request-certificate"]
     if where.tls_secret:
@@ -66,7 +70,7 @@ def build_collaborator_pod(job: CollaboratorJob, where: PodPlacement) -> dict[st
         container["resources"] = {"limits": {GPU: str(job.gpus)}}
     volumes: list[dict[str, Any]] = [{"name": "work", "emptyDir": {}},
                                      {"name": "tmp", "emptyDir": {}}]
-    requests_certificate = "--request-certificate" in tls
+    requests_certificate = _requests_certificate(where)
     if requests_certificate:
         container["volumeMounts"].append({"name": "ca", "mountPath": CA_DIR, "readOnly": True})
         volumes.append({"name": "ca", "configMap": {"name": where.ca_config_map}})
