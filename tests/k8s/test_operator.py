@@ -229,6 +229,34 @@ def test_mtls_federation_gets_certificates(operated: Operated) -> None:
              timeout=120, message="the federation's workloads garbage-collected")
 
 
+def test_shards_say_why_they_are_not_ready(operated: Operated) -> None:
+    """A Shard of a missing Federation, and one whose director does not answer, each get
+    Ready=False with the reason (the per-Federation poll's error path)."""
+    unreachable = examples("federation.yaml")[0]
+    unreachable["metadata"]["name"] = "unreachable"
+    unreachable["spec"].update(tls="insecure", directorEndpoint=f"localhost:{free_port()}")
+    shards = [{"apiVersion": "fedkube.io/v1alpha1", "kind": "Shard",
+               "metadata": {"name": name}, "spec": {"federation": federation}}
+              for name, federation in (("stray", "nowhere"), ("cut-off", "unreachable"))]
+    operated.apply(unreachable, *shards)
+
+    def ready_reason(shard: str) -> str | None:
+        conditions = operated.get("shard", shard).get("status", {}).get("conditions", [])
+        return next((c["reason"] for c in conditions
+                     if c["type"] == "Ready" and c["status"] == "False"), None)
+
+    wait_for(lambda: ready_reason("stray") == "FederationNotFound", timeout=60,
+             message="Ready=False FederationNotFound")
+    wait_for(lambda: ready_reason("cut-off") == "DirectorUnreachable", timeout=60,
+             message="Ready=False DirectorUnreachable")
+    operated.kubectl("delete", "shard", "stray", "cut-off", "--wait=true", "--timeout=60s")
+    operated.kubectl("delete", "federation", "unreachable", "--wait=true", "--timeout=60s")
+    wait_for(lambda: operated.kubectl("get", "deployment,daemonset", "-l",
+                                      "fedkube.io/federation=unreachable", "-o", "name"
+                                      ).stdout.strip() == "",
+             timeout=120, message="the federation's workloads garbage-collected")
+
+
 def test_experiment_runs_to_succeeded(operated: Operated) -> None:
     operated.apply(_local_federation(operated), *examples("shard.yaml"))
 
