@@ -12,6 +12,7 @@ from fedkube.operator.conditions import Conditions, set_condition
 # for every health check, 1,000 Shards would cost the apiserver 200 writes a second.
 # (Online/offline still flips at the next poll, as a node's Ready does with its Lease.)
 HEALTH_STAMP_RESOLUTION_S = 60
+STAMP_FORMAT = "%Y-%m-%dT%H:%M:%SZ"  # metav1.Time
 
 
 def build_shard_status(current: dict[str, Any], envoy: EnvoyView | None, *,
@@ -44,7 +45,7 @@ def build_shard_status(current: dict[str, Any], envoy: EnvoyView | None, *,
                                                           or 0)))}
                for d in envoy.cuda_devices]
     seen = (dt.datetime.fromtimestamp(envoy.last_health_check, dt.UTC)
-            .strftime("%Y-%m-%dT%H:%M:%SZ") if envoy.last_health_check else None)
+            .strftime(STAMP_FORMAT) if envoy.last_health_check else None)
     return {"conditions": conditions, "online": envoy.online, "gpus": len(devices),
             "node": node, "cudaDevices": devices, "lastHealthCheck": seen,
             "currentExperiment": busy}
@@ -56,9 +57,8 @@ def status_changes(current: dict[str, Any], wanted: dict[str, Any]) -> dict[str,
     changes = {key: value for key, value in wanted.items() if current.get(key) != value}
     shown, seen = current.get("lastHealthCheck"), changes.get("lastHealthCheck")
     if shown and seen:
-        def parse(stamp: str) -> dt.datetime:
-            return dt.datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ")
-
-        if (parse(seen) - parse(shown)).total_seconds() < HEALTH_STAMP_RESOLUTION_S:
+        moved = (dt.datetime.strptime(seen, STAMP_FORMAT)
+                 - dt.datetime.strptime(shown, STAMP_FORMAT))
+        if moved.total_seconds() < HEALTH_STAMP_RESOLUTION_S:
             del changes["lastHealthCheck"]
     return changes

@@ -21,6 +21,7 @@ from typing import Any
 from cryptography import x509
 
 from fedkube.api.resources import ShardSpec
+from fedkube.operator.manifests import names
 from fedkube.transport import certs
 
 NODE_NAME = "authentication.kubernetes.io/node-name"
@@ -32,7 +33,8 @@ MIN_VALIDITY = dt.timedelta(minutes=10)
 
 def service_accounts(federation: str) -> dict[str, str]:
     """The role each of a federation's service accounts may request."""
-    return {f"{federation}-envoy": "envoy", f"{federation}-collaborator": "collaborator"}
+    accounts = names(federation)
+    return {accounts["envoy"]: "envoy", accounts["collaborator"]: "collaborator"}
 
 
 @dataclass(frozen=True)
@@ -51,20 +53,28 @@ class Review:
     validity: dt.timedelta = certs.VALIDITY
 
 
-def account_namespace(username: str) -> str | None:
-    """The namespace of a service account's user name; None for other users."""
+def _service_account(username: str) -> tuple[str, str] | None:
+    """(namespace, account) of a service account's user name; None for other users."""
     if not username.startswith(SERVICE_ACCOUNT_PREFIX):
         return None
-    return username.removeprefix(SERVICE_ACCOUNT_PREFIX).partition(":")[0]
+    namespace, _, account = username.removeprefix(SERVICE_ACCOUNT_PREFIX).partition(":")
+    return namespace, account
+
+
+def account_namespace(username: str) -> str | None:
+    """The namespace of a service account's user name; None for other users."""
+    parsed = _service_account(username)
+    return parsed[0] if parsed else None
 
 
 def find_requester(username: str, federations: Iterable[tuple[str, str]]
                    ) -> Requester | None:
     """The federation and role of a service-account user name, among (namespace, name)
     federations; None when the account belongs to none of them."""
-    if not username.startswith(SERVICE_ACCOUNT_PREFIX):
+    parsed = _service_account(username)
+    if parsed is None:
         return None
-    namespace, _, account = username.removeprefix(SERVICE_ACCOUNT_PREFIX).partition(":")
+    namespace, account = parsed
     for fed_namespace, federation in federations:
         role = service_accounts(federation).get(account)
         if fed_namespace == namespace and role is not None:
