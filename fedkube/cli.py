@@ -443,7 +443,8 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--director", help="host:port")
     start.add_argument("--shard", help="shard loader: 'digits' or package.module:Class")
     start.add_argument("--shard-option", action="append", default=[], metavar="KEY=VALUE")
-    start.add_argument("--cuda-devices", help="comma-separated GPU indices this envoy owns")
+    start.add_argument("--cuda-devices", help="comma-separated GPU indices this envoy owns "
+                       "(default: every GPU its environment shows)")
     start.add_argument("--work-dir", type=Path)
     start.add_argument("--config", type=Path, help="envoy.yaml")
     _tls_flags(start)

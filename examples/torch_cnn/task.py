@@ -49,7 +49,9 @@ def _network(model: dict[str, np.ndarray]) -> tuple[Any, Any]:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     net = Net()
-    net.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in model.items()})
+    # A copy: the arrays may be read-only views of the received model (torch warns on
+    # those), and load_state_dict copies into the parameters anyway.
+    net.load_state_dict({k: torch.tensor(np.asarray(v)) for k, v in model.items()})
     return net.to(device), device
 
 

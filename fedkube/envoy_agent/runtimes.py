@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from fedkube.api.config import EnvoyConfig
@@ -35,6 +35,17 @@ def _last_error(text: str) -> str:
     return lines[-1].strip() if lines else "no output"
 
 
+def collaborator_environment(parent: Mapping[str, str],
+                             cuda_devices: Sequence[int]) -> dict[str, str]:
+    """The collaborator's environment: the envoy's, limited to the envoy's GPUs when it
+    names some. An envoy that names none owns whatever its own environment shows it (as
+    its NVML monitor does), so the collaborator inherits that unchanged."""
+    env = dict(parent)
+    if cuda_devices:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, cuda_devices))
+    return env
+
+
 class ProcessRuntime:
     """Runs the collaborator as `fedkube collaborator run`, seeing only the envoy's GPUs."""
 
@@ -50,8 +61,8 @@ class ProcessRuntime:
                 "--name", job.collaborator, "--archive", str(job.archive), "--work-dir",
                 str(job.work_dir), "--shard", self.config.shard.loader, *options,
                 *_tls_args(self.config)]
-        env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(map(str, job.cuda_devices)),
-               ENVOY_PID: str(os.getpid())}  # the collaborator dies with this envoy
+        env = collaborator_environment(os.environ, job.cuda_devices)
+        env[ENVOY_PID] = str(os.getpid())  # the collaborator dies with this envoy
         log_path = job.work_dir / "collaborator.log"
         with log_path.open("wb") as sink:
             process = await asyncio.create_subprocess_exec(*args, stdout=sink,
