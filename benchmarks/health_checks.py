@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import grpc
+from google.protobuf.duration_pb2 import Duration
 
 from fedkube.local import free_port, port_open, wait_for
 from fedkube.proto import director_pb2, director_pb2_grpc
@@ -66,6 +67,42 @@ def start_openfl(work: Path, port: int, period: float, python: Path) -> subproce
         [str(python.parent / "fx"), "director", "start", "--disable-tls", "-c",
          "director_config.yaml"], cwd=work, stdout=subprocess.DEVNULL,
         stderr=(work / "openfl.log").open("wb"))
+
+
+def serve_floor(port: int) -> None:
+    """The framework's floor: a grpc.aio server on the director's event loop that answers
+    both RPCs with constant wire bytes, parsing nothing and storing nothing. No director
+    built on grpc.aio serves more calls per CPU second than this."""
+    from fedkube.eventloop import server_loop_factory
+
+    accepted = director_pb2.UpdateShardInfoResponse(accepted=True).SerializeToString()
+    healthy = director_pb2.UpdateEnvoyStatusResponse(
+        health_check_period=Duration(seconds=10)).SerializeToString()
+
+    async def register(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+        return accepted
+
+    async def health(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+        return healthy
+
+    async def serve() -> None:
+        server = grpc.aio.server()
+        server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
+            "openfl.director.Director", {
+                "UpdateShardInfo": grpc.unary_unary_rpc_method_handler(register),
+                "UpdateEnvoyStatus": grpc.unary_unary_rpc_method_handler(health)})])
+        server.add_insecure_port(f"127.0.0.1:{port}")
+        await server.start()
+        await server.wait_for_termination()
+
+    with asyncio.Runner(loop_factory=server_loop_factory()) as runner:
+        runner.run(serve())
+
+
+def start_floor(work: Path, port: int) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-m", "benchmarks.health_checks", "--serve-floor",
+                             str(port)], stdout=subprocess.DEVNULL,
+                            stderr=(work / "floor.log").open("wb"))
 
 
 def shard(i: int) -> director_pb2.UpdateShardInfoRequest:
@@ -135,6 +172,7 @@ def measure(kind: str, *, envoys: int, period: float, duration: float, warmup: f
     with tempfile.TemporaryDirectory() as tmp:
         work, port = Path(tmp), free_port()
         process = (start_fedkube(work, port, period) if kind == "fedkube"
+                   else start_floor(work, port) if kind == "grpc-floor"
                    else start_openfl(work, port, period, openfl_python))
         try:
             wait_for(lambda: port_open(port), timeout=60, message=f"{kind} director")
@@ -173,11 +211,17 @@ def main() -> None:
     parser.add_argument("--period", default="2", help="comma-separated periods, s")
     parser.add_argument("--duration", type=float, default=20.0)
     parser.add_argument("--warmup", type=float, default=3.0)
-    parser.add_argument("--directors", default="fedkube,openfl")
+    parser.add_argument("--directors", default="fedkube,openfl,grpc-floor",
+                        help="any of fedkube, openfl and grpc-floor (an empty grpc.aio "
+                        "server: the framework's ceiling)")
     parser.add_argument("--openfl-python", type=Path, default=Path(os.environ.get(
         "FEDKUBE_OPENFL_PYTHON", DEFAULT_OPENFL_PYTHON)))
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--serve-floor", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.serve_floor:
+        serve_floor(args.serve_floor)
+        return
     results = [
         measure(kind, envoys=int(n), period=float(p), duration=args.duration,
                 warmup=args.warmup, openfl_python=args.openfl_python)

@@ -6,6 +6,7 @@ import asyncio
 import io
 import os
 import zipfile
+from pathlib import Path
 
 import grpc
 import pytest
@@ -177,3 +178,44 @@ async def test_plaintext_client_cannot_reach_mtls_director(
     with pytest.raises(grpc.aio.AioRpcError) as error:
         await client.GetEnvoys(director_pb2.GetEnvoysRequest(), timeout=5)
     assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_collaborators_of_an_experiment_that_ended_before_a_restart_are_told_to_quit(
+        tmp_path: Path) -> None:
+    from fedkube.api.config import TLSSettings
+    from fedkube.api.experiment import ExperimentStatus
+    from fedkube.director.store import ExperimentRecord, open_store
+    from fedkube.proto import aggregator_pb2, aggregator_pb2_grpc
+    from tests.conftest import start_director
+
+    # What the director's SQLite store holds after "done" ended and "broken" failed.
+    store = open_store(tmp_path / "director")
+    for name, status in (("done", ExperimentStatus.FINISHED),
+                         ("broken", ExperimentStatus.FAILED)):
+        store.put_experiment(ExperimentRecord(
+            name=name, owner="alice", collaborators=("env1", "env2"),
+            archive_path=str(tmp_path / name / "experiment.zip"), status=status,
+            created_at=1.0, updated_at=2.0, total_rounds=3, current_round=3))
+    store.close()
+    running = await start_director(tmp_path, tls=TLSSettings(insecure=True))
+    try:
+        async with grpc.aio.insecure_channel(running.address) as channel:
+            aggregator = aggregator_pb2_grpc.AggregatorStub(channel)  # type: ignore[no-untyped-call]
+
+            def tasks(sender: str, experiment: str) -> aggregator_pb2.GetTasksRequest:
+                return aggregator_pb2.GetTasksRequest(header=aggregator_pb2.MessageHeader(
+                    sender=sender, receiver="aggregator", federation_uuid=experiment))
+
+            for experiment in ("done", "broken"):
+                reply = await aggregator.GetTasks(tasks("env2", experiment))
+                assert reply.quit and not reply.tasks
+            # Only its collaborators are told; anyone else learns it is over.
+            with pytest.raises(grpc.aio.AioRpcError) as outsider:
+                await aggregator.GetTasks(tasks("env3", "done"))
+            assert outsider.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "is over" in (outsider.value.details() or "")
+            with pytest.raises(grpc.aio.AioRpcError) as unknown:
+                await aggregator.GetTasks(tasks("env1", "never-submitted"))
+            assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+    finally:
+        await running.server.stop(None)

@@ -12,7 +12,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
 from typing import Protocol
 
@@ -100,6 +100,11 @@ class AggregatorRunner:
         self._ensure_ticker()
         log.info("aggregator for %s: %d rounds over %s", experiment.name, plan.rounds,
                  list(experiment.collaborators), extra={"experiment": experiment.name})
+
+    def remember_ended(self, name: str, collaborators: Iterable[str]) -> None:
+        """An experiment that ended before this director started: its late collaborators
+        are told to quit, as they are for one that ends while it runs."""
+        self.ended[name] = frozenset(collaborators)
 
     def stop(self, name: str) -> None:
         aggregator = self._retire(name)

@@ -107,6 +107,11 @@ class Director:
         """Experiments that were running when the director stopped."""
         return [e for e in self._experiments.values() if e.status is ExperimentStatus.IN_PROGRESS]
 
+    def ran_and_ended(self) -> list[ExperimentRecord]:
+        """Experiments that ran and have ended (finished or failed), as the store has them."""
+        return [e for e in self._experiments.values()
+                if e.status in (ExperimentStatus.FINISHED, ExperimentStatus.FAILED)]
+
     def flush_health(self) -> int:
         """Writes the health timestamps changed since the last flush; returns how many."""
         if not self._dirty_health:

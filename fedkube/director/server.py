@@ -55,6 +55,8 @@ class DirectorServer:
         # its experiment, resumed from the last closed round.
         for experiment in self.director.resumable():
             self.runner.start(experiment)
+        for experiment in self.director.ran_and_ended():
+            self.runner.remember_ended(experiment.name, experiment.collaborators)
         await self.server.start()
         if self.config.metrics_port is not None:
             self.metrics_port = serve_metrics(self.director, self.config.metrics_port)
