@@ -6,6 +6,11 @@ random phase. We record the registration rate, the latency of every health check
 director's CPU time (from /proc) over the measured window.
 
     python -m benchmarks.health_checks --envoys 5000 --period 2 --duration 20 [--json]
+        [--directors fedkube,openfl,grpc-floor] [--clients N]
+
+grpc-floor is an empty grpc.aio server (constant replies): what the framework itself
+allows on the machine. --clients N spreads the load over N client processes, for
+machines with the cores to offer more calls than one asyncio client can.
 """
 
 from __future__ import annotations
@@ -111,55 +116,151 @@ def shard(i: int) -> director_pb2.UpdateShardInfoRequest:
         n_samples=100, sample_shape=["8", "8"], target_shape=["1"]))
 
 
-async def load(port: int, pid: int, *, envoys: int, period: float, duration: float,
-               warmup: float, channels: int = 8) -> tuple[float, list[float], float, int]:
-    """Returns (registrations/s, health latencies in s, director CPU s in window, errors)."""
-    chans = [grpc.aio.insecure_channel(f"127.0.0.1:{port}") for _ in range(channels)]
-    stubs = [director_pb2_grpc.DirectorStub(c) for c in chans]  # type: ignore[no-untyped-call]
-    limit = asyncio.Semaphore(512)
+# Registrations in flight, across all client processes. Past about 1,000 concurrent calls
+# grpc.aio servers (the empty one too) cancel a few of them.
+IN_FLIGHT = 512
+
+
+async def _register(stubs: list[director_pb2_grpc.DirectorStub], envoys: range,
+                    in_flight: int = IN_FLIGHT) -> None:
+    limit = asyncio.Semaphore(in_flight)
 
     async def register(i: int) -> None:
         async with limit:
-            response = await stubs[i % channels].UpdateShardInfo(shard(i), timeout=60)
+            response = await stubs[i % len(stubs)].UpdateShardInfo(shard(i), timeout=60)
             assert response.accepted
 
-    started = time.perf_counter()
-    await asyncio.gather(*(register(i) for i in range(envoys)))
-    registration_rate = envoys / (time.perf_counter() - started)
+    await asyncio.gather(*(register(i) for i in envoys))
 
+
+async def _health_checks(stubs: list[director_pb2_grpc.DirectorStub], envoys: range, *,
+                         period: float, window: tuple[float, float]) -> tuple[list[float], int]:
+    """Each envoy checks in every period until the window (wall-clock times) ends;
+    returns the latencies of the calls made inside it and the failed calls."""
     latencies: list[float] = []
     errors = 0
-    window_start = time.perf_counter() + warmup
-    window_end = window_start + duration
-    loop = asyncio.get_running_loop()
+    window_start, window_end = window
 
     async def envoy(i: int) -> None:
         nonlocal errors
-        stub = stubs[i % channels]
+        stub = stubs[i % len(stubs)]
         request = director_pb2.UpdateEnvoyStatusRequest(name=f"envoy-{i:05d}")
-        next_at = loop.time() + random.uniform(0, period)
+        next_at = time.time() + random.uniform(0, period)
         while True:
-            await asyncio.sleep(max(0.0, next_at - loop.time()))
-            now = time.perf_counter()
+            await asyncio.sleep(max(0.0, next_at - time.time()))
+            now = time.time()
             if now > window_end:
                 return
             try:
                 await stub.UpdateEnvoyStatus(request, timeout=10)
                 if now >= window_start:
-                    latencies.append(time.perf_counter() - now)
+                    latencies.append(time.time() - now)
             except grpc.aio.AioRpcError:
                 errors += 1
             next_at += period
 
-    tasks = [asyncio.create_task(envoy(i)) for i in range(envoys)]
-    await asyncio.sleep(max(0.0, window_start - time.perf_counter()))
+    await asyncio.gather(*(envoy(i) for i in envoys))
+    return latencies, errors
+
+
+def _stubs(port: int, channels: int) -> tuple[list[grpc.aio.Channel],
+                                              list[director_pb2_grpc.DirectorStub]]:
+    chans = [grpc.aio.insecure_channel(f"127.0.0.1:{port}") for _ in range(channels)]
+    return chans, [director_pb2_grpc.DirectorStub(c) for c in chans]  # type: ignore[no-untyped-call]
+
+
+async def load(port: int, pid: int, *, envoys: int, period: float, duration: float,
+               warmup: float, channels: int = 8) -> tuple[float, list[float], float, int]:
+    """Returns (registrations/s, health latencies in s, director CPU s in window, errors)."""
+    chans, stubs = _stubs(port, channels)
+    started = time.perf_counter()
+    await _register(stubs, range(envoys))
+    registration_rate = envoys / (time.perf_counter() - started)
+    window = (time.time() + warmup, time.time() + warmup + duration)
+    checks = asyncio.create_task(_health_checks(stubs, range(envoys), period=period,
+                                                window=window))
+    await asyncio.sleep(max(0.0, window[0] - time.time()))
     cpu_before = cpu_seconds(pid)
-    await asyncio.sleep(max(0.0, window_end - time.perf_counter()))
+    await asyncio.sleep(max(0.0, window[1] - time.time()))
     cpu_used = cpu_seconds(pid) - cpu_before
-    await asyncio.gather(*tasks)
+    latencies, errors = await checks
     for channel in chans:
-        await channel.close()
+        await channel.close(None)
     return registration_rate, latencies, cpu_used, errors
+
+
+def client_process(port: int, share: int, clients: int, envoys: int, period: float) -> None:
+    """One of several load-client processes (--clients): registers envoys share, share +
+    clients, ...; says so on stdout; reads the window's wall-clock start and end from
+    stdin; runs their health checks and prints its latencies and errors as JSON."""
+    async def run() -> None:
+        chans, stubs = _stubs(port, 8)
+        mine = range(share, envoys, clients)
+        await _register(stubs, mine, max(1, IN_FLIGHT // clients))
+        print("registered", flush=True)
+        loop = asyncio.get_running_loop()
+        line = await loop.run_in_executor(None, sys.stdin.readline)
+        start, end = (float(v) for v in line.split())
+        latencies, errors = await _health_checks(stubs, mine, period=period,
+                                                 window=(start, end))
+        print(json.dumps({"latencies": latencies, "errors": errors}), flush=True)
+        for channel in chans:
+            await channel.close(None)
+
+    asyncio.run(run())
+
+
+def load_processes(port: int, pid: int, *, clients: int, envoys: int, period: float,
+                   duration: float, warmup: float) -> tuple[float, list[float], float, int]:
+    """load() spread over several client processes, for machines whose cores would let
+    the director serve more than one client process can offer."""
+    started = time.perf_counter()
+    children = [subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.health_checks", "--client-of", str(port),
+         "--share", f"{k}/{clients}", "--envoys", str(envoys), "--period", str(period)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for k in range(clients)]
+    try:
+        for child in children:
+            assert child.stdout is not None
+            assert child.stdout.readline().strip() == "registered", "a client failed"
+        registration_rate = envoys / (time.perf_counter() - started)
+        window = (time.time() + warmup, time.time() + warmup + duration)
+        for child in children:
+            assert child.stdin is not None
+            child.stdin.write(f"{window[0]} {window[1]}\n")
+            child.stdin.flush()
+        time.sleep(max(0.0, window[0] - time.time()))
+        cpu_before = cpu_seconds(pid)
+        time.sleep(max(0.0, window[1] - time.time()))
+        cpu_used = cpu_seconds(pid) - cpu_before
+        latencies: list[float] = []
+        errors = 0
+        for child in children:
+            assert child.stdout is not None
+            report = json.loads(child.stdout.readline())
+            latencies += report["latencies"]
+            errors += report["errors"]
+    finally:
+        for child in children:
+            child.kill()
+            child.wait()
+    return registration_rate, latencies, cpu_used, errors
+
+
+def serving(port: int) -> bool:
+    """Whether the server answers calls (an open port is not enough: a server that has
+    bound it but not started cancels them)."""
+    if not port_open(port):
+        return False
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = director_pb2_grpc.DirectorStub(channel)  # type: ignore[no-untyped-call]
+        try:
+            stub.UpdateEnvoyStatus(director_pb2.UpdateEnvoyStatusRequest(name="probe"),
+                                   timeout=5)
+        except grpc.RpcError as exc:
+            return exc.code() not in (grpc.StatusCode.UNAVAILABLE,  # type: ignore[attr-defined]
+                                      grpc.StatusCode.CANCELLED)
+    return True
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -168,17 +269,22 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def measure(kind: str, *, envoys: int, period: float, duration: float, warmup: float,
-            openfl_python: Path) -> Result:
+            openfl_python: Path, clients: int = 1) -> Result:
     with tempfile.TemporaryDirectory() as tmp:
         work, port = Path(tmp), free_port()
         process = (start_fedkube(work, port, period) if kind == "fedkube"
                    else start_floor(work, port) if kind == "grpc-floor"
                    else start_openfl(work, port, period, openfl_python))
         try:
-            wait_for(lambda: port_open(port), timeout=60, message=f"{kind} director")
-            rate, latencies, cpu, errors = asyncio.run(load(
-                port, process.pid, envoys=envoys, period=period, duration=duration,
-                warmup=warmup))
+            wait_for(lambda: serving(port), timeout=60, message=f"{kind} director")
+            if clients > 1:
+                rate, latencies, cpu, errors = load_processes(
+                    port, process.pid, clients=clients, envoys=envoys, period=period,
+                    duration=duration, warmup=warmup)
+            else:
+                rate, latencies, cpu, errors = asyncio.run(load(
+                    port, process.pid, envoys=envoys, period=period, duration=duration,
+                    warmup=warmup))
         finally:
             process.terminate()
             process.wait(timeout=30)
@@ -201,7 +307,7 @@ def table(results: list[Result]) -> None:
         view.add_row(r.director, str(r.envoys), f"{r.period_s:g}", f"{r.calls_per_s:.0f}",
                      f"{r.registration_per_s:.0f}", f"{r.p50_ms:.2f}", f"{r.p99_ms:.2f}",
                      f"{r.cpu_percent:.0f}", str(r.errors))
-    Console().print(view)
+    Console(width=140).print(view)
 
 
 def main() -> None:
@@ -217,14 +323,22 @@ def main() -> None:
     parser.add_argument("--openfl-python", type=Path, default=Path(os.environ.get(
         "FEDKUBE_OPENFL_PYTHON", DEFAULT_OPENFL_PYTHON)))
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--clients", type=int, default=1, help="load-client processes "
+                        "(1: one asyncio client in this process)")
     parser.add_argument("--serve-floor", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--client-of", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--share", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_floor:
         serve_floor(args.serve_floor)
         return
+    if args.client_of:
+        share, clients = (int(v) for v in args.share.split("/"))
+        client_process(args.client_of, share, clients, int(args.envoys), float(args.period))
+        return
     results = [
         measure(kind, envoys=int(n), period=float(p), duration=args.duration,
-                warmup=args.warmup, openfl_python=args.openfl_python)
+                warmup=args.warmup, openfl_python=args.openfl_python, clients=args.clients)
         for n in args.envoys.split(",") for p in args.period.split(",")
         for kind in args.directors.split(",")
     ]
