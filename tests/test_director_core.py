@@ -79,10 +79,12 @@ def test_restart_restores_shards_and_flushed_health(tmp_path: Path) -> None:
     clock = Clock()
     director = make(tmp_path, clock, SqliteStore(tmp_path / "s.db"))
     director.acknowledge_shard(shard("env1"))
+    # Written behind, with the health timestamps: not on the store until a flush.
+    assert SqliteStore(tmp_path / "s.db").shards() == []
     clock.now += 5
     director.update_envoy_status("env1", is_experiment_running=False, cuda_devices=[])
-    assert director.flush_health() == 1
-    assert director.flush_health() == 0
+    assert director.flush() == 1
+    assert director.flush() == 0
     director.close()
     again = make(tmp_path, clock, SqliteStore(tmp_path / "s.db"))
     (state,) = again.get_envoys()

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from fedkube.client import DirectorClient, EnvoyView
+from fedkube.director.store import SqliteStore
 from fedkube.local import (
     Process,
     director_process,
@@ -33,6 +34,18 @@ def online(port: int, *names: str) -> bool:
     return all(name in current and current[name].online for name in names)
 
 
+def persisted_shards(work: Path) -> list[str]:
+    """The shards the director's SQLite store holds (read beside the running director)."""
+    path = work / "director" / "director.sqlite3"
+    if not path.exists():
+        return []
+    store = SqliteStore(path)
+    try:
+        return [record.name for record in store.shards()]
+    finally:
+        store.close()
+
+
 def start(processes: list[Process], process: Process) -> Process:
     processes.append(process.start())
     return process
@@ -44,6 +57,9 @@ def test_director_restart_keeps_shards_without_restarting_envoys(
     director = start(processes, director_process(tmp_path, port, period=PERIOD))
     envoy = start(processes, envoy_process(tmp_path, "env1", port, index=0, count=2))
     wait_for(lambda: online(port, "env1"), timeout=30, message="env1 online")
+    # Registrations are written with the health timestamps, within half a period.
+    wait_for(lambda: persisted_shards(tmp_path) == ["env1"], timeout=10,
+             message="env1's registration written")
     director.kill()
     assert not port_open(port)
     restarted = start(processes, director_process(tmp_path, port, period=PERIOD,
@@ -54,6 +70,25 @@ def test_director_restart_keeps_shards_without_restarting_envoys(
     wait_for(lambda: online(port, "env1"), timeout=4 * PERIOD + 10, message="env1 online again")
     assert envoy.running
     assert "accepted shard env1" not in restarted.output()  # health check, not re-registration
+
+
+def test_a_registration_the_director_lost_comes_back_from_its_envoy(
+        tmp_path: Path, processes: list[Process]) -> None:
+    """The worst case of writing registrations behind: the director's store is gone. The
+    envoy's next health check is told NOT_FOUND and it registers again."""
+    port = free_port()
+    director = start(processes, director_process(tmp_path / "a", port, period=PERIOD))
+    envoy = start(processes, envoy_process(tmp_path, "env1", port, index=0, count=2))
+    wait_for(lambda: online(port, "env1"), timeout=30, message="env1 online")
+    director.kill()
+    fresh = start(processes, director_process(tmp_path / "b", port, period=PERIOD,
+                                              name="director-fresh"))
+    wait_for(lambda: online(port, "env1"), timeout=4 * PERIOD + 10,
+             message="env1 online at a director that never saw it")
+    assert "director forgot shard env1; registering again" in envoy.output()
+    assert "accepted shard env1" in fresh.output()
+    wait_for(lambda: persisted_shards(tmp_path / "b") == ["env1"], timeout=10,
+             message="env1's registration written by the fresh director")
 
 
 def test_envoy_survives_director_outage(tmp_path: Path, processes: list[Process]) -> None:

@@ -71,9 +71,9 @@ class DirectorServer:
         while True:
             await asyncio.sleep(interval)
             try:
-                await asyncio.to_thread(self.director.flush_health)
-            except Exception:  # a failed flush is retried next time, never fatal
-                log.exception("could not persist health checks")
+                await asyncio.to_thread(self.director.flush)
+            except Exception:  # never fatal; what it held comes back with the envoys
+                log.exception("could not persist registrations and health checks")
 
     async def stop(self, grace: float | None = 1.0) -> None:
         if self._flusher is not None:

@@ -2,8 +2,8 @@
 
 `DirectorStore` is the interface; `MemoryStore` (tests, throwaway directors) and
 `SqliteStore` (the default, one file in the data dir) implement it, and one contract test
-suite runs against both. Health-check timestamps are written in batches by the director,
-never once per call, so persistence stays off the hot path.
+suite runs against both. Registrations and health-check timestamps are written in
+batches by the director, never once per call, so persistence stays off the hot path.
 """
 
 from __future__ import annotations
@@ -47,7 +47,11 @@ class ExperimentRecord:
 
 class DirectorStore(ABC):
     @abstractmethod
-    def put_shard(self, record: ShardRecord) -> None: ...
+    def put_shards(self, records: Iterable[ShardRecord]) -> None:
+        """Inserts or replaces several shards at once (one transaction)."""
+
+    def put_shard(self, record: ShardRecord) -> None:
+        self.put_shards([record])
 
     @abstractmethod
     def touch_shards(self, updates: Iterable[tuple[str, float]]) -> None:
@@ -78,8 +82,9 @@ class MemoryStore(DirectorStore):
         self._shards: dict[str, ShardRecord] = {}
         self._experiments: dict[str, ExperimentRecord] = {}
 
-    def put_shard(self, record: ShardRecord) -> None:
-        self._shards[record.name] = record
+    def put_shards(self, records: Iterable[ShardRecord]) -> None:
+        for record in records:
+            self._shards[record.name] = record
 
     def touch_shards(self, updates: Iterable[tuple[str, float]]) -> None:
         for name, stamp in updates:
@@ -136,12 +141,14 @@ class SqliteStore(DirectorStore):
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
 
-    def put_shard(self, record: ShardRecord) -> None:
+    def put_shards(self, records: Iterable[ShardRecord]) -> None:
+        rows = [(r.name, r.shard_info, r.registered_at, r.last_updated) for r in records]
+        if not rows:
+            return
         with self._lock:
-            self._db.execute(
-                "INSERT OR REPLACE INTO shards VALUES (?, ?, ?, ?)",
-                (record.name, record.shard_info, record.registered_at, record.last_updated),
-            )
+            self._db.execute("BEGIN")
+            self._db.executemany("INSERT OR REPLACE INTO shards VALUES (?, ?, ?, ?)", rows)
+            self._db.execute("COMMIT")
 
     def touch_shards(self, updates: Iterable[tuple[str, float]]) -> None:
         rows = [(stamp, name) for name, stamp in updates]

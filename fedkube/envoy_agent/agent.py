@@ -115,6 +115,12 @@ class EnvoyAgent:
         log.info("shard %s registered with director %s", self.name, self.config.director)
         self.registered.set()
 
+    async def _register_again(self) -> None:
+        """The director answered NOT_FOUND for this shard: it lost the registration (a
+        crash before writing it, a new store), so this envoy registers again."""
+        log.warning("director forgot shard %s; registering again", self.name)
+        await self.register()
+
     async def health_check(self) -> None:
         request = director_pb2.UpdateEnvoyStatusRequest(
             name=self.name, is_experiment_running=self.running_experiment is not None,
@@ -125,8 +131,7 @@ class EnvoyAgent:
         except grpc.aio.AioRpcError as exc:
             if exc.code() != grpc.StatusCode.NOT_FOUND:
                 raise
-            log.warning("director forgot shard %s; registering again", self.name)
-            await self.register()
+            await self._register_again()
             return
         period = response.health_check_period.ToTimedelta().total_seconds()
         if period > 0:
@@ -167,8 +172,14 @@ class EnvoyAgent:
     async def experiment_loop(self) -> None:
         await self.registered.wait()
         while True:
-            response = await self._call(lambda: self._stub.WaitExperiment(
-                director_pb2.WaitExperimentRequest(collaborator_name=self.name)))
+            try:
+                response = await self._call(lambda: self._stub.WaitExperiment(
+                    director_pb2.WaitExperimentRequest(collaborator_name=self.name)))
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.NOT_FOUND:
+                    raise
+                await self._register_again()
+                continue
             experiment = response.experiment_name
             log.info("experiment %s dispatched to %s", experiment, self.name)
             self.running_experiment = experiment
