@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import signal
@@ -96,10 +97,11 @@ def envoy_config(args: argparse.Namespace) -> EnvoyConfig:
     })
 
 
-def _request_certificate(shard: str, role: str, *, cert: Path, key: Path) -> None:
+def _request_certificate(shard: str, role: str, *, cert: Path, key: Path,
+                         lifetime_s: int | None = None) -> None:
     from fedkube.transport.shard_certificate import request_certificate
 
-    request_certificate(shard, role, cert_path=cert, key_path=key)
+    request_certificate(shard, role, cert_path=cert, key_path=key, lifetime_s=lifetime_s)
 
 
 def cmd_envoy_start(args: argparse.Namespace) -> int:
@@ -112,12 +114,16 @@ def cmd_envoy_start(args: argparse.Namespace) -> int:
         shard = load_shard(config.shard.loader, dict(config.shard.options))
     except ShardLoaderError as exc:
         raise ConfigError(str(exc)) from exc
+    renew: Callable[[], None] | None = None
     if config.tls.request_certificate:
         assert config.tls.cert and config.tls.key  # checked by TLSSettings
-        _request_certificate(config.name, "envoy", cert=config.tls.cert, key=config.tls.key)
+        renew = functools.partial(_request_certificate, config.name, "envoy",
+                                  cert=config.tls.cert, key=config.tls.key,
+                                  lifetime_s=config.tls.certificate_lifetime_s)
+        renew()
 
     async def main() -> None:
-        agent = EnvoyAgent(config, shard, runtime=make_runtime(config))
+        agent = EnvoyAgent(config, shard, runtime=make_runtime(config), renew_certificate=renew)
         # SIGTERM (a Pod deleted, a test's stop) unwinds like Ctrl-C: the running
         # collaborator is stopped with its envoy instead of left behind.
         task = asyncio.current_task()

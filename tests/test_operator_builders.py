@@ -96,7 +96,8 @@ def test_envoy_config_per_node() -> None:
     # certificate, with only the CA mounted (a public ConfigMap, no shared Secret).
     assert config["tls"] == {"ca": "/etc/fedkube/ca/ca.crt",
                              "cert": "/var/lib/fedkube/tls/tls.crt",
-                             "key": "/var/lib/fedkube/tls/tls.key", "request_certificate": True}
+                             "key": "/var/lib/fedkube/tls/tls.key", "request_certificate": True,
+                             "certificate_lifetime_s": 90 * 24 * 3600}
     assert config["pod"] == {"ca_config_map": "fed-ca-bundle",
                              "certificate_account": "fed-collaborator"}
     volumes = build_envoy_daemonset("fed", "ns", FED)["spec"]["template"]["spec"]["volumes"]

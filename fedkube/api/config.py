@@ -46,13 +46,24 @@ class TLSSettings(_Strict):
     key: Path | None = None
     request_certificate: bool = Field(default=False, description=(
         "on Kubernetes: request a certificate for this shard from the fedkube operator at "
-        "start and write it to cert/key (which need not exist yet)"))
+        "start and write it to cert/key (which need not exist yet); it is renewed before "
+        "it expires"))
+    certificate_lifetime_s: int | None = Field(default=None, ge=600, description=(
+        "with request_certificate: the lifetime to ask for (the operator's default, a "
+        "year, when unset)"))
+    renew_before_s: float | None = Field(default=None, gt=0, description=(
+        "with request_certificate: renew this long before the certificate expires "
+        "(default: a third of its lifetime)"))
 
     @model_validator(mode="after")
     def _complete(self) -> TLSSettings:
         files = (self.ca, self.cert, self.key)
         if self.insecure and (any(files) or self.request_certificate):
             raise ValueError("insecure mode takes no ca/cert/key")
+        if not self.request_certificate and (self.certificate_lifetime_s is not None
+                                             or self.renew_before_s is not None):
+            raise ValueError("certificate_lifetime_s and renew_before_s go with "
+                             "request_certificate")
         if not self.insecure and not all(files):
             raise ValueError("mTLS needs ca, cert and key (or set insecure: true)")
         for path in (self.ca,) if self.request_certificate else files:

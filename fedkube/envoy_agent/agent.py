@@ -25,12 +25,16 @@ from fedkube.tasks.archive import read_plan
 from fedkube.tasks.shard import ShardDescriptor
 from fedkube.transport.channel import open_channel
 from fedkube.transport.identity import REASON_HEADER
+from fedkube.transport.shard_certificate import renewal_delay
 from fedkube.transport.tls import TLSFiles
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 CALL_TIMEOUT_S = 15.0
+# Between certificate renewals at least this long, whatever renew_before_s says.
+MIN_RENEWAL_INTERVAL_S = 1.0
+RENEWAL_RETRY_S = 30.0
 TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
              grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN,
              grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INTERNAL}
@@ -46,7 +50,10 @@ def _transient(exc: BaseException) -> bool:
 
 class EnvoyAgent:
     def __init__(self, config: EnvoyConfig, shard: ShardDescriptor, *,
-                 runtime: Runtime | None = None, monitor: NvmlMonitor | None = None) -> None:
+                 runtime: Runtime | None = None, monitor: NvmlMonitor | None = None,
+                 renew_certificate: Callable[[], None] | None = None) -> None:
+        """renew_certificate, where the envoy requests its own certificate: obtains a new
+        one into config.tls's cert and key files (blocking; run on a thread)."""
         self.config = config
         self.shard = shard
         self.runtime = runtime
@@ -55,15 +62,22 @@ class EnvoyAgent:
         self.period = 1.0  # until the director says otherwise
         self.running_experiment: str | None = None
         self._director_down = False
+        self._renew_certificate = renew_certificate
+        self._closing: set[asyncio.Task[None]] = set()
+        self._channel, self._stub = self._connect()
+        self.registered = asyncio.Event()
+
+    def _connect(self) -> tuple[grpc.aio.Channel, director_pb2_grpc.DirectorStub]:
+        """A channel with the certificate now in the configured files, and its stub."""
         # Our own backoff decides when to retry; gRPC's reconnect backoff (up to 120 s by
         # default) must not hold a returning director at bay for longer.
-        self._channel = open_channel(
-            config.director, tls=TLSFiles.load(config.tls), client_id=config.name,
+        channel = open_channel(
+            self.config.director, tls=TLSFiles.load(self.config.tls),
+            client_id=self.config.name,
             options=[("grpc.initial_reconnect_backoff_ms", 100),
                      ("grpc.min_reconnect_backoff_ms", 100),
                      ("grpc.max_reconnect_backoff_ms", 1000)])
-        self._stub = director_pb2_grpc.DirectorStub(self._channel)  # type: ignore[no-untyped-call]
-        self.registered = asyncio.Event()
+        return channel, director_pb2_grpc.DirectorStub(channel)  # type: ignore[no-untyped-call]
 
     # -- retries ------------------------------------------------------------------------
 
@@ -209,6 +223,35 @@ class EnvoyAgent:
         except grpc.aio.AioRpcError as exc:
             log.error("could not report the failure of %s: %s", experiment, exc.details())
 
+    # -- certificate --------------------------------------------------------------------
+
+    async def certificate_loop(self) -> None:
+        """Renews this envoy's certificate before it expires and reconnects with the new
+        one. A failed renewal keeps the current certificate and is tried again."""
+        assert self._renew_certificate is not None and self.config.tls.cert is not None
+        while True:
+            delay = renewal_delay(self.config.tls.cert.read_bytes(),
+                                  renew_before_s=self.config.tls.renew_before_s)
+            await asyncio.sleep(max(delay, MIN_RENEWAL_INTERVAL_S))
+            try:
+                await asyncio.to_thread(self._renew_certificate)
+            except Exception as exc:  # the operator away, a denial, the API server down
+                log.error("could not renew the certificate of shard %s (%s); trying again "
+                          "in %.0f s", self.name, exc, RENEWAL_RETRY_S)
+                await asyncio.sleep(RENEWAL_RETRY_S)
+                continue
+            self._reconnect()
+            log.info("certificate of shard %s renewed; reconnected with it", self.name)
+
+    def _reconnect(self) -> None:
+        old = self._channel
+        self._channel, self._stub = self._connect()
+        # Calls in flight on the old channel finish within the grace period, or are
+        # cancelled and retried on the new one (CANCELLED is transient).
+        closing = asyncio.get_running_loop().create_task(old.close(CALL_TIMEOUT_S))
+        self._closing.add(closing)
+        closing.add_done_callback(self._closing.discard)
+
     # -- lifetime -----------------------------------------------------------------------
 
     async def run(self) -> None:
@@ -218,9 +261,13 @@ class EnvoyAgent:
             async with asyncio.TaskGroup() as group:
                 group.create_task(self.health_loop())
                 group.create_task(self.experiment_loop())
+                if self._renew_certificate is not None:
+                    group.create_task(self.certificate_loop())
         finally:
             await self.close()
 
     async def close(self) -> None:
         await self._channel.close(None)
+        for closing in list(self._closing):
+            closing.cancel()
         self.monitor.close()

@@ -21,6 +21,9 @@ ENVOY_CONFIG_DIR = "/etc/fedkube/envoy"
 CA_DIR = "/etc/fedkube/ca"
 # Where an envoy keeps the key and certificate it requested for its shard (never a Secret).
 ENVOY_TLS_DIR = f"{DATA_DIR}/tls"
+# Envoy certificates last 90 days and are renewed a third of that before they expire (as
+# cert-manager's defaults): a month to notice an operator that is down.
+ENVOY_CERTIFICATE_LIFETIME_S = 90 * 24 * 3600
 
 _RESTRICTED_CONTAINER = {
     "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
@@ -159,7 +162,8 @@ def build_envoy_config(federation: str, namespace: str, spec: FederationSpec,
                      "certificate_account": names(federation)["collaborator"]}),
             "tls": ({"insecure": True} if spec.tls == "insecure" else
                     {"ca": f"{CA_DIR}/ca.crt", "cert": f"{ENVOY_TLS_DIR}/tls.crt",
-                     "key": f"{ENVOY_TLS_DIR}/tls.key", "request_certificate": True})}
+                     "key": f"{ENVOY_TLS_DIR}/tls.key", "request_certificate": True,
+                     "certificate_lifetime_s": ENVOY_CERTIFICATE_LIFETIME_S})}
         data[f"{shard.node_name}.yaml"] = yaml.safe_dump(config, sort_keys=False)
     return {"apiVersion": "v1", "kind": "ConfigMap",
             "metadata": {"name": names(federation)["envoy_config"], "namespace": namespace,

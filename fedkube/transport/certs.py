@@ -90,7 +90,8 @@ def _sign_leaf(ca: KeyPair, subject: x509.Name, public_key: ec.EllipticCurvePubl
 
 
 def issue(ca: KeyPair, common_name: str, *, hosts: list[str] | None = None,
-          organization: str | None = None, role: str | None = None) -> KeyPair:
+          organization: str | None = None, role: str | None = None,
+          validity: dt.timedelta = VALIDITY) -> KeyPair:
     """A leaf certificate usable as both TLS server and client, with SANs for `hosts`.
 
     `organization` becomes the subject's O (Kubernetes reads it as the user's group);
@@ -98,7 +99,7 @@ def issue(ca: KeyPair, common_name: str, *, hosts: list[str] | None = None,
     """
     key = ec.generate_private_key(ec.SECP256R1())
     cert = _sign_leaf(ca, _subject(common_name, organization=organization, role=role),
-                      key.public_key(), hosts=[common_name, *(hosts or [])], validity=VALIDITY)
+                      key.public_key(), hosts=[common_name, *(hosts or [])], validity=validity)
     return KeyPair(cert, _key_pem(key))
 
 

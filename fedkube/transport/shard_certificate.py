@@ -9,10 +9,13 @@ when that node is the shard's (fedkube.operator.signer).
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import logging
 import secrets
 from pathlib import Path
 from typing import Any
+
+from cryptography import x509
 
 from fedkube.transport import certs
 
@@ -35,10 +38,25 @@ def _decision(status: dict[str, Any]) -> tuple[bytes | None, str | None]:
     return None, None
 
 
+def renewal_delay(certificate: bytes, *, renew_before_s: float | None = None,
+                  now: dt.datetime | None = None) -> float:
+    """Seconds until a certificate (PEM) is due for renewal: renew_before_s before it
+    expires, or by default once two thirds of its lifetime have passed; 0 when due."""
+    cert = x509.load_pem_x509_certificate(certificate)
+    start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
+    before = (dt.timedelta(seconds=renew_before_s) if renew_before_s is not None
+              else (end - start) / 3)
+    now = now or dt.datetime.now(dt.UTC)
+    return max(0.0, (end - before - now).total_seconds())
+
+
 def request_certificate(shard: str, role: str, *, cert_path: Path, key_path: Path,
-                        timeout: float = REQUEST_TIMEOUT_S, api_client: Any = None) -> None:
-    """Requests CN=shard, OU=role, waits for the operator's answer and writes the key
-    (mode 0600) and certificate; raises CertificateRefused when denied or unanswered."""
+                        timeout: float = REQUEST_TIMEOUT_S, api_client: Any = None,
+                        lifetime_s: int | None = None) -> None:
+    """Requests CN=shard, OU=role (valid for lifetime_s, or the signer's default), waits
+    for the operator's answer and writes the key (mode 0600) and certificate; raises
+    CertificateRefused when denied or unanswered. The files are replaced whole, so a
+    reader never sees a new key with an old certificate."""
     from kubernetes import client, watch
 
     from fedkube.kubeconfig import load_api_client
@@ -51,7 +69,8 @@ def request_certificate(shard: str, role: str, *, cert_path: Path, key_path: Pat
         "metadata": {"name": name, "labels": {"app.kubernetes.io/name": "fedkube",
                                               "fedkube.io/shard": shard}},
         "spec": {"request": base64.b64encode(request_pem).decode(), "signerName": SIGNER,
-                 "usages": ["client auth", "digital signature"]}})
+                 "usages": ["client auth", "digital signature"],
+                 **({"expirationSeconds": lifetime_s} if lifetime_s else {})}})
     log.info("certificate request %s filed for %s of shard %s", name, role, shard)
     certificate, refused = None, None
     stream = watch.Watch().stream(  # type: ignore[no-untyped-call]
@@ -67,8 +86,17 @@ def request_certificate(shard: str, role: str, *, cert_path: Path, key_path: Pat
     if certificate is None:
         raise CertificateRefused(f"certificate request {name} not answered in {timeout:.0f} s: "
                                  "is the fedkube operator running?")
-    key_path.parent.mkdir(parents=True, exist_ok=True)
-    key_path.touch(mode=0o600)
-    key_path.write_bytes(key_pem)
-    cert_path.write_bytes(certificate)
+    write_pair(cert_path, key_path, certificate, key_pem)
     log.info("certificate for %s of shard %s received", role, shard)
+
+
+def write_pair(cert_path: Path, key_path: Path, certificate: bytes, key_pem: bytes) -> None:
+    """Writes a key (mode 0600) and its certificate, each by rename over the old file."""
+    key_path.parent.mkdir(parents=True, exist_ok=True)
+    cert_path.parent.mkdir(parents=True, exist_ok=True)
+    for path, data in ((key_path, key_pem), (cert_path, certificate)):
+        staged = path.with_name(f".{path.name}.new")
+        staged.unlink(missing_ok=True)
+        staged.touch(mode=0o600)
+        staged.write_bytes(data)
+        staged.replace(path)

@@ -10,6 +10,7 @@ service-account token bound to the envoy Pod that the DaemonSet put on that node
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import json
 import subprocess
 from collections.abc import Iterator
@@ -61,10 +62,12 @@ class Sealed:
         return self.cluster.pod_kubeconfig(self.work / f"{name}.kubeconfig", NAMESPACE,
                                            account, pod)
 
-    def envoy(self, shard: str, *, on_node: str) -> tuple[Process, Path]:
-        """An envoy of `shard` started as the envoy Pod on `on_node` would be, and the
-        directory it keeps its key and certificate in."""
-        name = f"{shard}-on-{on_node}"
+    def envoy(self, shard: str, *, on_node: str, tls: dict[str, Any] | None = None,
+              tag: str = "") -> tuple[Process, Path]:
+        """An envoy of `shard` started as the envoy Pod on `on_node` would be (with `tls`
+        settings added to its config), and the directory it keeps its key and
+        certificate in."""
+        name = f"{shard}-on-{on_node}{tag}"
         config = yaml.safe_load(self.get("configmap", f"{FEDERATION}-envoy-config")[
             "data"][f"{SHARDS[shard]}.yaml"])
         tls_dir = self.work / name / "tls"
@@ -72,7 +75,7 @@ class Sealed:
                       work_dir=str(self.work / name / "work"))
         config.pop("pod")
         config["tls"].update(ca=str(self.work / "ca.crt"), cert=str(tls_dir / "tls.crt"),
-                             key=str(tls_dir / "tls.key"))
+                             key=str(tls_dir / "tls.key"), **(tls or {}))
         path = self.work / f"{name}.yaml"
         path.write_text(yaml.safe_dump(config))
         kubeconfig = self.kubeconfig(name, f"{FEDERATION}-envoy", self.envoy_pod(on_node))
@@ -188,6 +191,43 @@ def test_envoys_get_their_own_shard_certificate_and_run_an_experiment(sealed: Se
     sealed.kubectl("wait", "--for=condition=Succeeded", "experiment/sealed-logreg",
                    "--timeout=120s")
     assert sealed.get("experiment", "sealed-logreg")["status"]["bestMetric"] > 0.8
+
+
+def _approved(sealed: Sealed, shard: str) -> list[dict[str, Any]]:
+    requests = json.loads(sealed.cluster.kubectl(
+        "get", "csr", "-l", f"fedkube.io/shard={shard}", "-o", "json").stdout)["items"]
+    return [r for r in requests if r["status"].get("certificate") and any(
+        c["type"] == "Approved" for c in r["status"].get("conditions", []))]
+
+
+def test_an_envoy_renews_its_certificate_before_it_expires(sealed: Sealed) -> None:
+    """The shortest lifetime a CSR may ask for (10 minutes), renewed 597 s before expiry:
+    a new request every few seconds, each signed by the operator, and the envoy carries
+    on with the newest certificate."""
+    for process in sealed.processes:  # ward-a's first envoy steps aside
+        if process.name == "ward-a-on-gpu-node-1":
+            process.stop()
+    before = {r["metadata"]["name"] for r in _approved(sealed, "ward-a")}
+    envoy, tls_dir = sealed.envoy("ward-a", on_node="gpu-node-1", tag="-renewing",
+                                  tls={"certificate_lifetime_s": 600, "renew_before_s": 597})
+    try:
+        wait_for(lambda: envoy.output().count("renewed; reconnected") >= 2, timeout=90,
+                 message="two renewals")
+        assert envoy.running, envoy.output()[-3000:]
+        fresh = [r for r in _approved(sealed, "ward-a") if r["metadata"]["name"] not in before]
+        assert len(fresh) >= 3, fresh  # the request at start and two renewals
+        assert all(r["spec"]["expirationSeconds"] == 600 for r in fresh)
+        issued = {base64.b64decode(r["status"]["certificate"]) for r in fresh}
+        current = (tls_dir / "tls.crt").read_bytes()
+        assert current in issued
+        cert = x509.load_pem_x509_certificate(current)
+        assert cert.not_valid_after_utc - cert.not_valid_before_utc <= dt.timedelta(
+            seconds=600 + 300)  # backdated by at most 5 minutes for clock skew
+        assert _subject(current) == {"CN": "ward-a", "OU": "envoy",
+                                     "issuer": f"CN={FEDERATION}-ca"}
+        assert "could not renew" not in envoy.output()
+    finally:
+        envoy.stop()
 
 
 def test_envoy_on_another_node_is_denied_with_the_reason(sealed: Sealed) -> None:
