@@ -141,23 +141,26 @@ class SqliteStore(DirectorStore):
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
 
-    def put_shards(self, records: Iterable[ShardRecord]) -> None:
-        rows = [(r.name, r.shard_info, r.registered_at, r.last_updated) for r in records]
+    def _many(self, statement: str, rows: list[tuple[object, ...]]) -> None:
+        """statement for every row, in one transaction (rolled back if one fails)."""
         if not rows:
             return
         with self._lock:
             self._db.execute("BEGIN")
-            self._db.executemany("INSERT OR REPLACE INTO shards VALUES (?, ?, ?, ?)", rows)
+            try:
+                self._db.executemany(statement, rows)
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
             self._db.execute("COMMIT")
 
+    def put_shards(self, records: Iterable[ShardRecord]) -> None:
+        self._many("INSERT OR REPLACE INTO shards VALUES (?, ?, ?, ?)",
+                   [(r.name, r.shard_info, r.registered_at, r.last_updated) for r in records])
+
     def touch_shards(self, updates: Iterable[tuple[str, float]]) -> None:
-        rows = [(stamp, name) for name, stamp in updates]
-        if not rows:
-            return
-        with self._lock:
-            self._db.execute("BEGIN")
-            self._db.executemany("UPDATE shards SET last_updated = ? WHERE name = ?", rows)
-            self._db.execute("COMMIT")
+        self._many("UPDATE shards SET last_updated = ? WHERE name = ?",
+                   [(stamp, name) for name, stamp in updates])
 
     def shards(self) -> list[ShardRecord]:
         with self._lock:

@@ -55,8 +55,8 @@ def request_certificate(shard: str, role: str, *, cert_path: Path, key_path: Pat
                         lifetime_s: int | None = None) -> None:
     """Requests CN=shard, OU=role (valid for lifetime_s, or the signer's default), waits
     for the operator's answer and writes the key (mode 0600) and certificate; raises
-    CertificateRefused when denied or unanswered. The files are replaced whole, so a
-    reader never sees a new key with an old certificate."""
+    CertificateRefused when denied or unanswered. Each file is replaced whole, so no
+    reader sees one half written."""
     from kubernetes import client, watch
 
     from fedkube.kubeconfig import load_api_client
