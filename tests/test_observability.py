@@ -14,7 +14,14 @@ import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
 from fedkube.client import DirectorClient
-from fedkube.local import Process, director_process, envoy_process, free_port, wait_for
+from fedkube.local import (
+    Process,
+    director_process,
+    envoy_process,
+    free_port,
+    port_open,
+    wait_for,
+)
 from tests.test_fl_engine import submit
 
 
@@ -115,6 +122,43 @@ def test_unknown_experiment_plot_is_a_clear_error(tmp_path: Path,
     assert not (tmp_path / "x.png").exists()
 
 
+def test_director_exports_the_gpus_its_envoys_report(tmp_path: Path,
+                                                     processes: list[Process]) -> None:
+    from fedkube.proto import director_pb2, director_pb2_grpc
+
+    port, metrics_port = free_port(), free_port()
+    processes.append(director_process(tmp_path, port, period=30.0,
+                                      extra=["--metrics-port", str(metrics_port)]).start())
+
+    def gpu(index: int, utilization: str) -> director_pb2.CudaDeviceInfo:
+        return director_pb2.CudaDeviceInfo(
+            index=index, name="NVIDIA H100 80GB HBM3", memory_total=80 << 30,
+            memory_utilized=(index + 1) << 30, device_utilization=utilization)
+
+    # What an envoy on a two-GPU node sends from NVML, here by hand over the wire.
+    metadata = (("client_id", "ward-a"),)
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        grpc.channel_ready_future(channel).result(timeout=30)
+        stub = director_pb2_grpc.DirectorStub(channel)  # type: ignore[no-untyped-call]
+        stub.UpdateShardInfo(director_pb2.UpdateShardInfoRequest(
+            shard_info=director_pb2.ShardInfo(
+                node_info=director_pb2.NodeInfo(name="ward-a",
+                                                cuda_devices=[gpu(0, "0%"), gpu(1, "10%")]),
+                n_samples=5, sample_shape=["8", "8"], target_shape=["1"])),
+            metadata=metadata, timeout=10)
+        wait_for(lambda: port_open(metrics_port), timeout=30, message="metrics served")
+        labels = (("gpu", "1"), ("model", "NVIDIA H100 80GB HBM3"), ("shard", "ward-a"))
+        samples = scrape(metrics_port)
+        assert samples[("fedkube_gpu_memory_used_bytes", labels)] == 2 << 30
+        assert samples[("fedkube_gpu_memory_total_bytes", labels)] == 80 << 30
+        assert samples[("fedkube_gpu_utilization_ratio", labels)] == 0.1
+        # Each health check carries fresh figures.
+        stub.UpdateEnvoyStatus(director_pb2.UpdateEnvoyStatusRequest(
+            name="ward-a", cuda_devices=[gpu(0, "0%"), gpu(1, "95%")]),
+            metadata=metadata, timeout=10)
+        assert scrape(metrics_port)[("fedkube_gpu_utilization_ratio", labels)] == 0.95
+
+
 def test_grafana_dashboard_plots_only_series_we_export() -> None:
     import re
 
@@ -128,7 +172,8 @@ def test_grafana_dashboard_plots_only_series_we_export() -> None:
     suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_count", "_sum"]}
     exported = {family.name + suffix for family in REGISTRY.collect()
                 for suffix in suffixes.get(family.type, [""])}
-    exported |= {"fedkube_envoys", "fedkube_experiments"}  # scrape-time gauges
+    exported |= {"fedkube_envoys", "fedkube_experiments", "fedkube_gpu_memory_used_bytes",
+                 "fedkube_gpu_memory_total_bytes", "fedkube_gpu_utilization_ratio"}  # scrape-time
     used = {name for panel in dashboard["panels"] for target in panel["targets"]
             for name in re.findall(r"fedkube_[a-z_]+", target["expr"])}
     assert len(used) >= 10

@@ -1,8 +1,8 @@
 """Serving a director's Prometheus metrics (`fedkube director start --metrics-port P`).
 
 The counters and histograms live in fedkube.metrics; the gauges of current state (envoys
-online, experiments by state) are read from the director at scrape time, so they cost
-nothing between scrapes.
+online, experiments by state, the shards' GPUs) are read from the director at scrape
+time, so they cost nothing between scrapes.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from prometheus_client.registry import Collector
 from fedkube.api.experiment import ExperimentStatus
 
 if TYPE_CHECKING:
-    from fedkube.director.core import Director
+    from fedkube.director.core import Director, EnvoyState
 
 class DirectorCollector(Collector):
     """Gauges read from the director's state when Prometheus scrapes."""
@@ -34,12 +34,42 @@ class DirectorCollector(Collector):
         online.add_metric(["true"], up)
         online.add_metric(["false"], len(envoys) - up)
         yield online
+        yield from _gpu_gauges([e for e in envoys if self.director.is_online(e)])
         states = Tally(e.status for e in self.director.experiment_records())
         experiments = GaugeMetricFamily("fedkube_experiments", "Experiments, by state",
                                         labels=["state"])
         for state in ExperimentStatus:
             experiments.add_metric([state.value], states.get(state, 0))
         yield experiments
+
+
+def _utilization(text: str) -> float | None:
+    """NVML's utilization as envoys report it ("37%", the OpenFL field is a string)."""
+    try:
+        return float(text.strip().removesuffix("%")) / 100
+    except ValueError:
+        return None
+
+
+def _gpu_gauges(envoys: list[EnvoyState]) -> Iterator[GaugeMetricFamily]:
+    """Each online shard's GPUs as its envoy last reported them (NVML), so a federation's
+    GPUs are plotted from one place: the director."""
+    labels = ["shard", "gpu", "model"]
+    used = GaugeMetricFamily("fedkube_gpu_memory_used_bytes",
+                             "GPU memory in use on a shard's node", labels=labels)
+    total = GaugeMetricFamily("fedkube_gpu_memory_total_bytes",
+                              "GPU memory of a shard's node", labels=labels)
+    busy = GaugeMetricFamily("fedkube_gpu_utilization_ratio",
+                             "GPU utilization on a shard's node (0-1)", labels=labels)
+    for envoy in envoys:
+        for device in envoy.shard_info.node_info.cuda_devices:
+            values = [envoy.name, str(device.index), device.name]
+            used.add_metric(values, device.memory_utilized)
+            total.add_metric(values, device.memory_total)
+            ratio = _utilization(device.device_utilization)
+            if ratio is not None:
+                busy.add_metric(values, ratio)
+    yield from (used, total, busy)
 
 
 def serve_metrics(director: Director, port: int, host: str = "0.0.0.0") -> int:
