@@ -52,11 +52,12 @@ def test_user_archive_task_trains_through_the_cli(federation: str) -> None:
     with DirectorClient(federation, client_id="bob") as client:
         best = client.model("mine")
         assert set(best) == {"w", "b"}
-    task = _module(EXAMPLES / "user_task" / "task.py")
+    task = load_example(EXAMPLES / "user_task" / "task.py")
     assert task.validate(best, digits.test_set(), {})["accuracy"] > 0.9
 
 
-def _module(path: Path) -> ModuleType:
+def load_example(path: Path) -> ModuleType:
+    """An example's task module, loaded from its file as the collaborator loads it."""
     spec = importlib.util.spec_from_file_location(path.stem, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -65,7 +66,7 @@ def _module(path: Path) -> ModuleType:
 
 
 def test_torch_cnn_example_init_model_needs_no_torch() -> None:
-    task = _module(EXAMPLES / "torch_cnn" / "task.py")
+    task = load_example(EXAMPLES / "torch_cnn" / "task.py")
     model = task.init_model({})
     assert list(model) == list(task.SHAPES)
     assert all(v.dtype == np.float32 and v.shape == task.SHAPES[k] for k, v in model.items())
@@ -76,7 +77,7 @@ def test_torch_cnn_example_learns_where_torch_is_installed() -> None:
     """torch is an optional extra (`fedkube[torch]`): this runs where it is installed,
     and on CUDA where there is a GPU."""
     pytest.importorskip("torch", reason="the torch example runs where torch is installed")
-    task = _module(EXAMPLES / "torch_cnn" / "task.py")
+    task = load_example(EXAMPLES / "torch_cnn" / "task.py")
     shard = digits.DigitsShard(0, 1)
     model = task.init_model({})
     for r in range(3):

@@ -20,7 +20,7 @@ from fedkube.client import DirectorClient
 from fedkube.envoy_agent.runtimes import collaborator_environment
 from fedkube.local import Process, director_process, envoy_process, free_port
 from fedkube.tasks import digits
-from tests.test_examples import EXAMPLES, _module
+from tests.test_examples import EXAMPLES, load_example
 
 REQUIRE_GPU_ENV = "FEDKUBE_REQUIRE_GPU"
 
@@ -96,7 +96,7 @@ def test_torch_example_trains_on_cuda_and_the_registry_shows_the_gpu(
         assert {origin for origin, _ in on_cuda} == {"env0", "env1"}
         assert len(on_cuda) == 10 and set(on_cuda.values()) == {1.0}
         best = client.model("cnn")
-    task = _module(EXAMPLES / "torch_cnn" / "task.py")
+    task = load_example(EXAMPLES / "torch_cnn" / "task.py")
     accuracy = task.validate(best, digits.test_set(), {})["accuracy"]
     print(f"best model's accuracy on held-out digits: {accuracy:.4f}")
     assert accuracy > 0.8
