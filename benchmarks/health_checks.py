@@ -116,8 +116,9 @@ def shard(i: int) -> director_pb2.UpdateShardInfoRequest:
         n_samples=100, sample_shape=["8", "8"], target_shape=["1"]))
 
 
-# Registrations in flight, across all client processes. Past about 1,000 concurrent calls
-# grpc.aio servers (the empty one too) cancel a few of them.
+# Registrations in flight, across all client processes, as in earlier runs. (Past 1,000
+# waiting calls a gRPC server with default options, like the floor's, cancels some; the
+# director raises that limit: fedkube.transport.limits.)
 IN_FLIGHT = 512
 
 

@@ -91,6 +91,46 @@ def test_a_registration_the_director_lost_comes_back_from_its_envoy(
              message="env1's registration written by the fresh director")
 
 
+def test_thousands_of_envoys_registering_at_once_are_all_answered(
+        tmp_path: Path, processes: list[Process]) -> None:
+    """What a director restart brings: every envoy calls at once. gRPC's default cancels
+    calls past 1,000 waiting to be taken up; the director queues them instead."""
+    import asyncio
+
+    import grpc
+
+    from fedkube.proto import director_pb2, director_pb2_grpc
+
+    port = free_port()
+    start(processes, director_process(tmp_path, port, period=PERIOD))
+    wait_for(lambda: port_open(port), timeout=30, message="director up")
+
+    async def register_all(count: int) -> list[str]:
+        channels = [grpc.aio.insecure_channel(f"127.0.0.1:{port}") for _ in range(4)]
+        stubs = [director_pb2_grpc.DirectorStub(c) for c in channels]  # type: ignore[no-untyped-call]
+
+        async def register(i: int) -> str:
+            name = f"envoy-{i:04d}"
+            try:
+                reply = await stubs[i % 4].UpdateShardInfo(director_pb2.UpdateShardInfoRequest(
+                    shard_info=director_pb2.ShardInfo(
+                        node_info=director_pb2.NodeInfo(name=name), n_samples=1,
+                        sample_shape=["8", "8"], target_shape=["1"])),
+                    metadata=(("client_id", name),), timeout=60)
+                return "accepted" if reply.accepted else "refused"
+            except grpc.aio.AioRpcError as exc:
+                return exc.code().name
+        try:
+            return await asyncio.gather(*(register(i) for i in range(count)))
+        finally:
+            for channel in channels:
+                await channel.close(None)
+
+    outcomes = asyncio.run(register_all(4000))
+    assert outcomes.count("accepted") == 4000, {o: outcomes.count(o) for o in set(outcomes)}
+    assert len(envoys(port)) == 4000
+
+
 def test_envoy_survives_director_outage(tmp_path: Path, processes: list[Process]) -> None:
     port = free_port()
     director = start(processes, director_process(tmp_path, port, period=PERIOD))

@@ -31,4 +31,9 @@ SERVER_OPTIONS: list[tuple[str, int]] = [
     *_KEEPALIVE,
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ("grpc.max_concurrent_streams", 10_000),
+    # Calls that arrived before the server asked for them. gRPC's default of 1,000 made it
+    # cancel some of the registrations of a few thousand envoys arriving at once (a
+    # director restart); queued, they are answered within their deadline instead.
+    ("grpc.server.max_pending_requests", 10_000),
+    ("grpc.server.max_pending_requests_hard_limit", 20_000),
 ]
