@@ -30,16 +30,16 @@ def _experiment(name: str, created: float) -> ExperimentRecord:
 
 
 def test_shards_round_trip(store: DirectorStore) -> None:
-    store.put_shard(ShardRecord("env1", b"\x01\x02", 1.0, 2.0))
-    store.put_shard(ShardRecord("env2", b"\x03", 1.5, 2.5))
+    store.put_shards([ShardRecord("env1", b"\x01\x02", 1.0, 2.0),
+                      ShardRecord("env2", b"\x03", 1.5, 2.5)])
     assert store.shards() == [ShardRecord("env1", b"\x01\x02", 1.0, 2.0),
                               ShardRecord("env2", b"\x03", 1.5, 2.5)]
-    store.put_shard(ShardRecord("env1", b"\x09", 1.0, 3.0))
+    store.put_shards([ShardRecord("env1", b"\x09", 1.0, 3.0)])
     assert store.shards()[0] == ShardRecord("env1", b"\x09", 1.0, 3.0)
 
 
 def test_touch_shards_updates_only_known_shards(store: DirectorStore) -> None:
-    store.put_shard(ShardRecord("env1", b"", 1.0, 2.0))
+    store.put_shards([ShardRecord("env1", b"", 1.0, 2.0)])
     store.touch_shards([("env1", 10.0), ("ghost", 11.0)])
     assert [(s.name, s.last_updated) for s in store.shards()] == [("env1", 10.0)]
     store.delete_shard("env1")
@@ -60,7 +60,7 @@ def test_experiments_round_trip_oldest_first(store: DirectorStore) -> None:
 
 def test_sqlite_survives_reopen(tmp_path: Path) -> None:
     first = SqliteStore(tmp_path / "s.sqlite3")
-    first.put_shard(ShardRecord("env1", b"abc", 1.0, 2.0))
+    first.put_shards([ShardRecord("env1", b"abc", 1.0, 2.0)])
     first.put_experiment(_experiment("e", 1.0))
     first.close()
     second = SqliteStore(tmp_path / "s.sqlite3")

@@ -30,11 +30,11 @@ class DirectorCollector(Collector):
         envoys = self.director.get_envoys()
         online = GaugeMetricFamily("fedkube_envoys", "Registered envoys, by whether online",
                                    labels=["online"])
-        up = sum(self.director.is_online(e) for e in envoys)
-        online.add_metric(["true"], up)
-        online.add_metric(["false"], len(envoys) - up)
+        live = [e for e in envoys if self.director.is_online(e)]
+        online.add_metric(["true"], len(live))
+        online.add_metric(["false"], len(envoys) - len(live))
         yield online
-        yield from _gpu_gauges([e for e in envoys if self.director.is_online(e)])
+        yield from _gpu_gauges(live)
         states = Tally(e.status for e in self.director.experiment_records())
         experiments = GaugeMetricFamily("fedkube_experiments", "Experiments, by state",
                                         labels=["state"])

@@ -50,9 +50,6 @@ class DirectorStore(ABC):
     def put_shards(self, records: Iterable[ShardRecord]) -> None:
         """Inserts or replaces several shards at once (one transaction)."""
 
-    def put_shard(self, record: ShardRecord) -> None:
-        self.put_shards([record])
-
     @abstractmethod
     def touch_shards(self, updates: Iterable[tuple[str, float]]) -> None:
         """Sets last_updated of several shards at once (name, timestamp)."""
