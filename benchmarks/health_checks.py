@@ -9,14 +9,17 @@ director's CPU time (from /proc) over the measured window.
         [--directors fedkube,openfl,grpc-floor] [--clients N]
 
 grpc-floor is an empty grpc.aio server (constant replies): what the framework itself
-allows on the machine. --clients N spreads the load over N client processes, for
-machines with the cores to offer more calls than one asyncio client can.
+allows on the machine; fedkube+N is the director with N frontend processes sharing its
+port (fedkube.director.frontend), whose CPU is counted with the director's. --clients N
+spreads the load over N client processes, for machines with the cores to offer more calls
+than one asyncio client can.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -55,11 +58,36 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
 
 
-def start_fedkube(work: Path, port: int, period: float) -> subprocess.Popen[bytes]:
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU time of a process and its children (a director's frontends)."""
+    children = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()
+                and _parent(int(p.name)) == pid]
+    total = cpu_seconds(pid)
+    for child in children:
+        with contextlib.suppress(OSError):  # ended since
+            total += cpu_seconds(child)
+    return total
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):  # gone, or not ours to read
+        return None
+
+
+def frontends_of(kind: str) -> int:
+    """fedkube+N: a director with N frontends."""
+    return int(kind.partition("+")[2] or 0)
+
+
+def start_fedkube(work: Path, port: int, period: float,
+                  frontends: int = 0) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, "-m", "fedkube.cli", "--log-level", "warning", "director", "start",
          "--insecure", "--host", "127.0.0.1", "--port", str(port), "--data-dir",
-         str(work / "fedkube-data"), "--health-check-period", str(period)],
+         str(work / "fedkube-data"), "--health-check-period", str(period),
+         "--frontends", str(frontends)],
         stdout=subprocess.DEVNULL, stderr=(work / "fedkube.log").open("wb"))
 
 
@@ -120,6 +148,7 @@ def shard(i: int) -> director_pb2.UpdateShardInfoRequest:
 # waiting calls a gRPC server with default options, like the floor's, cancels some; the
 # director raises that limit: fedkube.transport.limits.)
 IN_FLIGHT = 512
+CHANNELS = 64  # connections, across all client processes
 
 
 async def _register(stubs: list[director_pb2_grpc.DirectorStub], envoys: range,
@@ -166,12 +195,16 @@ async def _health_checks(stubs: list[director_pb2_grpc.DirectorStub], envoys: ra
 
 def _stubs(port: int, channels: int) -> tuple[list[grpc.aio.Channel],
                                               list[director_pb2_grpc.DirectorStub]]:
-    chans = [grpc.aio.insecure_channel(f"127.0.0.1:{port}") for _ in range(channels)]
+    # A connection each, as envoys have: channels of one process would otherwise share
+    # one, and a director's frontends get a share of the connections, not of the calls.
+    chans = [grpc.aio.insecure_channel(f"127.0.0.1:{port}",
+                                       options=[("grpc.use_local_subchannel_pool", 1)])
+             for _ in range(channels)]
     return chans, [director_pb2_grpc.DirectorStub(c) for c in chans]  # type: ignore[no-untyped-call]
 
 
 async def load(port: int, pid: int, *, envoys: int, period: float, duration: float,
-               warmup: float, channels: int = 8) -> tuple[float, list[float], float, int]:
+               warmup: float, channels: int = CHANNELS) -> tuple[float, list[float], float, int]:
     """Returns (registrations/s, health latencies in s, director CPU s in window, errors)."""
     chans, stubs = _stubs(port, channels)
     started = time.perf_counter()
@@ -181,9 +214,9 @@ async def load(port: int, pid: int, *, envoys: int, period: float, duration: flo
     checks = asyncio.create_task(_health_checks(stubs, range(envoys), period=period,
                                                 window=window))
     await asyncio.sleep(max(0.0, window[0] - time.time()))
-    cpu_before = cpu_seconds(pid)
+    cpu_before = tree_cpu_seconds(pid)
     await asyncio.sleep(max(0.0, window[1] - time.time()))
-    cpu_used = cpu_seconds(pid) - cpu_before
+    cpu_used = tree_cpu_seconds(pid) - cpu_before
     latencies, errors = await checks
     for channel in chans:
         await channel.close(None)
@@ -195,7 +228,7 @@ def client_process(port: int, share: int, clients: int, envoys: int, period: flo
     clients, ...; says so on stdout; reads the window's wall-clock start and end from
     stdin; runs their health checks and prints its latencies and errors as JSON."""
     async def run() -> None:
-        chans, stubs = _stubs(port, 8)
+        chans, stubs = _stubs(port, max(1, CHANNELS // clients))
         mine = range(share, envoys, clients)
         await _register(stubs, mine, max(1, IN_FLIGHT // clients))
         print("registered", flush=True)
@@ -231,9 +264,9 @@ def load_processes(port: int, pid: int, *, clients: int, envoys: int, period: fl
             child.stdin.write(f"{window[0]} {window[1]}\n")
             child.stdin.flush()
         time.sleep(max(0.0, window[0] - time.time()))
-        cpu_before = cpu_seconds(pid)
+        cpu_before = tree_cpu_seconds(pid)
         time.sleep(max(0.0, window[1] - time.time()))
-        cpu_used = cpu_seconds(pid) - cpu_before
+        cpu_used = tree_cpu_seconds(pid) - cpu_before
         latencies: list[float] = []
         errors = 0
         for child in children:
@@ -273,7 +306,8 @@ def measure(kind: str, *, envoys: int, period: float, duration: float, warmup: f
             openfl_python: Path, clients: int = 1) -> Result:
     with tempfile.TemporaryDirectory() as tmp:
         work, port = Path(tmp), free_port()
-        process = (start_fedkube(work, port, period) if kind == "fedkube"
+        process = (start_fedkube(work, port, period, frontends_of(kind))
+                   if kind.startswith("fedkube")
                    else start_floor(work, port) if kind == "grpc-floor"
                    else start_openfl(work, port, period, openfl_python))
         try:
@@ -319,8 +353,8 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=20.0)
     parser.add_argument("--warmup", type=float, default=3.0)
     parser.add_argument("--directors", default="fedkube,openfl,grpc-floor",
-                        help="any of fedkube, openfl and grpc-floor (an empty grpc.aio "
-                        "server: the framework's ceiling)")
+                        help="any of fedkube, fedkube+N (with N frontends), openfl and "
+                        "grpc-floor (an empty grpc.aio server: the framework's ceiling)")
     parser.add_argument("--openfl-python", type=Path, default=Path(os.environ.get(
         "FEDKUBE_OPENFL_PYTHON", DEFAULT_OPENFL_PYTHON)))
     parser.add_argument("--json", action="store_true")

@@ -63,7 +63,7 @@ def director_config(args: argparse.Namespace) -> DirectorConfig:
         "host": args.host, "port": args.port, "data_dir": args.data_dir,
         "sample_shape": args.sample_shape, "target_shape": args.target_shape,
         "health_check_period": args.health_check_period, "tls": _tls_overrides(args),
-        "metrics_port": args.metrics_port,
+        "metrics_port": args.metrics_port, "frontends": args.frontends,
     })
 
 
@@ -438,6 +438,9 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--health-check-period", type=float, help="seconds")
     start.add_argument("--metrics-port", type=int,
                        help="serve Prometheus /metrics on this port (0: any free port)")
+    start.add_argument("--frontends", type=int, help=(
+        "processes that share the port and answer health checks (default 0): one more "
+        "core's worth of health checks each, for many thousands of envoys"))
     start.add_argument("--config", type=Path, help="director.yaml")
     _tls_flags(start)
     start.set_defaults(func=cmd_director_start, moves_models=True)

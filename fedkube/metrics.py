@@ -20,3 +20,6 @@ RESULTS = Counter("fedkube_task_results_total",
 DROPOUTS = Counter("fedkube_collaborator_dropouts_total",
                    "Collaborators left out of a round that closed on quorum")
 HEALTH_CHECKS = Counter("fedkube_health_checks_total", "UpdateEnvoyStatus calls served")
+FRONTEND_HEALTH_CHECKS = Counter("fedkube_frontend_health_checks_total",
+                                 "UpdateEnvoyStatus calls served by the director's frontends "
+                                 "(also counted in fedkube_health_checks_total)")

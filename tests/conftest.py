@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ import pytest
 
 from fedkube.api.config import DirectorConfig, TLSSettings
 from fedkube.client import DirectorClient
+from fedkube.director.frontends import stop_frontend
 from fedkube.director.server import DirectorServer
 from fedkube.local import Process, director_process, envoy_process, free_port, wait_for
 from fedkube.transport import certs
@@ -83,34 +85,61 @@ def rogue_cert_dir(tmp_path_factory: pytest.TempPathFactory) -> CertDir:
 @dataclass
 class RunningDirector:
     server: DirectorServer
+    port: int | None = None  # where tests call it, when not its own port
 
     @property
     def address(self) -> str:
-        return f"localhost:{self.server.port}"
+        return f"localhost:{self.port or self.server.port}"
 
 
 async def start_director(tmp: Path, *, tls: TLSSettings, period: float = 2.0,
-                         sample_shape: list[str] | None = None) -> RunningDirector:
+                         sample_shape: list[str] | None = None,
+                         frontends: int = 0) -> RunningDirector:
     config = DirectorConfig(host="127.0.0.1", port=0, data_dir=tmp / "director",
                             sample_shape=sample_shape or ["8", "8"], target_shape=["1"],
-                            health_check_period=period, tls=tls)
+                            health_check_period=period, tls=tls, frontends=frontends)
     server = DirectorServer(config)
     await server.start()
     return RunningDirector(server)
 
 
-@pytest.fixture
-async def director(tmp_path: Path) -> AsyncIterator[RunningDirector]:
-    running = await start_director(tmp_path, tls=TLSSettings(insecure=True))
-    yield running
-    await running.server.stop(None)
+# How the director fixtures' tests reach it: on its own port, or only through one of its
+# frontends (fedkube.director.frontend), given a port of its own, so that every call is
+# answered there or relayed, and each test shows the same behaviour both ways.
+ROUTES = ["direct", "frontend"]
 
 
-@pytest.fixture
-async def mtls_director(tmp_path: Path, cert_dir: CertDir) -> AsyncIterator[RunningDirector]:
-    running = await start_director(tmp_path, tls=cert_dir.settings("director"))
-    yield running
-    await running.server.stop(None)
+@contextlib.asynccontextmanager
+async def running_director(tmp: Path, *, tls: TLSSettings,
+                           route: str = "direct") -> AsyncIterator[RunningDirector]:
+    running = await start_director(tmp, tls=tls, frontends=int(route == "frontend"))
+    frontend = None
+    try:
+        if route == "frontend":
+            assert running.server.frontends is not None
+            running.port = free_port()
+            frontend = await running.server.frontends.spawn(running.port)
+        yield running
+    finally:
+        if frontend is not None:
+            await stop_frontend(frontend)
+        await running.server.stop(None)
+
+
+@pytest.fixture(params=ROUTES)
+async def director(tmp_path: Path, request: pytest.FixtureRequest
+                   ) -> AsyncIterator[RunningDirector]:
+    async with running_director(tmp_path, tls=TLSSettings(insecure=True),
+                                route=request.param) as running:
+        yield running
+
+
+@pytest.fixture(params=ROUTES)
+async def mtls_director(tmp_path: Path, cert_dir: CertDir, request: pytest.FixtureRequest
+                        ) -> AsyncIterator[RunningDirector]:
+    async with running_director(tmp_path, tls=cert_dir.settings("director"),
+                                route=request.param) as running:
+        yield running
 
 
 # Read by the tests' slow task: the slow machine of a straggler, not a synchronisation.

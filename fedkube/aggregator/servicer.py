@@ -132,7 +132,7 @@ class AggregatorService(aggregator_pb2_grpc.AggregatorServicer):
 
 
 def add_aggregator_to_server(service: AggregatorService, server: grpc.aio.Server, *,
-                             check_roles: bool = False) -> None:
+                             check_roles: bool = False, forwarded: bool = False) -> None:
     """Serves openfl.aggregator.Aggregator and fedkube.streaming.TensorStream. The model-
     sized streams skip protobuf: SendLocalTaskResults gets its DataStream chunks as wire
     bytes and StreamAggregatedTensor yields them, each copied once."""
@@ -147,6 +147,7 @@ def add_aggregator_to_server(service: AggregatorService, server: grpc.aio.Server
         request_deserializer=aggregator_pb2.GetAggregatedTensorRequest.FromString,
         response_serializer=None)
     add_guarded_service(server, "openfl.aggregator.Aggregator", handlers,
-                        check_roles=check_roles)
+                        check_roles=check_roles, forwarded=forwarded)
     add_guarded_service(server, "fedkube.streaming.TensorStream",
-                        {"StreamAggregatedTensor": stream}, check_roles=check_roles)
+                        {"StreamAggregatedTensor": stream}, check_roles=check_roles,
+                        forwarded=forwarded)

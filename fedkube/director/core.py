@@ -156,13 +156,14 @@ class Director:
 
     def update_envoy_status(
         self, name: str, *, is_experiment_running: bool,
-        cuda_devices: Sequence[director_pb2.CudaDeviceInfo],
+        cuda_devices: Sequence[director_pb2.CudaDeviceInfo], age_s: float = 0.0,
     ) -> float:
-        """Records a health check; returns the period the envoy should check in at."""
+        """Records a health check (answered `age_s` ago, by a frontend); returns the period
+        the envoy should check in at."""
         state = self._envoys.get(name)
         if state is None:
             raise NotFoundError(f"unknown shard {name!r}: register it (UpdateShardInfo) first")
-        state.last_updated = self.clock()
+        state.last_updated = self.clock() - age_s
         state.is_experiment_running = is_experiment_running
         devices = state.shard_info.node_info.cuda_devices
         if list(devices) != list(cuda_devices):

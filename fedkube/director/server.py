@@ -12,10 +12,11 @@ from fedkube.aggregator.runner import AggregatorRunner
 from fedkube.aggregator.servicer import AggregatorService, add_aggregator_to_server
 from fedkube.api.config import DirectorConfig
 from fedkube.director.core import Director
+from fedkube.director.frontends import Frontends, HealthReports
 from fedkube.director.metrics import serve_metrics
 from fedkube.director.servicer import DirectorService
 from fedkube.director.store import open_store
-from fedkube.proto import director_pb2_grpc
+from fedkube.proto import director_pb2_grpc, frontend_pb2_grpc
 from fedkube.transport.guard import add_guarded_service, generated_handlers
 from fedkube.transport.server import create_server
 from fedkube.transport.tls import TLSFiles
@@ -41,12 +42,23 @@ class DirectorServer:
         self.runner = AggregatorRunner(self.director)
         self.director.runner = self.runner
         secure = tls is not None  # under mTLS every call also passes the role table
-        add_guarded_service(self.server, "openfl.director.Director", generated_handlers(
-            director_pb2_grpc.add_DirectorServicer_to_server,
-            DirectorService(self.director, tls=secure)), check_roles=secure)
+        director_handlers = generated_handlers(director_pb2_grpc.add_DirectorServicer_to_server,
+                                               DirectorService(self.director, tls=secure))
+        aggregator = AggregatorService(self.runner, tls=secure)
+        add_guarded_service(self.server, "openfl.director.Director", director_handlers,
+                            check_roles=secure)
         # Collaborators reach their aggregators on the director's own port.
-        add_aggregator_to_server(AggregatorService(self.runner, tls=secure), self.server,
-                                 check_roles=secure)
+        add_aggregator_to_server(aggregator, self.server, check_roles=secure)
+        self.frontends: Frontends | None = None
+        if config.frontends:
+            # The same services again, for the calls the frontends relay.
+            self.frontends = Frontends(config.frontends, config)
+            private = self.frontends.server
+            add_guarded_service(private, "openfl.director.Director", director_handlers,
+                                check_roles=secure, forwarded=True)
+            add_aggregator_to_server(aggregator, private, check_roles=secure, forwarded=True)
+            frontend_pb2_grpc.add_FrontendServicer_to_server(  # type: ignore[no-untyped-call]
+                HealthReports(self.director), private)
         self._flusher: asyncio.Task[None] | None = None
         self.metrics_port: int | None = None
 
@@ -58,6 +70,8 @@ class DirectorServer:
         for experiment in self.director.ran_and_ended():
             self.runner.remember_ended(experiment.name, experiment.collaborators)
         await self.server.start()
+        if self.frontends is not None:
+            await self.frontends.start(self.port)
         if self.config.metrics_port is not None:
             self.metrics_port = serve_metrics(self.director, self.config.metrics_port)
             log.info("metrics on :%d/metrics", self.metrics_port)
@@ -80,6 +94,8 @@ class DirectorServer:
             self._flusher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._flusher
+        if self.frontends is not None:  # first: they relay to this process
+            await self.frontends.stop()
         await self.server.stop(grace)
         self.director.close()
 

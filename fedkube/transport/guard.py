@@ -15,9 +15,14 @@ from typing import Any
 
 import grpc
 
+from fedkube.transport.forwarding import ForwardedContext
 from fedkube.transport.roles import caller_role, refusal
 
 Handlers = dict[str, Any]  # method name -> grpc.RpcMethodHandler
+
+
+def _same(context: Any) -> Any:
+    return context
 
 
 class Malformed:
@@ -60,13 +65,21 @@ def generated_handlers(add_to_server: Callable[[Any, Any], None], servicer: Any)
 
 
 def add_guarded_service(server: grpc.aio.Server, service: str, handlers: Handlers, *,
-                        check_roles: bool) -> None:
-    """Registers a service's handlers, each wrapped with the checks."""
-    guarded = {name: _guarded(handler, f"/{service}/{name}", check_roles)
-               for name, handler in handlers.items()}
+                        check_roles: bool, forwarded: bool = False) -> None:
+    """Registers a service's handlers, each wrapped with the checks. `forwarded`: the
+    server is the director's private one, whose callers are its frontends, and a call's
+    identity is the one its frontend forwarded (fedkube.transport.forwarding)."""
+    guarded = guarded_handlers(service, handlers, check_roles=check_roles,
+                               forwarded=forwarded)
     # As generated code registers them: the registered-method fast path, and a fallback.
     server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(service, guarded)])
     server.add_registered_method_handlers(service, guarded)  # type: ignore[attr-defined]
+
+
+def guarded_handlers(service: str, handlers: Handlers, *, check_roles: bool,
+                     forwarded: bool = False) -> Handlers:
+    return {name: _guarded(handler, f"/{service}/{name}", check_roles, forwarded)
+            for name, handler in handlers.items()}
 
 
 async def _abort_malformed(request: Malformed, method: str, context: Any) -> None:
@@ -82,8 +95,9 @@ async def _checked_stream(requests: AsyncIterator[Any], method: str,
         yield request
 
 
-def _guarded(handler: Any, method: str, check_roles: bool) -> Any:
+def _guarded(handler: Any, method: str, check_roles: bool, forwarded: bool) -> Any:
     """The same handler with the checks in front of its behaviour."""
+    context_of: Callable[[Any], Any] = ForwardedContext if forwarded else _same
 
     async def admit(context: Any) -> None:
         reason = refusal(method, caller_role(context))
@@ -96,6 +110,7 @@ def _guarded(handler: Any, method: str, check_roles: bool) -> Any:
         unary_unary = handler.unary_unary
 
         async def guarded_unary_unary(request: Any, context: Any) -> Any:
+            context = context_of(context)
             if check_roles:
                 await admit(context)
             if isinstance(request, Malformed):
@@ -107,6 +122,7 @@ def _guarded(handler: Any, method: str, check_roles: bool) -> Any:
         stream_unary = handler.stream_unary
 
         async def guarded_stream_unary(requests: Any, context: Any) -> Any:
+            context = context_of(context)
             if check_roles:
                 await admit(context)
             return await stream_unary(_checked_stream(requests, method, context), context)
@@ -116,6 +132,7 @@ def _guarded(handler: Any, method: str, check_roles: bool) -> Any:
         unary_stream = handler.unary_stream
 
         async def guarded_unary_stream(request: Any, context: Any) -> AsyncIterator[Any]:
+            context = context_of(context)
             if check_roles:
                 await admit(context)
             if isinstance(request, Malformed):
@@ -127,6 +144,7 @@ def _guarded(handler: Any, method: str, check_roles: bool) -> Any:
     stream_stream = handler.stream_stream
 
     async def guarded_stream_stream(requests: Any, context: Any) -> AsyncIterator[Any]:
+        context = context_of(context)
         if check_roles:
             await admit(context)
         async for item in stream_stream(_checked_stream(requests, method, context), context):

@@ -1,0 +1,187 @@
+"""A director frontend: a process that shares the director's public port and answers its
+envoys' health checks on a core of its own.
+
+One grpc.aio process tops out near 9,000-10,000 calls/s (benchmarks/health_checks.py,
+`grpc-floor`), so a federation of many thousands of envoys checking in every few seconds
+needs more than one. The kernel spreads the port's connections over the director and its
+frontends (SO_REUSEPORT). A frontend answers `UpdateEnvoyStatus` for the shards it has
+seen the director accept, and hands those checks to the director in batches
+(`ReportHealth`); every other call it relays, as bytes, to the director over its private
+Unix socket (fedkube.transport.forwarding). The director stays the only holder of state.
+
+Run by the director (fedkube.director.frontends), never by hand; it exits when its stdin
+closes, that is when the director stops or dies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import sys
+import threading
+import time
+from typing import Any
+
+import grpc
+
+from fedkube.api.config import DirectorConfig
+from fedkube.proto import (
+    aggregator_pb2_grpc,
+    director_pb2,
+    director_pb2_grpc,
+    frontend_pb2,
+    frontend_pb2_grpc,
+    streaming_pb2_grpc,
+)
+from fedkube.transport.forwarding import PRIVATE_OPTIONS, Context, Relay, UnaryRelay
+from fedkube.transport.guard import Handlers, generated_handlers, guarded_handlers
+from fedkube.transport.identity import caller_identity
+from fedkube.transport.server import create_server
+from fedkube.transport.tls import TLSFiles
+
+log = logging.getLogger(__name__)
+
+READY = "ready"  # the line a frontend prints once it serves the public port
+# The services of the public port, with what their generated code registers.
+SERVICES: dict[str, tuple[Any, Any]] = {
+    "openfl.director.Director": (director_pb2_grpc.add_DirectorServicer_to_server,
+                                 director_pb2_grpc.DirectorServicer()),
+    "openfl.aggregator.Aggregator": (aggregator_pb2_grpc.add_AggregatorServicer_to_server,
+                                     aggregator_pb2_grpc.AggregatorServicer()),
+    "fedkube.streaming.TensorStream": (streaming_pb2_grpc.add_TensorStreamServicer_to_server,
+                                       streaming_pb2_grpc.TensorStreamServicer()),
+}
+HEALTH_METHOD = "UpdateEnvoyStatus"
+
+
+def report_interval(health_check_period: float) -> float:
+    """How often answered checks reach the director: well inside the 2 periods after
+    which it counts an envoy offline."""
+    return min(0.5, health_check_period / 4)
+
+
+class HealthAnswers(director_pb2_grpc.DirectorServicer):
+    """Answers the health checks of shards the director has accepted on this frontend's
+    connections; the first check of each shard, and any after the director said it no
+    longer knows the shard, goes to the director, which answers NOT_FOUND where due."""
+
+    def __init__(self, relay: UnaryRelay, reports: frontend_pb2_grpc.FrontendStub,
+                 *, period: float, tls: bool) -> None:
+        self._relay = relay
+        self._reports = reports
+        self._tls = tls
+        self.period = period
+        self.known: set[str] = set()
+        # Per shard: when its latest check came, the check, and how many came.
+        self._answered: dict[str, tuple[float, director_pb2.UpdateEnvoyStatusRequest,
+                                        int]] = {}
+
+    async def UpdateEnvoyStatus(self, request: director_pb2.UpdateEnvoyStatusRequest,
+                                context: Context) -> director_pb2.UpdateEnvoyStatusResponse:
+        name = request.name
+        if self._tls and caller_identity(context, tls=True) != name:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                f"caller {caller_identity(context, tls=True)!r} may not act "
+                                f"for {name!r}")
+        if name not in self.known:
+            reply = await self._relay(request.SerializeToString(), context)
+            self.known.add(name)  # reached only when the director answered OK
+            return director_pb2.UpdateEnvoyStatusResponse.FromString(reply)
+        previous = self._answered.get(name)
+        self._answered[name] = (time.monotonic(), request, previous[2] + 1 if previous else 1)
+        response = director_pb2.UpdateEnvoyStatusResponse()
+        response.health_check_period.FromNanoseconds(int(self.period * 1e9))
+        return response
+
+    async def report(self) -> None:
+        """Hands the checks answered since the last report to the director."""
+        if not self._answered:
+            return
+        answered, self._answered = self._answered, {}
+        now = time.monotonic()
+        reply = await self._reports.ReportHealth(frontend_pb2.HealthReport(checks=[
+            frontend_pb2.HealthCheck(request=request, age_s=now - at, count=count)
+            for at, request, count in answered.values()]), timeout=30)
+        self.known.difference_update(reply.unknown)
+        self.period = reply.health_check_period_s
+
+
+def public_handlers(relay: Relay, health: HealthAnswers, *, tls: bool) -> dict[str, Handlers]:
+    """Per service: every method relayed, but health checks answered here."""
+    services: dict[str, Handlers] = {}
+    for service, (add_to_server, servicer) in SERVICES.items():
+        generated = generated_handlers(add_to_server, servicer)
+        services[service] = {
+            name: relay.handler(f"/{service}/{name}",
+                                request_streaming=handler.request_streaming,
+                                response_streaming=handler.response_streaming)
+            for name, handler in generated.items()}
+    director = "openfl.director.Director"
+    generated = generated_handlers(director_pb2_grpc.add_DirectorServicer_to_server, health)
+    answered = {HEALTH_METHOD: generated[HEALTH_METHOD]}
+    # Under mTLS the role table runs here for what is answered here; the director runs it
+    # for what is relayed.
+    services[director].update(guarded_handlers(director, answered, check_roles=tls))
+    return services
+
+
+async def serve(config: DirectorConfig, port: int, socket: str) -> None:
+    tls = TLSFiles.load(config.tls)
+    channel = grpc.aio.insecure_channel(f"unix:{socket}", options=PRIVATE_OPTIONS)
+    relay = Relay(channel)
+    health = HealthAnswers(
+        relay.unary(f"/openfl.director.Director/{HEALTH_METHOD}"),
+        frontend_pb2_grpc.FrontendStub(channel),  # type: ignore[no-untyped-call]
+        period=config.health_check_period, tls=tls is not None)
+    server, _ = create_server(config.host, port, tls=tls)
+    for service, handlers in public_handlers(relay, health, tls=tls is not None).items():
+        server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(service,
+                                                                              handlers)])
+        server.add_registered_method_handlers(service, handlers)  # type: ignore[attr-defined]
+    await server.start()
+    print(READY, flush=True)
+    closed = _stdin_closed()
+    interval = report_interval(config.health_check_period)
+    try:
+        while not closed.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(closed.wait(), timeout=interval)
+            try:
+                await health.report()
+            except grpc.aio.AioRpcError as error:  # the director is stopping, or busy
+                log.warning("could not report health checks to the director: %s",
+                            error.details())
+    finally:
+        await server.stop(1.0)
+        await channel.close(None)
+
+
+def _stdin_closed() -> asyncio.Event:
+    """Set when stdin reaches its end: the director closed it, or died."""
+    loop, closed = asyncio.get_running_loop(), asyncio.Event()
+
+    def watch() -> None:
+        sys.stdin.buffer.read()
+        with contextlib.suppress(RuntimeError):  # the loop already ended
+            loop.call_soon_threadsafe(closed.set)
+
+    threading.Thread(target=watch, name="stdin-watch", daemon=True).start()
+    return closed
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--config-json", required=True, help="the director's configuration")
+    parser.add_argument("--port", type=int, required=True, help="the port the director bound")
+    parser.add_argument("--socket", required=True, help="the director's private socket")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s frontend %(levelname)s %(name)s: %(message)s")
+    config = DirectorConfig.model_validate_json(args.config_json)
+    asyncio.run(serve(config, args.port, args.socket))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""The director's side of its frontend processes (fedkube.director.frontend): starting and
+stopping them, and the private server they relay calls and report health checks to."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import grpc
+
+from fedkube import metrics
+from fedkube.api.config import DirectorConfig
+from fedkube.api.errors import NotFoundError
+from fedkube.director.core import Director
+from fedkube.director.frontend import READY
+from fedkube.proto import frontend_pb2, frontend_pb2_grpc
+from fedkube.transport.forwarding import PRIVATE_OPTIONS, Context
+from fedkube.transport.limits import SERVER_OPTIONS
+
+log = logging.getLogger(__name__)
+
+START_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 10.0
+
+
+class HealthReports(frontend_pb2_grpc.FrontendServicer):
+    """Records the health checks a frontend answered, as if they had come here."""
+
+    def __init__(self, director: Director) -> None:
+        self.director = director
+
+    async def ReportHealth(self, report: frontend_pb2.HealthReport,
+                           context: Context) -> frontend_pb2.HealthReportReply:
+        unknown, answered = [], 0
+        for check in report.checks:
+            request = check.request
+            try:
+                self.director.update_envoy_status(
+                    request.name, is_experiment_running=request.is_experiment_running,
+                    cuda_devices=request.cuda_devices, age_s=max(check.age_s, 0.0))
+            except NotFoundError:
+                unknown.append(request.name)
+            else:
+                answered += max(check.count, 1)
+        metrics.HEALTH_CHECKS.inc(answered)
+        metrics.FRONTEND_HEALTH_CHECKS.inc(answered)
+        return frontend_pb2.HealthReportReply(
+            unknown=unknown, health_check_period_s=self.director.health_check_period)
+
+
+def private_server_options() -> list[tuple[str, int]]:
+    """The public server's queueing, and no message limit the public port does not set."""
+    sizes = {key for key, _ in PRIVATE_OPTIONS}
+    return [*(o for o in SERVER_OPTIONS if o[0] not in sizes), *PRIVATE_OPTIONS]
+
+
+class Frontends:
+    """`count` frontend processes on the director's public port, and the private server on
+    a Unix socket in a directory only this user can enter."""
+
+    def __init__(self, count: int, config: DirectorConfig) -> None:
+        self.count = count
+        self.config = config
+        self.server = grpc.aio.server(options=private_server_options())
+        self._dir = Path(tempfile.mkdtemp(prefix="fedkube-director-"))  # mode 0700
+        self.socket = str(self._dir / "private.sock")
+        if self.server.add_insecure_port(f"unix:{self.socket}") == 0:
+            raise OSError(f"cannot listen on {self.socket}")
+        self.processes: list[asyncio.subprocess.Process] = []
+
+    async def start(self, port: int) -> None:
+        """Starts the private server, then the frontends on `port`; returns once each of
+        them serves it."""
+        await self.server.start()
+        self.processes = list(await asyncio.gather(*(self.spawn(port)
+                                                     for _ in range(self.count))))
+        log.info("%d frontends share port %d", self.count, port)
+
+    async def spawn(self, port: int) -> asyncio.subprocess.Process:
+        """One frontend on `port`, once it serves it. (Tests also give one a port of its
+        own, to reach the director only through it.)"""
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "fedkube.director.frontend",
+            "--config-json", self.config.model_dump_json(), "--port", str(port),
+            "--socket", self.socket,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+        assert process.stdout is not None
+        try:
+            line = await asyncio.wait_for(process.stdout.readline(), START_TIMEOUT_S)
+        except TimeoutError:
+            line = b""
+        if line.decode().strip() != READY:
+            await stop_frontend(process)
+            raise RuntimeError(f"a director frontend did not start on port {port} (exit "
+                               f"code {process.returncode}); its log is above")
+        return process
+
+    async def stop(self) -> None:
+        await asyncio.gather(*(stop_frontend(process) for process in self.processes))
+        self.processes.clear()
+        await self.server.stop(1.0)
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+
+async def stop_frontend(process: asyncio.subprocess.Process) -> None:
+    if process.stdin is not None:
+        process.stdin.close()  # a frontend exits when its stdin ends
+    try:
+        await asyncio.wait_for(process.wait(), STOP_TIMEOUT_S)
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+        await process.wait()
