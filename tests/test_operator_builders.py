@@ -10,6 +10,7 @@ import yaml
 from fedkube.api.crds import build_crd, crd_files
 from fedkube.api.reference import reference_markdown
 from fedkube.api.resources import EXPERIMENT, ExperimentSpec, FederationSpec, ShardSpec
+from fedkube.cli import build_parser, director_config
 from fedkube.client import EnvoyView, ExperimentStatus
 from fedkube.operator.conditions import set_condition
 from fedkube.operator.experiments import build_plan, build_status
@@ -72,6 +73,27 @@ def test_director_deployment_is_recreated_and_locked_down() -> None:
     assert annotations["prometheus.io/scrape"] == "true"
     assert annotations["prometheus.io/port"] == port
     assert {"name": "metrics", "containerPort": int(port)} in container["ports"]
+
+
+def test_director_and_envoy_pods_run_commands_the_cli_accepts() -> None:
+    """KWOK runs no containers, so only this shows their command lines parse."""
+    director = build_director_deployment("fed", "ns", FED)["spec"]["template"]["spec"]
+    envoy = build_envoy_daemonset("fed", "ns", FED)["spec"]["template"]["spec"]
+    for pod, command in ((director, ("director", "start")), (envoy, ("envoy", "start"))):
+        args = build_parser().parse_args(pod["containers"][0]["args"])
+        assert (args.command, args.action) == command
+        assert args.log_format == "json"
+
+
+def test_director_frontends_reach_the_director_command_line() -> None:
+    spec = FED.model_copy(update={"director_frontends": 4, "tls": "insecure"})
+    args = build_director_deployment("fed", "ns", spec)["spec"]["template"]["spec"][
+        "containers"][0]["args"]
+    config = director_config(build_parser().parse_args(args))
+    assert config.frontends == 4
+    assert director_config(build_parser().parse_args(
+        build_director_deployment("fed", "ns", FED.model_copy(update={"tls": "insecure"}))[
+            "spec"]["template"]["spec"]["containers"][0]["args"])).frontends == 0
 
 
 def test_envoy_daemonset_targets_gpu_nodes() -> None:
@@ -211,6 +233,8 @@ def test_collaborator_pod_is_pinned_through_the_scheduler(tmp_path: Path) -> Non
     container = spec["containers"][0]
     assert "resources" not in container  # no GPUs asked, none requested
     assert "--insecure" not in container["args"] and "--ca" in container["args"]
+    args = build_parser().parse_args(container["args"])
+    assert (args.command, args.action, args.log_format) == ("collaborator", "run", "json")
     assert {"name": "tls", "secret": {"secretName": "fed-envoy-tls",
                                       "defaultMode": 0o400}} in spec["volumes"]
 

@@ -57,6 +57,11 @@ class FederationSpec(_Model):
                                     description="shape every shard's samples must have")
     target_shape: list[str] = Field(min_length=1, max_length=8)
     health_check_period_seconds: int = Field(default=60, ge=1, le=3600)
+    director_frontends: int = Field(
+        default=0, ge=0, le=64,
+        description="processes in the director's pod that share its port and answer "
+                    "health checks, each about one more core's worth: for federations of "
+                    "many thousands of envoys")
     envoy_node_selector: dict[str, str] = Field(
         default_factory=lambda: {"nvidia.com/gpu.present": "true"},
         description="where envoy pods run (GPU nodes by default)")

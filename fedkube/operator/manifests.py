@@ -106,11 +106,14 @@ def build_director_service(name: str, namespace: str, spec: FederationSpec) -> M
 
 def build_director_deployment(name: str, namespace: str, spec: FederationSpec) -> Manifest:
     volumes, mounts = _tls_volume(spec, names(name)["director_tls"])
-    args = ["director", "start", "--host", "0.0.0.0", "--port", str(DEFAULT_PORT),
+    # Global options before the command: `fedkube director start --log-format` is refused.
+    args = ["--log-format", "json", "director", "start", "--host", "0.0.0.0",
+            "--port", str(DEFAULT_PORT),
             "--data-dir", DATA_DIR, "--sample-shape", ",".join(spec.sample_shape),
             "--target-shape", ",".join(spec.target_shape),
             "--health-check-period", str(spec.health_check_period_seconds),
-            "--metrics-port", str(METRICS_PORT), "--log-format", "json", *_tls_flags(spec)]
+            "--metrics-port", str(METRICS_PORT),
+            "--frontends", str(spec.director_frontends), *_tls_flags(spec)]
     return {
         "apiVersion": "apps/v1", "kind": "Deployment",
         "metadata": {"name": names(name)["director"], "namespace": namespace,
@@ -191,7 +194,7 @@ def build_envoy_daemonset(name: str, namespace: str, spec: FederationSpec) -> Ma
                     "containers": [{
                         "name": "envoy", "image": spec.image,
                         "command": ["fedkube"],
-                        "args": ["envoy", "start", "--config", config, "--log-format", "json"],
+                        "args": ["--log-format", "json", "envoy", "start", "--config", config],
                         "env": [
                             {"name": "NODE_NAME",
                              "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
