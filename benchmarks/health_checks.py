@@ -148,7 +148,7 @@ def shard(i: int) -> director_pb2.UpdateShardInfoRequest:
 # waiting calls a gRPC server with default options, like the floor's, cancels some; the
 # director raises that limit: fedkube.transport.limits.)
 IN_FLIGHT = 512
-CHANNELS = 64  # connections, across all client processes
+CONNECTIONS = 64  # default, across all client processes (--connections)
 
 
 async def _register(stubs: list[director_pb2_grpc.DirectorStub], envoys: range,
@@ -204,7 +204,8 @@ def _stubs(port: int, channels: int) -> tuple[list[grpc.aio.Channel],
 
 
 async def load(port: int, pid: int, *, envoys: int, period: float, duration: float,
-               warmup: float, channels: int = CHANNELS) -> tuple[float, list[float], float, int]:
+               warmup: float, channels: int = CONNECTIONS
+               ) -> tuple[float, list[float], float, int]:
     """Returns (registrations/s, health latencies in s, director CPU s in window, errors)."""
     chans, stubs = _stubs(port, channels)
     started = time.perf_counter()
@@ -223,12 +224,13 @@ async def load(port: int, pid: int, *, envoys: int, period: float, duration: flo
     return registration_rate, latencies, cpu_used, errors
 
 
-def client_process(port: int, share: int, clients: int, envoys: int, period: float) -> None:
+def client_process(port: int, share: int, clients: int, envoys: int, period: float,
+                   connections: int) -> None:
     """One of several load-client processes (--clients): registers envoys share, share +
     clients, ...; says so on stdout; reads the window's wall-clock start and end from
     stdin; runs their health checks and prints its latencies and errors as JSON."""
     async def run() -> None:
-        chans, stubs = _stubs(port, max(1, CHANNELS // clients))
+        chans, stubs = _stubs(port, max(1, connections // clients))
         mine = range(share, envoys, clients)
         await _register(stubs, mine, max(1, IN_FLIGHT // clients))
         print("registered", flush=True)
@@ -245,13 +247,15 @@ def client_process(port: int, share: int, clients: int, envoys: int, period: flo
 
 
 def load_processes(port: int, pid: int, *, clients: int, envoys: int, period: float,
-                   duration: float, warmup: float) -> tuple[float, list[float], float, int]:
+                   duration: float, warmup: float, connections: int = CONNECTIONS
+                   ) -> tuple[float, list[float], float, int]:
     """load() spread over several client processes, for machines whose cores would let
     the director serve more than one client process can offer."""
     started = time.perf_counter()
     children = [subprocess.Popen(
         [sys.executable, "-m", "benchmarks.health_checks", "--client-of", str(port),
-         "--share", f"{k}/{clients}", "--envoys", str(envoys), "--period", str(period)],
+         "--share", f"{k}/{clients}", "--envoys", str(envoys), "--period", str(period),
+         "--connections", str(connections)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for k in range(clients)]
     try:
         for child in children:
@@ -303,7 +307,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def measure(kind: str, *, envoys: int, period: float, duration: float, warmup: float,
-            openfl_python: Path, clients: int = 1) -> Result:
+            openfl_python: Path, clients: int = 1, connections: int = CONNECTIONS) -> Result:
     with tempfile.TemporaryDirectory() as tmp:
         work, port = Path(tmp), free_port()
         process = (start_fedkube(work, port, period, frontends_of(kind))
@@ -315,11 +319,11 @@ def measure(kind: str, *, envoys: int, period: float, duration: float, warmup: f
             if clients > 1:
                 rate, latencies, cpu, errors = load_processes(
                     port, process.pid, clients=clients, envoys=envoys, period=period,
-                    duration=duration, warmup=warmup)
+                    duration=duration, warmup=warmup, connections=connections)
             else:
                 rate, latencies, cpu, errors = asyncio.run(load(
                     port, process.pid, envoys=envoys, period=period, duration=duration,
-                    warmup=warmup))
+                    warmup=warmup, channels=connections))
         finally:
             process.terminate()
             process.wait(timeout=30)
@@ -360,6 +364,9 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--clients", type=int, default=1, help="load-client processes "
                         "(1: one asyncio client in this process)")
+    parser.add_argument("--connections", type=int, default=CONNECTIONS,
+                        help="client connections in all (a director's frontends share its "
+                        "connections, not its calls)")
     parser.add_argument("--serve-floor", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--client-of", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--share", help=argparse.SUPPRESS)
@@ -369,11 +376,13 @@ def main() -> None:
         return
     if args.client_of:
         share, clients = (int(v) for v in args.share.split("/"))
-        client_process(args.client_of, share, clients, int(args.envoys), float(args.period))
+        client_process(args.client_of, share, clients, int(args.envoys), float(args.period),
+                       args.connections)
         return
     results = [
         measure(kind, envoys=int(n), period=float(p), duration=args.duration,
-                warmup=args.warmup, openfl_python=args.openfl_python, clients=args.clients)
+                warmup=args.warmup, openfl_python=args.openfl_python, clients=args.clients,
+                connections=args.connections)
         for n in args.envoys.split(",") for p in args.period.split(",")
         for kind in args.directors.split(",")
     ]

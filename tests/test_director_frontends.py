@@ -22,6 +22,7 @@ from fedkube.transport.forwarding import CERT_HEADER, CN_HEADER
 from fedkube.transport.tls import TLSFiles
 from tests.conftest import CertDir, RunningDirector, running_director, start_director
 from tests.test_director_grpc import shard_request, stub
+from tests.test_observability import scrape
 
 GPU = director_pb2.CudaDeviceInfo(index=0, name="NVIDIA H200", memory_total=150 << 30)
 
@@ -130,17 +131,49 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-def test_frontends_exit_when_their_director_is_killed(tmp_path: Path,
-                                                      processes: list[Process]) -> None:
-    """Else they would keep the port, and a new director would share it with them."""
-    port = free_port()
-    director = director_process(tmp_path, port, extra=["--frontends", "2"]).start()
+def test_frontends_serve_from_the_first_connection_and_die_with_their_director(
+        tmp_path: Path, processes: list[Process]) -> None:
+    """Envoys connect as soon as the port answers, and keep their connection: the
+    frontends must be on the port by then. And they must not outlive their director, or
+    they would keep the port and a new director would share it with them."""
+    port, metrics_port = free_port(), free_port()
+    director = director_process(tmp_path, port, extra=[
+        "--frontends", "2", "--metrics-port", str(metrics_port)]).start()
     processes.append(director)
+    channels = [grpc.insecure_channel(f"127.0.0.1:{port}",
+                                      options=[("grpc.use_local_subchannel_pool", 1)])
+                for _ in range(24)]
+    envoys = [director_pb2_grpc.DirectorStub(c) for c in channels]  # type: ignore[no-untyped-call]
+
+    def answers() -> bool:
+        """A fresh connection each time, whose first success is the earliest there is."""
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as probe:
+            stub = director_pb2_grpc.DirectorStub(probe)  # type: ignore[no-untyped-call]
+            try:
+                return bool(stub.UpdateShardInfo(shard_request("env0"), timeout=5).accepted)
+            except grpc.RpcError:
+                return False
+
+    wait_for(answers, timeout=60, message="the director's port")
+    for i, envoy in enumerate(envoys):
+        assert envoy.UpdateShardInfo(shard_request(f"env{i}"), timeout=5).accepted
+        for _ in range(3):
+            envoy.UpdateEnvoyStatus(director_pb2.UpdateEnvoyStatusRequest(name=f"env{i}"),
+                                    timeout=5)
+
+    def answered_by_frontends() -> float:
+        try:
+            return scrape(metrics_port).get(("fedkube_frontend_health_checks_total", ()), 0.0)
+        except OSError:  # /metrics comes up just after the port
+            return 0.0
+
+    wait_for(lambda: answered_by_frontends() > 0, timeout=10,
+             message="health checks answered by the frontends")
+    for channel in channels:
+        channel.close()
     assert director.popen is not None
-    pid = director.popen.pid
-    wait_for(lambda: len(_children(pid)) == 2 and "2 frontends share port" in director.output(),
-             timeout=60, message="two frontends")
-    frontends = _children(pid)
+    frontends = _children(director.popen.pid)
+    assert len(frontends) == 2
     director.kill()
     wait_for(lambda: not any(_alive(child) for child in frontends), timeout=20,
              message="frontends gone after their director")

@@ -69,9 +69,12 @@ class DirectorServer:
             self.runner.start(experiment)
         for experiment in self.director.ran_and_ended():
             self.runner.remember_ended(experiment.name, experiment.collaborators)
-        await self.server.start()
         if self.frontends is not None:
+            # Before this process serves the port: envoys that connect as soon as it
+            # answers must find the frontends there too, or every connection lands here
+            # and stays.
             await self.frontends.start(self.port)
+        await self.server.start()
         if self.config.metrics_port is not None:
             self.metrics_port = serve_metrics(self.director, self.config.metrics_port)
             log.info("metrics on :%d/metrics", self.metrics_port)
