@@ -23,3 +23,5 @@ HEALTH_CHECKS = Counter("fedkube_health_checks_total", "UpdateEnvoyStatus calls 
 FRONTEND_HEALTH_CHECKS = Counter("fedkube_frontend_health_checks_total",
                                  "UpdateEnvoyStatus calls served by the director's frontends "
                                  "(also counted in fedkube_health_checks_total)")
+FRONTEND_RESTARTS = Counter("fedkube_frontend_restarts_total",
+                            "Director frontends started again after they exited")

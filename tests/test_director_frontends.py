@@ -111,6 +111,32 @@ async def test_frontends_share_the_port_and_stop_with_the_director(tmp_path: Pat
     assert not socket_dir.exists()
 
 
+async def test_a_frontend_that_dies_is_started_again(tmp_path: Path) -> None:
+    running = await start_director(tmp_path, tls=TLSSettings(insecure=True), frontends=1)
+    frontends = running.server.frontends
+    assert frontends is not None
+    first = frontends.processes[0]
+    restarts = metrics.FRONTEND_RESTARTS._value.get()
+    first.kill()
+    await eventually(lambda: frontends.processes[0] is not first, within=60,
+                     message="another frontend")
+    assert frontends.processes[0].returncode is None
+    assert metrics.FRONTEND_RESTARTS._value.get() == restarts + 1
+    # The new one serves the port: of a dozen fresh connections, some reach it.
+    before = frontend_checks()
+    for i in range(12):
+        channel = grpc.aio.insecure_channel(running.address,
+                                            options=[("grpc.use_local_subchannel_pool", 1)])
+        envoy = director_pb2_grpc.DirectorStub(channel)  # type: ignore[no-untyped-call]
+        assert (await envoy.UpdateShardInfo(shard_request(f"env{i}"))).accepted
+        for _ in range(2):
+            await envoy.UpdateEnvoyStatus(director_pb2.UpdateEnvoyStatusRequest(name=f"env{i}"))
+        await channel.close(None)
+    await eventually(lambda: frontend_checks() > before, within=10,
+                     message="checks answered by the new frontend")
+    await running.server.stop(None)
+
+
 def _children(pid: int) -> list[int]:
     children = []
     for entry in Path("/proc").iterdir():

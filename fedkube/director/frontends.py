@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 10.0
+RESTART_BACKOFF_S = 5.0
 
 
 class HealthReports(frontend_pb2_grpc.FrontendServicer):
@@ -72,14 +73,35 @@ class Frontends:
         if self.server.add_insecure_port(f"unix:{self.socket}") == 0:
             raise OSError(f"cannot listen on {self.socket}")
         self.processes: list[asyncio.subprocess.Process] = []
+        self._keepers: list[asyncio.Task[None]] = []
 
     async def start(self, port: int) -> None:
         """Starts the private server, then the frontends on `port`; returns once each of
-        them serves it."""
+        them serves it. A frontend that dies is started again."""
         await self.server.start()
         self.processes = list(await asyncio.gather(*(self.spawn(port)
                                                      for _ in range(self.count))))
+        self._keepers = [asyncio.create_task(self._keep(slot, port))
+                         for slot in range(self.count)]
         log.info("%d frontends share port %d", self.count, port)
+
+    async def _keep(self, slot: int, port: int) -> None:
+        """Starts another frontend when this slot's dies (its envoys reconnect to the
+        other processes on the port meanwhile, so nothing is lost)."""
+        while True:
+            process = self.processes[slot]
+            code = await process.wait()
+            log.warning("director frontend %d (pid %d) exited with %s; starting another",
+                        slot, process.pid, code)
+            metrics.FRONTEND_RESTARTS.inc()
+            while True:
+                try:
+                    self.processes[slot] = await self.spawn(port)
+                    break
+                except RuntimeError:
+                    log.exception("could not start director frontend %d; trying again in "
+                                  "%g s", slot, RESTART_BACKOFF_S)
+                    await asyncio.sleep(RESTART_BACKOFF_S)  # back off, not a wait on state
 
     async def spawn(self, port: int) -> asyncio.subprocess.Process:
         """One frontend on `port`, once it serves it. (Tests also give one a port of its
@@ -101,6 +123,9 @@ class Frontends:
         return process
 
     async def stop(self) -> None:
+        for keeper in self._keepers:
+            keeper.cancel()
+        await asyncio.gather(*self._keepers, return_exceptions=True)
         await asyncio.gather(*(stop_frontend(process) for process in self.processes))
         self.processes.clear()
         await self.server.stop(1.0)
