@@ -8,6 +8,9 @@ loopback to a server in another process, insecure and with mTLS.
 - fedkube download: `StreamAggregatedTensor` (fedkube's extension beside OpenFL's unary
   `GetAggregatedTensor`) of the same tensor from that director, read as the collaborator
   reads it: chunks joined into a buffer it keeps from round to round, parsed in place.
+- Both again over the director's bulk port (fedkube.transport.bulk: the same bytes on a
+  plain or TLS socket, received straight into that buffer), which collaborators use when
+  the director has one: the "fedkube" column; the gRPC streams are the fallback.
 - raw gRPC: a client-streaming upload and a server-streaming download of the same number
   of bytes in 2 MiB messages, with identity (de)serializers: the transport's ceiling.
 - OpenFL 1.6 (from its virtualenv, when present): its aggregator's reassembly of a
@@ -42,8 +45,16 @@ from rich.table import Table
 from fedkube.api.plan import Plan
 from fedkube.client import DirectorClient, experiment_archive
 from fedkube.local import director_process, free_port, port_open, wait_for
-from fedkube.proto import aggregator_pb2, aggregator_pb2_grpc, director_pb2, director_pb2_grpc
+from fedkube.proto import (
+    aggregator_pb2,
+    aggregator_pb2_grpc,
+    director_pb2,
+    director_pb2_grpc,
+    streaming_pb2,
+    streaming_pb2_grpc,
+)
 from fedkube.transport import certs
+from fedkube.transport.bulk import BulkClient
 from fedkube.transport.channel import open_sync_channel, raw_results_call, raw_tensor_stream
 from fedkube.transport.limits import CHUNK_BYTES, SERVER_OPTIONS
 from fedkube.transport.tensors import (
@@ -78,7 +89,8 @@ class Result:
     mib: int
     direction: str
     raw_gb_s: float
-    fedkube_gb_s: float
+    fedkube_gb_s: float  # as collaborators move models: over the bulk port
+    stream_gb_s: float  # over fedkube's gRPC streams (no bulk port, or none reachable)
 
     @property
     def ratio(self) -> float:
@@ -144,8 +156,10 @@ def raw_seconds(port: int, tls: TLSFiles | None, nbytes: int) -> tuple[float, fl
 
 # -- fedkube's path ------------------------------------------------------------------
 
-def fedkube_seconds(port: int, cert_dir: Path | None, mib: int) -> tuple[float, float]:
-    """Best-of-two upload and download seconds of one tensor through a real director.
+def fedkube_seconds(port: int, cert_dir: Path | None, mib: int,
+                    bulk: bool) -> tuple[float, float]:
+    """Best-of-two upload and download seconds of one tensor through a real director,
+    over its bulk port (as collaborators do when they can reach it) or gRPC streams.
 
     Two collaborators; the first to upload is timed, so its figure is the transfer (with
     the director's checks and FedAvg update), not the round turnover that the second
@@ -156,6 +170,7 @@ def fedkube_seconds(port: int, cert_dir: Path | None, mib: int) -> tuple[float, 
     plan = Plan(task="archive:benchtask", rounds=2, params={"n": n}, round_timeout_s=3600)
     archive, initial = experiment_archive(plan, {"benchtask.py": TASK})
     collaborators = {}
+    bulk_clients: dict[str, BulkClient] = {}
     for collaborator in COLLABORATORS:
         tls = _tls(cert_dir, collaborator) if cert_dir else None
         director_pb2_grpc.DirectorStub(_channel(port, tls)).UpdateEnvoyStatus(  # type: ignore[no-untyped-call]
@@ -166,6 +181,12 @@ def fedkube_seconds(port: int, cert_dir: Path | None, mib: int) -> tuple[float, 
             channel, aggregator_pb2_grpc.AggregatorStub(channel),  # type: ignore[no-untyped-call]
             aggregator_pb2.MessageHeader(sender=collaborator, receiver="aggregator",
                                          federation_uuid=name))
+        if bulk:  # where the director says, as the collaborator asks
+            endpoint = streaming_pb2_grpc.TensorStreamStub(channel).BulkEndpoint(  # type: ignore[no-untyped-call]
+                streaming_pb2.BulkEndpointRequest(), metadata=(("client_id", collaborator),),
+                timeout=10)
+            assert endpoint.port, "the director serves no bulk port"
+            bulk_clients[collaborator] = BulkClient("localhost", endpoint.port, tls=tls)
     update = np.full(n, 0.5, np.float32)
     receivers = {collaborator: StreamReceiver() for collaborator in COLLABORATORS}
     ups, downs = [], []
@@ -186,12 +207,16 @@ def fedkube_seconds(port: int, cert_dir: Path | None, mib: int) -> tuple[float, 
                                           metadata=metadata, timeout=60)
                 assert tasks.round_number == r, tasks
                 start = time.perf_counter()
-                # As the collaborator fetches it: streamed into its reused buffer and
-                # parsed in place.
-                values = parse_tensor_response(receivers[collaborator].receive(
-                    "w", raw_tensor_stream(channel)(aggregator_pb2.GetAggregatedTensorRequest(
-                        header=header, tensor_name="w", round_number=r),
-                        metadata=metadata, timeout=600)))[1]
+                # As the collaborator fetches it: into its reused buffer, parsed in place.
+                request = aggregator_pb2.GetAggregatedTensorRequest(
+                    header=header, tensor_name="w", round_number=r)
+                if bulk:
+                    received = bulk_clients[collaborator].download(
+                        "w", request.SerializeToString())
+                else:
+                    received = receivers[collaborator].receive("w", raw_tensor_stream(channel)(
+                        request, metadata=metadata, timeout=600))
+                values = parse_tensor_response(received)[1]
                 downs.append(time.perf_counter() - start)
                 assert values.size == n
                 for task in tasks.tasks:
@@ -202,8 +227,12 @@ def fedkube_seconds(port: int, cert_dir: Path | None, mib: int) -> tuple[float, 
                         tensors=list(metric_tensors({"accuracy": 0.0}, r)) if validate else [])
                     # As the collaborator sends them: the array streamed from memory.
                     segments = encode_task_results(results, [] if validate else [("w", update)])
-                    raw_results_call(channel)(chunk_frames(segments, CHUNK_BYTES),
-                                              metadata=metadata, timeout=600)
+                    if bulk and not validate:
+                        bulk_clients[collaborator].upload(header.SerializeToString(),
+                                                          segments)
+                    else:
+                        raw_results_call(channel)(chunk_frames(segments, CHUNK_BYTES),
+                                                  metadata=metadata, timeout=600)
                     if task.name == "train" and collaborator == COLLABORATORS[0]:
                         ups.append(time.perf_counter() - start)
         assert client.wait(name, timeout=600).status == "finished"
@@ -242,11 +271,13 @@ def run_mode(mode: str, sizes: list[int], work: Path) -> list[Result]:
         bench_tls = _tls(cert_dir, COLLABORATORS[0]) if cert_dir else None
         for mib in sizes:
             raw_up, raw_down = raw_seconds(raw_port, bench_tls, mib * MiB)
-            fk_up, fk_down = fedkube_seconds(director_port, cert_dir, mib)
+            fk_up, fk_down = fedkube_seconds(director_port, cert_dir, mib, bulk=True)
+            st_up, st_down = fedkube_seconds(director_port, cert_dir, mib, bulk=False)
             gb = mib * MiB / 1e9
-            results += [Result(mode, mib, "upload", round(gb / raw_up, 3), round(gb / fk_up, 3)),
+            results += [Result(mode, mib, "upload", round(gb / raw_up, 3), round(gb / fk_up, 3),
+                               round(gb / st_up, 3)),
                         Result(mode, mib, "download", round(gb / raw_down, 3),
-                               round(gb / fk_down, 3))]
+                               round(gb / fk_down, 3), round(gb / st_down, 3))]
             print(f"{mode} {mib} MiB done", file=sys.stderr)
     finally:
         raw.kill()
@@ -285,12 +316,14 @@ def openfl_reassembly_gb_s(python: Path, mib: int) -> float:
 
 def table(results: list[Result]) -> None:
     view = Table(title="Model transfer on loopback (GB/s, best of two)")
-    for column in ("TLS", "MiB", "direction", "raw gRPC", "fedkube", "fedkube / raw"):
+    for column in ("TLS", "MiB", "direction", "raw gRPC", "fedkube", "fedkube / raw",
+                   "fedkube gRPC streams", "streams / raw"):
         view.add_column(column, justify="right")
     for r in results:
         view.add_row(r.mode, str(r.mib), r.direction, f"{r.raw_gb_s:.2f}",
-                     f"{r.fedkube_gb_s:.2f}", f"{r.ratio:.2f}x")
-    Console().print(view)
+                     f"{r.fedkube_gb_s:.2f}", f"{r.ratio:.2f}x", f"{r.stream_gb_s:.2f}",
+                     f"{r.stream_gb_s / r.raw_gb_s:.2f}x")
+    Console(width=140).print(view)
 
 
 def main() -> None:

@@ -59,12 +59,14 @@ def _shape(value: str) -> list[str]:
 # -- director -----------------------------------------------------------------------------
 
 def director_config(args: argparse.Namespace) -> DirectorConfig:
-    return build_config(DirectorConfig, args.config, {
+    config = build_config(DirectorConfig, args.config, {
         "host": args.host, "port": args.port, "data_dir": args.data_dir,
         "sample_shape": args.sample_shape, "target_shape": args.target_shape,
         "health_check_period": args.health_check_period, "tls": _tls_overrides(args),
         "metrics_port": args.metrics_port, "frontends": args.frontends,
+        "bulk_port": args.bulk_port,
     })
+    return config.model_copy(update={"bulk_port": None}) if args.no_bulk else config
 
 
 def cmd_director_start(args: argparse.Namespace) -> int:
@@ -438,6 +440,12 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--health-check-period", type=float, help="seconds")
     start.add_argument("--metrics-port", type=int,
                        help="serve Prometheus /metrics on this port (0: any free port)")
+    bulk = start.add_mutually_exclusive_group()
+    bulk.add_argument("--bulk-port", type=int, help=(
+        "port for model transfers over a plain (or TLS) socket, faster than gRPC streams "
+        "(default: any free port; collaborators ask the director where)"))
+    bulk.add_argument("--no-bulk", action="store_true",
+                      help="no bulk port: models travel in gRPC streams only")
     start.add_argument("--frontends", type=int, help=(
         "processes that share the port and answer health checks (default 0): one more "
         "core's worth of health checks each, for many thousands of envoys"))

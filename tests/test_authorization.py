@@ -60,7 +60,7 @@ async def test_role_table_enforced_on_every_rpc(mtls_director: RunningDirector,
                            client_id=cert)
     role = CERTS[cert]
     methods = served_rpcs()
-    assert len(methods) == 21  # 14 director, 6 aggregator, 1 streaming: all in this matrix
+    assert len(methods) == 22  # 14 director, 6 aggregator, 2 streaming: all in this matrix
     refused, passed = [], []
     for path, method in methods:
         code = await _call(channel, path, method)
@@ -74,10 +74,11 @@ async def test_role_table_enforced_on_every_rpc(mtls_director: RunningDirector,
         "root": ["GetDatasetInfo", "GetEnvoys", "GetExperimentDescription",
                  "GetExperimentStatus", "GetExperimentsList", "GetMetricStream",
                  "GetTrainedModel", "RemoveExperimentData", "SetNewExperiment"],
-        "env1": ["GetAggregatedTensor", "GetDatasetInfo", "GetExperimentData", "GetTasks",
-                 "SendLocalTaskResults", "SetExperimentFailed", "StreamAggregatedTensor",
-                 "UpdateEnvoyStatus", "UpdateShardInfo", "WaitExperiment"],
-        "collab1": ["GetAggregatedTensor", "GetExperimentData", "GetTasks",
+        "env1": ["BulkEndpoint", "GetAggregatedTensor", "GetDatasetInfo",
+                 "GetExperimentData", "GetTasks", "SendLocalTaskResults",
+                 "SetExperimentFailed", "StreamAggregatedTensor", "UpdateEnvoyStatus",
+                 "UpdateShardInfo", "WaitExperiment"],
+        "collab1": ["BulkEndpoint", "GetAggregatedTensor", "GetExperimentData", "GetTasks",
                     "SendLocalTaskResults", "StreamAggregatedTensor"],
         "director": [], "norole": []}
     expected["alice"] = expected["root"]

@@ -10,7 +10,9 @@ import json
 import subprocess
 import sys
 import zipfile
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -19,13 +21,14 @@ import pytest
 from fedkube.api.plan import Plan
 from fedkube.client import DirectorClient, experiment_archive
 from fedkube.local import Process, wait_for
-from fedkube.proto import aggregator_pb2, aggregator_pb2_grpc, base_pb2
+from fedkube.proto import aggregator_pb2, aggregator_pb2_grpc, base_pb2, director_pb2
 from fedkube.tasks import digits
 from fedkube.tasks.models import BUILTIN_TASKS
 from fedkube.transport.channel import open_channel
 from fedkube.transport.limits import CHUNK_BYTES
 from fedkube.transport.tensors import chunk_message, to_named_tensor
-from tests.conftest import RunningDirector, start_federation
+from fedkube.transport.tls import TLSFiles
+from tests.conftest import CertDir, RunningDirector, start_federation
 from tests.test_director_grpc import shard_request, stub
 
 FAILING_TASK = b'''
@@ -133,45 +136,24 @@ def test_failing_collaborator_fails_only_its_experiment(federation: DirectorClie
     assert client.wait("after", timeout=120).status == "finished"
 
 
-async def _send(channel: grpc.aio.Channel, results: aggregator_pb2.TaskResults) -> None:
-    aggregator = aggregator_pb2_grpc.AggregatorStub(channel)  # type: ignore[no-untyped-call]
-    await aggregator.SendLocalTaskResults(chunk_message(results.SerializeToString(),
-                                                        CHUNK_BYTES))
+def task_results(sender: str, *, round_number: int = 0,
+                 tensors: list[base_pb2.NamedTensor] | None = None, task: str = "train",
+                 experiment: str = "exp") -> aggregator_pb2.TaskResults:
+    """A digits-logreg training result for round 0 of `experiment`."""
+    good = [to_named_tensor("weights", np.ones((64, 10))), to_named_tensor("bias",
+                                                                           np.ones(10))]
+    return aggregator_pb2.TaskResults(
+        header=aggregator_pb2.MessageHeader(sender=sender, federation_uuid=experiment),
+        round_number=round_number, task_name=task, data_size=10,
+        tensors=good if tensors is None else tensors)
 
 
-async def test_bad_results_are_refused_without_touching_the_model(
-        director: RunningDirector) -> None:
-    envoy = stub(director.address, client_id="env1")
-    await envoy.UpdateShardInfo(shard_request("env1"))
-    await envoy.UpdateShardInfo(shard_request("env2"))
-    plan = Plan(task="digits-logreg", rounds=2)
-    archive, initial = experiment_archive(plan)
-    owner = stub(director.address, client_id="alice")
-
-    async def messages():  # type: ignore[no-untyped-def]
-        from fedkube.proto import director_pb2
-
-        yield director_pb2.ExperimentInfo(
-            name="exp", collaborator_names=["env1", "env2"], model_proto=initial,
-            experiment_data=director_pb2.ExperimentData(size=len(archive), npbytes=archive))
-
-    await owner.SetNewExperiment(messages())
-    aggregator = director.server.runner.aggregator("exp")
-    before = {k: v.copy() for k, v in aggregator.model.items()}
-    channel = open_channel(director.address, tls=None, client_id="x")
-
-    def results(sender: str, *, round_number: int = 0, tensors: list[base_pb2.NamedTensor]
-                | None = None, task: str = "train") -> aggregator_pb2.TaskResults:
-        good = [to_named_tensor("weights", np.ones((64, 10))), to_named_tensor("bias",
-                                                                               np.ones(10))]
-        return aggregator_pb2.TaskResults(
-            header=aggregator_pb2.MessageHeader(sender=sender, federation_uuid="exp"),
-            round_number=round_number, task_name=task, data_size=10,
-            tensors=good if tensors is None else tensors)
-
+def bad_results() -> list[tuple[aggregator_pb2.TaskResults, grpc.StatusCode, str]]:
+    """Results an aggregator must refuse, with the status and a part of its message."""
+    results = task_results
     nan = np.ones((64, 10))
     nan[3, 3] = np.nan
-    cases = [
+    return [
         (results("mallory"), grpc.StatusCode.PERMISSION_DENIED, "not a collaborator"),
         (results("env1", round_number=5), grpc.StatusCode.INVALID_ARGUMENT, "round 5"),
         (results("env1", tensors=[to_named_tensor("weights", np.ones((64, 10)))]),
@@ -189,15 +171,53 @@ async def test_bad_results_are_refused_without_touching_the_model(
                                   to_named_tensor("bias", np.ones(10))]),
          grpc.StatusCode.INVALID_ARGUMENT, "NaN or Inf"),
     ]
+
+
+async def running_experiment(director: RunningDirector, cert_dir: CertDir | None = None,
+                             name: str = "exp") -> Any:
+    """A digits-logreg experiment of env1 and env2 (under mTLS when given the test
+    certificates), submitted by alice and running; its aggregator."""
+    def client(who: str) -> Any:
+        tls = TLSFiles.from_dir(cert_dir.path, who) if cert_dir else None
+        return stub(director.address, client_id=who, tls=tls)
+
+    for shard in ("env1", "env2"):
+        envoy = client(shard)  # held: a stub alone lets its channel close
+        assert (await envoy.UpdateShardInfo(shard_request(shard))).accepted
+    archive, initial = experiment_archive(Plan(task="digits-logreg", rounds=2))
+    owner = client("alice")
+
+    async def messages() -> AsyncIterator[director_pb2.ExperimentInfo]:
+        yield director_pb2.ExperimentInfo(
+            name=name, collaborator_names=["env1", "env2"], model_proto=initial,
+            experiment_data=director_pb2.ExperimentData(size=len(archive), npbytes=archive))
+
+    assert (await owner.SetNewExperiment(messages())).accepted
+    return director.server.runner.aggregator(name)
+
+
+async def _send(channel: grpc.aio.Channel, results: aggregator_pb2.TaskResults) -> None:
+    aggregator = aggregator_pb2_grpc.AggregatorStub(channel)  # type: ignore[no-untyped-call]
+    await aggregator.SendLocalTaskResults(chunk_message(results.SerializeToString(),
+                                                        CHUNK_BYTES))
+
+
+async def test_bad_results_are_refused_without_touching_the_model(
+        director: RunningDirector) -> None:
+    aggregator = await running_experiment(director)
+    before = {k: v.copy() for k, v in aggregator.model.items()}
+    channel = open_channel(director.address, tls=None, client_id="x")
+
+    cases = bad_results()
     for message, code, text in cases:
         with pytest.raises(grpc.aio.AioRpcError) as error:
             await _send(channel, message)
         assert error.value.code() == code, (text, error.value.details())
         assert text in (error.value.details() or "")
     # A good result is taken once; its replay is refused.
-    await _send(channel, results("env1"))
+    await _send(channel, task_results("env1"))
     with pytest.raises(grpc.aio.AioRpcError) as error:
-        await _send(channel, results("env1"))
+        await _send(channel, task_results("env1"))
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert aggregator._fedavg.count == 1
     for name, value in before.items():

@@ -16,6 +16,7 @@ from fedkube.operator.conditions import set_condition
 from fedkube.operator.experiments import build_plan, build_status
 from fedkube.operator.manifests import (
     build_director_deployment,
+    build_director_service,
     build_envoy_config,
     build_envoy_daemonset,
     build_federation_workloads,
@@ -83,6 +84,19 @@ def test_director_and_envoy_pods_run_commands_the_cli_accepts() -> None:
         args = build_parser().parse_args(pod["containers"][0]["args"])
         assert (args.command, args.action) == command
         assert args.log_format == "json"
+
+
+def test_the_director_service_carries_the_bulk_port_the_director_serves() -> None:
+    insecure = FED.model_copy(update={"tls": "insecure"})  # no certificates to read here
+    pod = build_director_deployment("fed", "ns", insecure)["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    config = director_config(build_parser().parse_args(container["args"]))
+    assert config.bulk_port and config.bulk_port != config.port
+    assert {"name": "bulk", "containerPort": config.bulk_port} in container["ports"]
+    service = build_director_service("fed", "ns", FED)["spec"]["ports"]
+    bulk = next(p for p in service if p["targetPort"] == "bulk")
+    # Collaborators connect to the Service's port that the director advertises: its own.
+    assert bulk["port"] == config.bulk_port
 
 
 def test_director_frontends_reach_the_director_command_line() -> None:

@@ -21,26 +21,32 @@ from fedkube.api.errors import (
     PermissionDeniedError,
     ResourceExhaustedError,
 )
-from fedkube.proto import aggregator_pb2, aggregator_pb2_grpc
+from fedkube.proto import aggregator_pb2, aggregator_pb2_grpc, streaming_pb2
 from fedkube.transport.guard import add_guarded_service, generated_handlers
 from fedkube.transport.identity import caller_identity
 from fedkube.transport.limits import CHUNK_BYTES
+from fedkube.transport.roles import caller_role, refusal
 from fedkube.transport.status import Context, stream_errors, unary_errors
 from fedkube.transport.tensors import (
     ChunkAssembler,
     TensorError,
     chunk_frames,
     encode_tensor_response,
+    parse_task_results,
 )
 
 # A result may carry metrics and headers beyond the model; nothing near 4x the model.
 RESULT_LIMIT_FACTOR = 4
+# The gRPC methods whose role-table rows the bulk transfers follow.
+STREAM_METHOD = "/fedkube.streaming.TensorStream/StreamAggregatedTensor"
+RESULTS_METHOD = "/openfl.aggregator.Aggregator/SendLocalTaskResults"
 
 
 class AggregatorService(aggregator_pb2_grpc.AggregatorServicer):
     def __init__(self, runner: AggregatorRunner, *, tls: bool) -> None:
         self.runner = runner
         self.tls = tls
+        self.bulk_port: int | None = None  # fedkube.transport.bulk, where the director runs it
 
     def _sender(self, header: aggregator_pb2.MessageHeader, context: Context) -> str:
         if self.tls:
@@ -97,6 +103,11 @@ class AggregatorService(aggregator_pb2_grpc.AggregatorServicer):
             raise ResourceExhaustedError(str(exc)) from exc
         except (TensorError, ValueError, DecodeError) as exc:
             raise InvalidArgumentError(f"malformed task results: {exc}") from exc
+        return await self._take_results(results, payloads, context)
+
+    async def _take_results(self, results: aggregator_pb2.TaskResults,
+                            payloads: list[memoryview], context: Context
+                            ) -> aggregator_pb2.SendLocalTaskResultsResponse:
         sender = self._sender(results.header, context)
         await self.runner.aggregator(results.header.federation_uuid).receive(
             sender, results, payloads)
@@ -108,14 +119,60 @@ class AggregatorService(aggregator_pb2_grpc.AggregatorServicer):
                                      context: Context) -> AsyncIterator[bytes]:
         """fedkube.streaming.TensorStream: GetAggregatedTensor's reply in chunks, read
         straight from the global model's memory, as DataStream wire bytes."""
+        for frame in chunk_frames(self._tensor_segments(request, context), CHUNK_BYTES):
+            metrics.BYTES_SENT.labels("StreamAggregatedTensor").inc(len(frame))
+            yield frame
+
+    def _tensor_segments(self, request: aggregator_pb2.GetAggregatedTensorRequest,
+                         context: Context) -> list[bytes | memoryview]:
         sender = self._sender(request.header, context)
         aggregator = self.runner.aggregator(request.header.federation_uuid)
         values = aggregator.tensor_values(sender, request.tensor_name, request.round_number)
-        segments = encode_tensor_response(self._reply_header(request.header),
-                                          aggregator.round, request.tensor_name, values)
-        for frame in chunk_frames(segments, CHUNK_BYTES):
-            metrics.BYTES_SENT.labels("StreamAggregatedTensor").inc(len(frame))
-            yield frame
+        return encode_tensor_response(self._reply_header(request.header), aggregator.round,
+                                      request.tensor_name, values)
+
+    @unary_errors
+    async def BulkEndpoint(self, request: streaming_pb2.BulkEndpointRequest,
+                           context: Context) -> streaming_pb2.BulkEndpointResponse:
+        return streaming_pb2.BulkEndpointResponse(port=self.bulk_port or 0)
+
+    # -- the same over fedkube.transport.bulk (called on the director's event loop) -------
+
+    async def bulk_download(self, request: aggregator_pb2.GetAggregatedTensorRequest,
+                            context: Context) -> list[bytes | memoryview]:
+        self._admit(STREAM_METHOD, context)
+        segments = self._tensor_segments(request, context)
+        metrics.BYTES_SENT.labels("BulkDownload").inc(sum(memoryview(s).nbytes
+                                                          for s in segments))
+        return segments
+
+    async def bulk_upload_limit(self, header: aggregator_pb2.MessageHeader,
+                                context: Context) -> int:
+        """Checked before the body is read: who may upload, and how much at most."""
+        self._admit(RESULTS_METHOD, context)
+        self._sender(header, context)
+        aggregator = self.runner.aggregator(header.federation_uuid)
+        return RESULT_LIMIT_FACTOR * expected_result_bytes(aggregator.model)
+
+    async def bulk_upload(self, header: aggregator_pb2.MessageHeader, body: memoryview,
+                          context: Context) -> aggregator_pb2.SendLocalTaskResultsResponse:
+        try:
+            results, payloads = parse_task_results(body)
+        except (TensorError, ValueError, DecodeError) as exc:
+            raise InvalidArgumentError(f"malformed task results: {exc}") from exc
+        if (results.header.sender, results.header.federation_uuid) != (
+                header.sender, header.federation_uuid):
+            raise InvalidArgumentError("the results' header names another sender or "
+                                       "experiment than the upload's")
+        metrics.BYTES_RECEIVED.labels("BulkUpload").inc(len(body))
+        return await self._take_results(results, payloads, context)
+
+    def _admit(self, method: str, context: Context) -> None:
+        """The role table, as the gRPC port's guard applies it (fedkube.transport.guard)."""
+        if self.tls:
+            reason = refusal(method, caller_role(context))
+            if reason is not None:
+                raise PermissionDeniedError(reason)
 
     @stream_errors
     async def GetMetricStream(self, request: Any, context: Context) -> AsyncIterator[Any]:
@@ -148,6 +205,10 @@ def add_aggregator_to_server(service: AggregatorService, server: grpc.aio.Server
         response_serializer=None)
     add_guarded_service(server, "openfl.aggregator.Aggregator", handlers,
                         check_roles=check_roles, forwarded=forwarded)
+    endpoint = grpc.unary_unary_rpc_method_handler(
+        service.BulkEndpoint,
+        request_deserializer=streaming_pb2.BulkEndpointRequest.FromString,
+        response_serializer=streaming_pb2.BulkEndpointResponse.SerializeToString)
     add_guarded_service(server, "fedkube.streaming.TensorStream",
-                        {"StreamAggregatedTensor": stream}, check_roles=check_roles,
-                        forwarded=forwarded)
+                        {"StreamAggregatedTensor": stream, "BulkEndpoint": endpoint},
+                        check_roles=check_roles, forwarded=forwarded)

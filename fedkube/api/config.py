@@ -82,6 +82,9 @@ class DirectorConfig(_Strict):
     tls: TLSSettings
     metrics_port: int | None = Field(default=None, ge=0, le=65535,
                                      description="serve Prometheus /metrics (0: any port)")
+    bulk_port: int | None = Field(default=0, ge=0, le=65535, description=(
+        "port for model-sized transfers over a plain (or TLS) socket, faster than gRPC "
+        "streams; 0: any free port (collaborators ask where); null: none"))
     frontends: int = Field(default=0, ge=0, le=64, description=(
         "processes beside the director that share its port and answer health checks, "
         "each on a core of its own: for federations past a few thousand envoys"))

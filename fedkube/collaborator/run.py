@@ -16,10 +16,11 @@ import grpc
 from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential_jitter
 
 from fedkube.api.plan import Plan
-from fedkube.proto import aggregator_pb2, aggregator_pb2_grpc
+from fedkube.proto import aggregator_pb2, aggregator_pb2_grpc, streaming_pb2, streaming_pb2_grpc
 from fedkube.tasks.archive import read_plan, safe_extract
 from fedkube.tasks.models import Model, Task
 from fedkube.tasks.shard import ShardDescriptor
+from fedkube.transport.bulk import BulkClient, target_host
 from fedkube.transport.channel import (
     open_sync_channel,
     raw_results_call,
@@ -41,6 +42,7 @@ T = TypeVar("T")
 TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
 RECONNECT_PATIENCE_S = 600.0
 POLL_S = 0.1
+BULK_RETRY_S = 60.0  # after a bulk transfer could not connect, gRPC streams this long
 
 
 def _transient(exc: BaseException) -> bool:
@@ -66,6 +68,9 @@ class Collaborator:
         self._send_frames = raw_results_call(self._channel)
         self._streaming = True  # until a director (OpenFL's) answers UNIMPLEMENTED
         self._received = StreamReceiver()
+        self._tensor_stream_stub = streaming_pb2_grpc.TensorStreamStub(self._channel)  # type: ignore[no-untyped-call]
+        self._bulk: BulkClient | None = None
+        self._bulk_ask_at = 0.0  # when to ask the director where its bulk port is
         self._header = aggregator_pb2.MessageHeader(sender=self.name, receiver="aggregator",
                                                     federation_uuid=self.experiment)
         self._names = list(self.task.init_model(self.plan.params))
@@ -79,14 +84,45 @@ class Collaborator:
                 return fn(request, timeout=120)
         raise AssertionError("unreachable")
 
+    def _bulk_client(self) -> BulkClient | None:
+        """Where the director takes model-sized transfers over a plain socket (asked once,
+        and again a while after a bulk transfer could not connect); None: use the gRPC
+        streams."""
+        if self._bulk is None and time.monotonic() >= self._bulk_ask_at:
+            self._bulk_ask_at = float("inf")
+            try:
+                port = self._call(self._tensor_stream_stub.BulkEndpoint,
+                                  streaming_pb2.BulkEndpointRequest()).port
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.UNIMPLEMENTED:  # type: ignore[attr-defined]
+                    raise
+                port = 0  # an OpenFL director, or an older fedkube one
+            self._bulk = BulkClient(target_host(self.target), port, tls=self.tls) if port \
+                else None
+        return self._bulk
+
+    def _bulk_failed(self, exc: OSError) -> None:
+        log.warning("bulk transfer to %s failed (%s); using gRPC streams for %g s",
+                    self.target, exc, BULK_RETRY_S)
+        self._bulk, self._bulk_ask_at = None, time.monotonic() + BULK_RETRY_S
+
     def fetch_model(self, round_number: int) -> Model:
-        """The global model of a round. Streamed, each tensor lands in a buffer reused
-        round after round and the task gets a view of it (valid for this round: a task
-        that keeps arrays across rounds copies them); otherwise, as OpenFL sends it."""
+        """The global model of a round. Over the bulk port or streamed, each tensor lands
+        in a buffer reused round after round and the task gets a view of it (valid for
+        this round: a task that keeps arrays across rounds copies them); otherwise, as
+        OpenFL sends it."""
         model = {}
         for name in self._names:
             request = aggregator_pb2.GetAggregatedTensorRequest(
                 header=self._header, tensor_name=name, round_number=round_number)
+            bulk = self._bulk_client()
+            if bulk is not None:
+                try:
+                    model[name] = parse_tensor_response(
+                        bulk.download(name, request.SerializeToString()))[1]
+                    continue
+                except OSError as exc:  # not a refusal (BulkError): could not connect
+                    self._bulk_failed(exc)
             if self._streaming:
                 try:
                     view = self._call(lambda req, timeout, key=name: self._received.receive(
@@ -111,6 +147,13 @@ class Collaborator:
                                              task_name=task, data_size=data_size,
                                              tensors=tensors)
         segments = encode_task_results(results, arrays)
+        bulk = self._bulk_client() if arrays else None
+        if bulk is not None:
+            try:
+                bulk.upload(self._header.SerializeToString(), segments)
+                return
+            except OSError as exc:  # not a refusal (BulkError): could not connect
+                self._bulk_failed(exc)
         self._call(lambda _, timeout: self._send_frames(
             chunk_frames(segments, CHUNK_BYTES), timeout=timeout), None)
 

@@ -8,6 +8,7 @@ import logging
 
 import grpc
 
+from fedkube.aggregator.bulk import AggregatorBulkHandler
 from fedkube.aggregator.runner import AggregatorRunner
 from fedkube.aggregator.servicer import AggregatorService, add_aggregator_to_server
 from fedkube.api.config import DirectorConfig
@@ -17,6 +18,7 @@ from fedkube.director.metrics import serve_metrics
 from fedkube.director.servicer import DirectorService
 from fedkube.director.store import open_store
 from fedkube.proto import director_pb2_grpc, frontend_pb2_grpc
+from fedkube.transport.bulk import BulkServer
 from fedkube.transport.guard import add_guarded_service, generated_handlers
 from fedkube.transport.server import create_server
 from fedkube.transport.tls import TLSFiles
@@ -49,6 +51,9 @@ class DirectorServer:
                             check_roles=secure)
         # Collaborators reach their aggregators on the director's own port.
         add_aggregator_to_server(aggregator, self.server, check_roles=secure)
+        self._aggregator_service = aggregator
+        self._tls = tls
+        self.bulk: BulkServer | None = None
         self.frontends: Frontends | None = None
         if config.frontends:
             # The same services again, for the calls the frontends relay.
@@ -69,6 +74,12 @@ class DirectorServer:
             self.runner.start(experiment)
         for experiment in self.director.ran_and_ended():
             self.runner.remember_ended(experiment.name, experiment.collaborators)
+        if self.config.bulk_port is not None:
+            self.bulk = BulkServer(self.config.host, self.config.bulk_port, tls=self._tls,
+                                   handler=AggregatorBulkHandler(self._aggregator_service,
+                                                                 asyncio.get_running_loop()))
+            self.bulk.start()
+            self._aggregator_service.bulk_port = self.bulk.port
         if self.frontends is not None:
             # Before this process serves the port: envoys that connect as soon as it
             # answers must find the frontends there too, or every connection lands here
@@ -82,6 +93,8 @@ class DirectorServer:
         mode = "insecure" if self.config.tls.insecure else "mTLS"
         log.info("director listening on %s:%d (%s), data in %s", self.config.host, self.port,
                  mode, self.config.data_dir)
+        if self.bulk is not None:
+            log.info("bulk model transfers on port %d", self.bulk.port)
 
     async def _flush_loop(self) -> None:
         interval = min(FLUSH_INTERVAL_S, self.director.health_check_period / 2)
@@ -99,6 +112,8 @@ class DirectorServer:
                 await self._flusher
         if self.frontends is not None:  # first: they relay to this process
             await self.frontends.stop()
+        if self.bulk is not None:  # its threads finish their work on this loop
+            await asyncio.to_thread(self.bulk.stop)
         await self.server.stop(grace)
         self.director.close()
 

@@ -31,6 +31,7 @@ _RESTRICTED_CONTAINER = {
     "seccompProfile": {"type": "RuntimeDefault"},
 }
 METRICS_PORT = 9090
+BULK_PORT = DEFAULT_PORT + 1  # the director's model transfers beside gRPC
 # Read by the scrape config in the chart's values (no Prometheus Operator needed).
 SCRAPE_ANNOTATIONS = {"prometheus.io/scrape": "true", "prometheus.io/port": str(METRICS_PORT),
                       "prometheus.io/path": "/metrics"}
@@ -100,7 +101,11 @@ def build_director_service(name: str, namespace: str, spec: FederationSpec) -> M
                      "labels": labels(name, "director")},
         "spec": {"selector": labels(name, "director"),
                  "ports": [{"name": "grpc", "port": DEFAULT_PORT, "targetPort": "grpc",
-                            "appProtocol": "grpc"}]},
+                            "appProtocol": "grpc"},
+                           # Collaborators reach the bulk port at the host of the gRPC
+                           # one, so the Service carries both.
+                           {"name": "bulk", "port": BULK_PORT, "targetPort": "bulk",
+                            "appProtocol": "fedkube.io/bulk"}]},
     }
 
 
@@ -112,7 +117,7 @@ def build_director_deployment(name: str, namespace: str, spec: FederationSpec) -
             "--data-dir", DATA_DIR, "--sample-shape", ",".join(spec.sample_shape),
             "--target-shape", ",".join(spec.target_shape),
             "--health-check-period", str(spec.health_check_period_seconds),
-            "--metrics-port", str(METRICS_PORT),
+            "--metrics-port", str(METRICS_PORT), "--bulk-port", str(BULK_PORT),
             "--frontends", str(spec.director_frontends), *_tls_flags(spec)]
     return {
         "apiVersion": "apps/v1", "kind": "Deployment",
@@ -133,6 +138,7 @@ def build_director_deployment(name: str, namespace: str, spec: FederationSpec) -
                         "name": "director", "image": spec.image,
                         "args": args,
                         "ports": [{"name": "grpc", "containerPort": DEFAULT_PORT},
+                                  {"name": "bulk", "containerPort": BULK_PORT},
                                   {"name": "metrics", "containerPort": METRICS_PORT}],
                         "readinessProbe": {"grpc": {"port": DEFAULT_PORT}},
                         "securityContext": _RESTRICTED_CONTAINER,

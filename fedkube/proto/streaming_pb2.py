@@ -26,13 +26,17 @@ from fedkube.proto import aggregator_pb2 as fedkube_dot_proto_dot_aggregator__pb
 from fedkube.proto import base_pb2 as fedkube_dot_proto_dot_base__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x66\x65\x64kube/proto/streaming.proto\x12\x11\x66\x65\x64kube.streaming\x1a\x1e\x66\x65\x64kube/proto/aggregator.proto\x1a\x18\x66\x65\x64kube/proto/base.proto2h\n\x0cTensorStream\x12X\n\x16StreamAggregatedTensor\x12-.openfl.aggregator.GetAggregatedTensorRequest\x1a\x0b.DataStream\"\x00\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x66\x65\x64kube/proto/streaming.proto\x12\x11\x66\x65\x64kube.streaming\x1a\x1e\x66\x65\x64kube/proto/aggregator.proto\x1a\x18\x66\x65\x64kube/proto/base.proto\"\x15\n\x13\x42ulkEndpointRequest\"$\n\x14\x42ulkEndpointResponse\x12\x0c\n\x04port\x18\x01 \x01(\r2\xcb\x01\n\x0cTensorStream\x12X\n\x16StreamAggregatedTensor\x12-.openfl.aggregator.GetAggregatedTensorRequest\x1a\x0b.DataStream\"\x00\x30\x01\x12\x61\n\x0c\x42ulkEndpoint\x12&.fedkube.streaming.BulkEndpointRequest\x1a\'.fedkube.streaming.BulkEndpointResponse\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fedkube.proto.streaming_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TENSORSTREAM']._serialized_start=110
-  _globals['_TENSORSTREAM']._serialized_end=214
+  _globals['_BULKENDPOINTREQUEST']._serialized_start=110
+  _globals['_BULKENDPOINTREQUEST']._serialized_end=131
+  _globals['_BULKENDPOINTRESPONSE']._serialized_start=133
+  _globals['_BULKENDPOINTRESPONSE']._serialized_end=169
+  _globals['_TENSORSTREAM']._serialized_start=172
+  _globals['_TENSORSTREAM']._serialized_end=375
 # @@protoc_insertion_point(module_scope)

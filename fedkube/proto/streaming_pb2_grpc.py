@@ -5,6 +5,7 @@ import warnings
 
 from fedkube.proto import aggregator_pb2 as fedkube_dot_proto_dot_aggregator__pb2
 from fedkube.proto import base_pb2 as fedkube_dot_proto_dot_base__pb2
+from fedkube.proto import streaming_pb2 as fedkube_dot_proto_dot_streaming__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -40,6 +41,11 @@ class TensorStreamStub:
                 request_serializer=fedkube_dot_proto_dot_aggregator__pb2.GetAggregatedTensorRequest.SerializeToString,
                 response_deserializer=fedkube_dot_proto_dot_base__pb2.DataStream.FromString,
                 _registered_method=True)
+        self.BulkEndpoint = channel.unary_unary(
+                '/fedkube.streaming.TensorStream/BulkEndpoint',
+                request_serializer=fedkube_dot_proto_dot_streaming__pb2.BulkEndpointRequest.SerializeToString,
+                response_deserializer=fedkube_dot_proto_dot_streaming__pb2.BulkEndpointResponse.FromString,
+                _registered_method=True)
 
 
 class TensorStreamServicer:
@@ -54,6 +60,15 @@ class TensorStreamServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def BulkEndpoint(self, request, context):
+        """Where this director moves model-sized payloads over plain TCP (or TLS with the same
+        certificates), with one copy at each end instead of gRPC's several
+        (fedkube.transport.bulk). Port 0: it does not; use the streams.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TensorStreamServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -61,6 +76,11 @@ def add_TensorStreamServicer_to_server(servicer, server):
                     servicer.StreamAggregatedTensor,
                     request_deserializer=fedkube_dot_proto_dot_aggregator__pb2.GetAggregatedTensorRequest.FromString,
                     response_serializer=fedkube_dot_proto_dot_base__pb2.DataStream.SerializeToString,
+            ),
+            'BulkEndpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.BulkEndpoint,
+                    request_deserializer=fedkube_dot_proto_dot_streaming__pb2.BulkEndpointRequest.FromString,
+                    response_serializer=fedkube_dot_proto_dot_streaming__pb2.BulkEndpointResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -90,6 +110,33 @@ class TensorStream:
             '/fedkube.streaming.TensorStream/StreamAggregatedTensor',
             fedkube_dot_proto_dot_aggregator__pb2.GetAggregatedTensorRequest.SerializeToString,
             fedkube_dot_proto_dot_base__pb2.DataStream.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BulkEndpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedkube.streaming.TensorStream/BulkEndpoint',
+            fedkube_dot_proto_dot_streaming__pb2.BulkEndpointRequest.SerializeToString,
+            fedkube_dot_proto_dot_streaming__pb2.BulkEndpointResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -53,6 +53,7 @@ ROLE_TABLE: dict[str, frozenset[Role]] = {
     _AGGREGATOR + "GetAggregatedTensor": _TRAINING,
     _AGGREGATOR + "SendLocalTaskResults": _TRAINING,
     "/fedkube.streaming.TensorStream/StreamAggregatedTensor": _TRAINING,
+    "/fedkube.streaming.TensorStream/BulkEndpoint": _TRAINING,
 }
 
 

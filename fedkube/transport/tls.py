@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ssl
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,3 +46,21 @@ def channel_credentials(tls: TLSFiles) -> grpc.ChannelCredentials:
     return grpc.ssl_channel_credentials(
         root_certificates=tls.ca, private_key=tls.key, certificate_chain=tls.cert
     )
+
+
+def ssl_context(tls: TLSFiles, *, server: bool) -> ssl.SSLContext:
+    """The same mutual TLS for a plain socket (fedkube.transport.bulk): our CA only, a
+    client certificate required, the server's name checked by the client."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_verify_locations(cadata=tls.ca.decode())
+    if server:
+        context.verify_mode = ssl.CERT_REQUIRED
+    # The ssl module loads a key pair from files only: a private directory, gone at once.
+    with tempfile.TemporaryDirectory(prefix="fedkube-tls-") as directory:
+        cert, key = Path(directory) / "tls.crt", Path(directory) / "tls.key"
+        cert.write_bytes(tls.cert)
+        key.touch(mode=0o600)
+        key.write_bytes(tls.key)
+        context.load_cert_chain(cert, key)
+    return context

@@ -1,0 +1,291 @@
+"""Model-sized payloads over a plain socket: one copy at each end.
+
+gRPC's Python API hands a received message over as `bytes` built in three copies (slices,
+a bytearray, bytes), and a model receiver copies once more into its buffer; a raw socket
+receives straight into that buffer (`recv_into`) and sends straight from the model's
+memory (`sendall` of a memoryview). The director serves this beside its gRPC port and says
+where (`TensorStream.BulkEndpoint`); a collaborator that cannot reach it uses the gRPC
+streams. The payloads are the same wire bytes as on gRPC: a GetAggregatedTensor reply
+and a TaskResults message.
+
+Under mTLS the socket is TLS with the same certificates, and the caller's certificate is
+checked as on the gRPC port (role table, then identity) by the handler.
+
+Wire format (integers big-endian):
+    request   MAGIC, op (1 byte), header length (u32), header
+    download  server: status; if OK, body length (u64) and body
+    upload    client: body length (u64); server: status (go ahead or refuse);
+              client: body; server: status; if OK, reply length (u32) and reply
+    status    code (u8, a grpc.StatusCode value; 0 is OK); if not OK, length (u32) and
+              UTF-8 message
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import ssl
+import struct
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Protocol
+
+import grpc
+
+from fedkube.transport.tls import TLSFiles, ssl_context
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"FKB1"
+DOWNLOAD, UPLOAD = b"D", b"U"
+MAX_HEADER_BYTES = 1 << 16
+IO_TIMEOUT_S = 120.0  # a peer silent this long is dropped
+WORKERS = 32  # transfers served at once; more wait for a thread
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+class BulkError(grpc.RpcError):
+    """A refusal from the bulk server, shaped as a gRPC error so callers treat both alike."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self._code, self._message = code, message
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._message
+
+
+class PeerContext:
+    """What a handler needs of a gRPC context to know the caller: its certificate's CN and
+    PEM under TLS (read by fedkube.transport.identity and roles), nothing otherwise."""
+
+    def __init__(self, peer_cert_der: bytes | None) -> None:
+        self._auth: dict[str, list[bytes]] = {}
+        if peer_cert_der:
+            from cryptography import x509
+            from cryptography.x509.oid import NameOID
+
+            cert = x509.load_der_x509_certificate(peer_cert_der)
+            names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+            if names:
+                self._auth["x509_common_name"] = [str(names[0].value).encode()]
+            self._auth["x509_pem_cert"] = [ssl.DER_cert_to_PEM_cert(peer_cert_der).encode()]
+
+    def auth_context(self) -> dict[str, list[bytes]]:
+        return self._auth
+
+    def invocation_metadata(self) -> tuple[()]:
+        return ()
+
+
+Segments = Sequence[bytes | memoryview]
+
+
+class BulkHandler(Protocol):
+    """The director's side: called on the server's threads, each returning when done."""
+
+    def download(self, context: PeerContext, header: bytes) -> Segments:
+        """The reply's wire bytes as segments (views of the model's memory)."""
+
+    def upload_limit(self, context: PeerContext, header: bytes) -> int:
+        """The most bytes this caller may upload now (raises BulkError to refuse)."""
+
+    def upload(self, context: PeerContext, header: bytes, body: memoryview) -> bytes:
+        """Takes a TaskResults message; returns the reply's wire bytes."""
+
+
+# -- framing --------------------------------------------------------------------------------
+
+def _recv_exactly(sock: socket.socket, view: memoryview) -> None:
+    got = 0
+    while got < len(view):
+        n = sock.recv_into(view[got:])
+        if n == 0:
+            raise ConnectionError(f"peer closed after {got} of {len(view)} bytes")
+        got += n
+
+
+def _recv(sock: socket.socket, size: int) -> bytes:
+    buffer = bytearray(size)
+    _recv_exactly(sock, memoryview(buffer))
+    return bytes(buffer)
+
+
+def _send_status(sock: socket.socket, code: grpc.StatusCode, message: str = "") -> None:
+    if code is grpc.StatusCode.OK:
+        sock.sendall(b"\x00")
+        return
+    text = message.encode()[:MAX_HEADER_BYTES]
+    sock.sendall(struct.pack(">BI", code.value[0], len(text)) + text)
+
+
+def _read_status(sock: socket.socket) -> None:
+    code = _recv(sock, 1)[0]
+    if code:
+        (length,) = struct.unpack(">I", _recv(sock, 4))
+        raise BulkError(_CODES.get(code, grpc.StatusCode.UNKNOWN),
+                        _recv(sock, min(length, MAX_HEADER_BYTES)).decode(errors="replace"))
+
+
+# -- server ---------------------------------------------------------------------------------
+
+class BulkServer:
+    """Serves downloads and uploads on threads (the socket calls release the GIL)."""
+
+    def __init__(self, host: str, port: int, *, tls: TLSFiles | None,
+                 handler: BulkHandler) -> None:
+        self.handler = handler
+        self._context = ssl_context(tls, server=True) if tls else None
+        self._listener = socket.create_server((host, port), reuse_port=False)
+        self.port: int = self._listener.getsockname()[1]
+        self._pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="bulk")
+        self._acceptor = threading.Thread(target=self._accept, name="bulk-accept",
+                                          daemon=True)
+        self._open: set[socket.socket] = set()
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        self._acceptor.start()
+
+    def stop(self) -> None:
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)
+        self._listener.close()
+        with self._lock:
+            for conn in self._open:
+                with contextlib.suppress(OSError):
+                    conn.shutdown(socket.SHUT_RDWR)
+        self._acceptor.join(timeout=5)
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:  # stopped
+                return
+            self._pool.submit(self._serve, conn)
+
+    def _serve(self, raw: socket.socket) -> None:
+        with self._lock:
+            self._open.add(raw)
+        try:
+            raw.settimeout(IO_TIMEOUT_S)
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn = (self._context.wrap_socket(raw, server_side=True) if self._context
+                    else raw)
+            with conn:
+                self._exchange(conn)
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            log.debug("bulk transfer ended early: %s", exc)
+        finally:
+            with self._lock:
+                self._open.discard(raw)
+            raw.close()
+
+    def _exchange(self, conn: socket.socket) -> None:
+        magic, op, length = struct.unpack(">4scI", _recv(conn, 9))
+        if magic != MAGIC or op not in (DOWNLOAD, UPLOAD) or length > MAX_HEADER_BYTES:
+            _send_status(conn, grpc.StatusCode.INVALID_ARGUMENT,
+                         "not a fedkube bulk request")
+            return
+        header = _recv(conn, length)
+        der = conn.getpeercert(binary_form=True) if isinstance(conn, ssl.SSLSocket) else None
+        context = PeerContext(der)
+        if op == DOWNLOAD:
+            segments = self._answer(conn, lambda: self.handler.download(context, header))
+            if segments is None:
+                return
+            _send_status(conn, grpc.StatusCode.OK)
+            conn.sendall(struct.pack(">Q", sum(memoryview(s).nbytes for s in segments)))
+            for segment in segments:
+                conn.sendall(segment)
+            return
+        (size,) = struct.unpack(">Q", _recv(conn, 8))
+        limit = self._answer(conn, lambda: self.handler.upload_limit(context, header))
+        if limit is None:
+            return
+        if size > limit:
+            _send_status(conn, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                         f"{size} bytes exceed the {limit} this upload may have")
+            return
+        _send_status(conn, grpc.StatusCode.OK)
+        body = bytearray(size)
+        _recv_exactly(conn, memoryview(body))
+        reply = self._answer(conn, lambda: self.handler.upload(context, header,
+                                                               memoryview(body)))
+        if reply is None:
+            return
+        _send_status(conn, grpc.StatusCode.OK)
+        conn.sendall(struct.pack(">I", len(reply)) + reply)
+
+    @staticmethod
+    def _answer(conn: socket.socket, work: Callable[[], Any]) -> Any:
+        """work()'s result, or None once a refusal has been sent in its place."""
+        try:
+            return work()
+        except BulkError as exc:
+            _send_status(conn, exc.code(), exc.details())
+        except Exception as exc:  # a bug: the caller gets a status, the server goes on
+            log.exception("bulk transfer failed")
+            _send_status(conn, grpc.StatusCode.INTERNAL, f"bulk transfer failed: {exc}")
+        return None
+
+
+# -- client ---------------------------------------------------------------------------------
+
+def target_host(target: str) -> str:
+    """The host of a host:port gRPC target, where the bulk port is too."""
+    host = target.rsplit(":", 1)[0] if ":" in target else target
+    return host.removeprefix("dns:///").strip("[]")
+
+
+class BulkClient:
+    """Downloads into a buffer kept per key from call to call, and uploads from memory."""
+
+    def __init__(self, host: str, port: int, *, tls: TLSFiles | None) -> None:
+        self.host, self.port = host, port
+        self._context = ssl_context(tls, server=False) if tls else None
+        self._buffers: dict[str, bytearray] = {}
+
+    def _connect(self) -> socket.socket:
+        raw = socket.create_connection((self.host, self.port), timeout=IO_TIMEOUT_S)
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self._context is None:
+            return raw
+        return self._context.wrap_socket(raw, server_hostname=self.host)
+
+    @staticmethod
+    def _request(conn: socket.socket, op: bytes, header: bytes) -> None:
+        conn.sendall(MAGIC + op + struct.pack(">I", len(header)) + header)
+
+    def download(self, key: str, header: bytes) -> memoryview:
+        """The reply's bytes, a view of the key's buffer: valid until its next download."""
+        with self._connect() as conn:
+            self._request(conn, DOWNLOAD, header)
+            _read_status(conn)
+            (size,) = struct.unpack(">Q", _recv(conn, 8))
+            buffer = self._buffers.get(key)
+            if buffer is None or len(buffer) < size:
+                # A new buffer rather than a resize: views of the old one may be in use.
+                buffer = self._buffers[key] = bytearray(size)
+            view = memoryview(buffer)[:size]
+            _recv_exactly(conn, view)
+            return view
+
+    def upload(self, header: bytes, segments: Segments) -> bytes:
+        """Sends a message given as segments; returns the reply's bytes."""
+        with self._connect() as conn:
+            self._request(conn, UPLOAD, header)
+            conn.sendall(struct.pack(">Q", sum(memoryview(s).nbytes for s in segments)))
+            _read_status(conn)
+            for segment in segments:
+                conn.sendall(segment)
+            _read_status(conn)
+            (size,) = struct.unpack(">I", _recv(conn, 4))
+            return _recv(conn, size)
