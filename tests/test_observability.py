@@ -73,10 +73,10 @@ def test_director_metrics_move_and_the_plot_and_json_logs(
     assert after[("fedkube_task_results_total", (("task", "validate"),))] == 8
     assert after[("fedkube_aggregation_seconds_count", ())] == 14
     model_bytes = (64 * 10 + 10) * 4
-    assert after[("fedkube_bytes_received_total", (("rpc", "SendLocalTaskResults"),))] \
+    # fedkube's collaborators move models over the director's bulk port
+    assert after[("fedkube_bytes_received_total", (("rpc", "BulkUpload"),))] \
         >= 6 * model_bytes
-    # fedkube's collaborators download through the streamed extension RPC
-    assert after[("fedkube_bytes_sent_total", (("rpc", "StreamAggregatedTensor"),))] \
+    assert after[("fedkube_bytes_sent_total", (("rpc", "BulkDownload"),))] \
         >= 8 * model_bytes
     assert after[("fedkube_health_checks_total", ())] > before[("fedkube_health_checks_total",
                                                                  ())]

@@ -193,8 +193,10 @@ def test_no_collaborator_outlives_its_envoy(tmp_path: Path, processes: list[Proc
     _, client, envoys = start_federation(tmp_path, processes, 2, delays={0: 0.5, 1: 0.5})
     plan = Plan(task="archive:slow", rounds=100, params=PARAMS, round_timeout_s=600)
     submit_plan(client, "orphans", plan, ["env0", "env1"], {"slow.py": SLOW_TASK})
-    wait_for(lambda: len(collaborator_pids(tmp_path / "env1")) == 1, timeout=60,
-             message="env1's collaborator running")
+    # Both running: the check below on env0's must not race its start.
+    wait_for(lambda: all(len(collaborator_pids(tmp_path / env)) == 1
+                         for env in ("env0", "env1")),
+             timeout=60, message="both collaborators running")
     envoys[1].kill(sig)  # SIGTERM: a deleted Pod; SIGKILL: the envoy dies outright
     wait_for(lambda: not collaborator_pids(tmp_path / "env1"), timeout=30,
              message="env1's collaborator gone with its envoy")

@@ -42,6 +42,7 @@ MAGIC = b"FKB1"
 DOWNLOAD, UPLOAD = b"D", b"U"
 MAX_HEADER_BYTES = 1 << 16
 IO_TIMEOUT_S = 120.0  # a peer silent this long is dropped
+HEADER_TIMEOUT_S = 10.0  # before a request has said what it is: a worker is not idled
 WORKERS = 32  # transfers served at once; more wait for a thread
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
 
@@ -175,7 +176,7 @@ class BulkServer:
         with self._lock:
             self._open.add(raw)
         try:
-            raw.settimeout(IO_TIMEOUT_S)
+            raw.settimeout(HEADER_TIMEOUT_S)
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn = (self._context.wrap_socket(raw, server_side=True) if self._context
                     else raw)
@@ -195,6 +196,7 @@ class BulkServer:
                          "not a fedkube bulk request")
             return
         header = _recv(conn, length)
+        conn.settimeout(IO_TIMEOUT_S)  # from here on a model-sized transfer
         der = conn.getpeercert(binary_form=True) if isinstance(conn, ssl.SSLSocket) else None
         context = PeerContext(der)
         if op == DOWNLOAD:
