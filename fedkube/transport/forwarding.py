@@ -90,77 +90,53 @@ class Relay:
 
     def handler(self, method: str, *, request_streaming: bool,
                 response_streaming: bool) -> Handler:
-        kind = (request_streaming, response_streaming)
-        make: Callable[[str], Any] = {
-            (False, False): self._unary_unary, (False, True): self._unary_stream,
-            (True, False): self._stream_unary, (True, True): self._stream_stream}[kind]
-        return make(method)  # type: ignore[no-any-return]
-
-    def _unary_unary(self, method: str) -> Handler:
+        raw: dict[str, Any] = {"request_serializer": None, "response_deserializer": None}
+        if request_streaming and response_streaming:
+            return grpc.stream_stream_rpc_method_handler(
+                _streamed_reply(self.channel.stream_stream(method, **raw)))
+        if request_streaming:
+            return grpc.stream_unary_rpc_method_handler(
+                _single_reply(self.channel.stream_unary(method, **raw)))
+        if response_streaming:
+            return grpc.unary_stream_rpc_method_handler(
+                _streamed_reply(self.channel.unary_stream(method, **raw)))
         return grpc.unary_unary_rpc_method_handler(self.unary(method))
 
     def unary(self, method: str) -> UnaryRelay:
         """The relay of a unary method, for a handler that relays only some calls."""
-        callable_ = self.channel.unary_unary(method, request_serializer=None,
-                                             response_deserializer=None)
-
-        async def relay(request: bytes, context: Context) -> bytes:
-            call = callable_(request, metadata=relayed_metadata(context),
-                             timeout=context.time_remaining())
-            try:
-                reply: bytes = await call
-            except grpc.aio.AioRpcError as error:
-                await _relay_failure(error, context)
-            _relay_trailers(await call.trailing_metadata(), context)
-            return reply
-
+        relay: UnaryRelay = _single_reply(self.channel.unary_unary(
+            method, request_serializer=None, response_deserializer=None))
         return relay
 
-    def _unary_stream(self, method: str) -> Handler:
-        callable_ = self.channel.unary_stream(method, request_serializer=None,
-                                              response_deserializer=None)
 
-        async def relay(request: bytes, context: Context) -> AsyncIterator[bytes]:
-            call = callable_(request, metadata=relayed_metadata(context),
-                             timeout=context.time_remaining())
-            try:
-                async for reply in call:
-                    yield reply
-            except grpc.aio.AioRpcError as error:
-                await _relay_failure(error, context)
-            _relay_trailers(await call.trailing_metadata(), context)
+def _single_reply(callable_: Any) -> Any:
+    """A relay for a method with one reply; its request is bytes or, for a client
+    stream, the caller's request iterator, passed on as it comes."""
 
-        return grpc.unary_stream_rpc_method_handler(relay)
+    async def relay(request: Any, context: Context) -> bytes:
+        call = callable_(request, metadata=relayed_metadata(context),
+                         timeout=context.time_remaining())
+        try:
+            reply: bytes = await call
+        except grpc.aio.AioRpcError as error:
+            await _relay_failure(error, context)
+        _relay_trailers(await call.trailing_metadata(), context)
+        return reply
 
-    def _stream_unary(self, method: str) -> Handler:
-        callable_ = self.channel.stream_unary(method, request_serializer=None,
-                                              response_deserializer=None)
+    return relay
 
-        async def relay(requests: AsyncIterator[bytes], context: Context) -> bytes:
-            call = callable_(requests, metadata=relayed_metadata(context),
-                             timeout=context.time_remaining())
-            try:
-                reply: bytes = await call
-            except grpc.aio.AioRpcError as error:
-                await _relay_failure(error, context)
-            _relay_trailers(await call.trailing_metadata(), context)
-            return reply
 
-        return grpc.stream_unary_rpc_method_handler(relay)
+def _streamed_reply(callable_: Any) -> Any:
+    """The same for a method that streams its reply."""
 
-    def _stream_stream(self, method: str) -> Handler:
-        callable_ = self.channel.stream_stream(method, request_serializer=None,
-                                               response_deserializer=None)
+    async def relay(request: Any, context: Context) -> AsyncIterator[bytes]:
+        call = callable_(request, metadata=relayed_metadata(context),
+                         timeout=context.time_remaining())
+        try:
+            async for reply in call:
+                yield reply
+        except grpc.aio.AioRpcError as error:
+            await _relay_failure(error, context)
+        _relay_trailers(await call.trailing_metadata(), context)
 
-        async def relay(requests: AsyncIterator[bytes],
-                        context: Context) -> AsyncIterator[bytes]:
-            call = callable_(requests, metadata=relayed_metadata(context),
-                             timeout=context.time_remaining())
-            try:
-                async for reply in call:
-                    yield reply
-            except grpc.aio.AioRpcError as error:
-                await _relay_failure(error, context)
-            _relay_trailers(await call.trailing_metadata(), context)
-
-        return grpc.stream_stream_rpc_method_handler(relay)
+    return relay
