@@ -47,6 +47,8 @@ class Result:
     period_s: float
     calls_per_s: float
     registration_per_s: float
+    registration_cpu_us: float  # the director's CPU per registration (its frontends' too)
+    registration_main_cpu_us: float  # the director process's alone (frontends relay to it)
     p50_ms: float
     p99_ms: float
     cpu_percent: float
@@ -205,12 +207,15 @@ def _stubs(port: int, channels: int) -> tuple[list[grpc.aio.Channel],
 
 async def load(port: int, pid: int, *, envoys: int, period: float, duration: float,
                warmup: float, channels: int = CONNECTIONS
-               ) -> tuple[float, list[float], float, int]:
-    """Returns (registrations/s, health latencies in s, director CPU s in window, errors)."""
+               ) -> tuple[float, tuple[float, float], list[float], float, int]:
+    """Returns (registrations/s, director CPU s for them (all its processes, the director
+    process alone), health latencies in s, director CPU s in window, errors)."""
     chans, stubs = _stubs(port, channels)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), (tree_cpu_seconds(pid), cpu_seconds(pid))
     await _register(stubs, range(envoys))
     registration_rate = envoys / (time.perf_counter() - started)
+    registration_cpu = (tree_cpu_seconds(pid) - cpu_started[0],
+                        cpu_seconds(pid) - cpu_started[1])
     window = (time.time() + warmup, time.time() + warmup + duration)
     checks = asyncio.create_task(_health_checks(stubs, range(envoys), period=period,
                                                 window=window))
@@ -221,7 +226,7 @@ async def load(port: int, pid: int, *, envoys: int, period: float, duration: flo
     latencies, errors = await checks
     for channel in chans:
         await channel.close(None)
-    return registration_rate, latencies, cpu_used, errors
+    return registration_rate, registration_cpu, latencies, cpu_used, errors
 
 
 def client_process(port: int, share: int, clients: int, envoys: int, period: float,
@@ -248,10 +253,10 @@ def client_process(port: int, share: int, clients: int, envoys: int, period: flo
 
 def load_processes(port: int, pid: int, *, clients: int, envoys: int, period: float,
                    duration: float, warmup: float, connections: int = CONNECTIONS
-                   ) -> tuple[float, list[float], float, int]:
+                   ) -> tuple[float, tuple[float, float], list[float], float, int]:
     """load() spread over several client processes, for machines whose cores would let
     the director serve more than one client process can offer."""
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), (tree_cpu_seconds(pid), cpu_seconds(pid))
     children = [subprocess.Popen(
         [sys.executable, "-m", "benchmarks.health_checks", "--client-of", str(port),
          "--share", f"{k}/{clients}", "--envoys", str(envoys), "--period", str(period),
@@ -262,6 +267,8 @@ def load_processes(port: int, pid: int, *, clients: int, envoys: int, period: fl
             assert child.stdout is not None
             assert child.stdout.readline().strip() == "registered", "a client failed"
         registration_rate = envoys / (time.perf_counter() - started)
+        registration_cpu = (tree_cpu_seconds(pid) - cpu_started[0],
+                            cpu_seconds(pid) - cpu_started[1])
         window = (time.time() + warmup, time.time() + warmup + duration)
         for child in children:
             assert child.stdin is not None
@@ -282,7 +289,7 @@ def load_processes(port: int, pid: int, *, clients: int, envoys: int, period: fl
         for child in children:
             child.kill()
             child.wait()
-    return registration_rate, latencies, cpu_used, errors
+    return registration_rate, registration_cpu, latencies, cpu_used, errors
 
 
 def serving(port: int) -> bool:
@@ -317,11 +324,11 @@ def measure(kind: str, *, envoys: int, period: float, duration: float, warmup: f
         try:
             wait_for(lambda: serving(port), timeout=60, message=f"{kind} director")
             if clients > 1:
-                rate, latencies, cpu, errors = load_processes(
+                rate, registration_cpu, latencies, cpu, errors = load_processes(
                     port, process.pid, clients=clients, envoys=envoys, period=period,
                     duration=duration, warmup=warmup, connections=connections)
             else:
-                rate, latencies, cpu, errors = asyncio.run(load(
+                rate, registration_cpu, latencies, cpu, errors = asyncio.run(load(
                     port, process.pid, envoys=envoys, period=period, duration=duration,
                     warmup=warmup, channels=connections))
         finally:
@@ -329,6 +336,8 @@ def measure(kind: str, *, envoys: int, period: float, duration: float, warmup: f
             process.wait(timeout=30)
     return Result(director=kind, envoys=envoys, period_s=period,
                   calls_per_s=len(latencies) / duration, registration_per_s=rate,
+                  registration_cpu_us=registration_cpu[0] / envoys * 1e6,
+                  registration_main_cpu_us=registration_cpu[1] / envoys * 1e6,
                   p50_ms=percentile(latencies, 0.50) * 1e3,
                   p99_ms=percentile(latencies, 0.99) * 1e3,
                   cpu_percent=100 * cpu / duration, errors=errors)
@@ -339,14 +348,17 @@ def table(results: list[Result]) -> None:
     from rich.table import Table
 
     view = Table(title="Health checks: fedkube (SQLite store) vs OpenFL 1.6 (in memory)")
-    for column in ("director", "envoys", "period s", "calls/s", "registrations/s", "p50 ms",
-                   "p99 ms", "director CPU %", "errors"):
+    for column in ("director", "envoys", "period s", "calls/s", "registrations/s",
+                   "µs CPU / registration (director alone)", "p50 ms", "p99 ms",
+                   "director CPU %", "errors"):
         view.add_column(column, justify="right")
     for r in results:
         view.add_row(r.director, str(r.envoys), f"{r.period_s:g}", f"{r.calls_per_s:.0f}",
-                     f"{r.registration_per_s:.0f}", f"{r.p50_ms:.2f}", f"{r.p99_ms:.2f}",
+                     f"{r.registration_per_s:.0f}",
+                     f"{r.registration_cpu_us:.0f} ({r.registration_main_cpu_us:.0f})",
+                     f"{r.p50_ms:.2f}", f"{r.p99_ms:.2f}",
                      f"{r.cpu_percent:.0f}", str(r.errors))
-    Console(width=140).print(view)
+    Console(width=160).print(view)
 
 
 def main() -> None:

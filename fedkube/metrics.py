@@ -23,5 +23,9 @@ HEALTH_CHECKS = Counter("fedkube_health_checks_total", "UpdateEnvoyStatus calls 
 FRONTEND_HEALTH_CHECKS = Counter("fedkube_frontend_health_checks_total",
                                  "UpdateEnvoyStatus calls served by the director's frontends "
                                  "(also counted in fedkube_health_checks_total)")
+FRONTEND_REGISTRATIONS = Counter("fedkube_frontend_registrations_total",
+                                 "Shard registrations handed over by the director's frontends")
+FRONTEND_REGISTRATION_BATCHES = Counter("fedkube_frontend_registration_batches_total",
+                                        "Calls that handed them over (many per call)")
 FRONTEND_RESTARTS = Counter("fedkube_frontend_restarts_total",
                             "Director frontends started again after they exited")

@@ -54,8 +54,8 @@ async def test_a_frontend_answers_health_checks_and_the_director_records_them(
         for _ in range(5):
             reply = await envoy.UpdateEnvoyStatus(check)
             assert reply.health_check_period.ToNanoseconds() == 2_000_000_000
-        # The first check went to the director; the frontend answered the other four and
-        # reports them: the director's registry shows what the last one said.
+        # The first check, a new status, went to the director at once; the frontend
+        # answered the four that repeated it, and reports them.
         await eventually(lambda: frontend_checks() - before == 4, within=10,
                          message="the frontend's report of 4 checks")
         state = next(s for s in running.server.director.get_envoys()
@@ -63,6 +63,32 @@ async def test_a_frontend_answers_health_checks_and_the_director_records_them(
         assert state.is_experiment_running
         assert list(state.shard_info.node_info.cuda_devices) == [GPU]
         assert running.server.director.is_online(state)
+        await envoy.channel.close()  # type: ignore[attr-defined]
+
+
+async def test_a_frontend_hands_registrations_over_in_batches_and_changes_at_once(
+        tmp_path: Path) -> None:
+    async with running_director(tmp_path, tls=TLSSettings(insecure=True),
+                                route="frontend") as running:
+        envoy = stub(running.address, client_id="loader")
+        registrations = metrics.FRONTEND_REGISTRATIONS._value.get()
+        batches = metrics.FRONTEND_REGISTRATION_BATCHES._value.get()
+        replies = await asyncio.gather(*(envoy.UpdateShardInfo(shard_request(f"env{i}"))
+                                         for i in range(300)))
+        assert all(reply.accepted for reply in replies)
+        assert len(running.server.director.get_envoys()) == 300
+        assert metrics.FRONTEND_REGISTRATIONS._value.get() - registrations == 300
+        # Several to a call (those that arrive while a batch is on its way go in the
+        # next): the director did the work of 300 registrations in far fewer calls.
+        assert metrics.FRONTEND_REGISTRATION_BATCHES._value.get() - batches <= 150
+        # A check that changes the status reaches the registry before its reply does.
+        for running_now in (False, True):
+            await envoy.UpdateEnvoyStatus(director_pb2.UpdateEnvoyStatusRequest(
+                name="env7", is_experiment_running=running_now, cuda_devices=[GPU]))
+            state = next(s for s in running.server.director.get_envoys()
+                         if s.shard_info.node_info.name == "env7")
+            assert state.is_experiment_running is running_now
+            assert list(state.shard_info.node_info.cuda_devices) == [GPU]
         await envoy.channel.close()  # type: ignore[attr-defined]
 
 

@@ -37,7 +37,7 @@ from fedkube.proto import (
 )
 from fedkube.transport.forwarding import PRIVATE_OPTIONS, Context, Relay, UnaryRelay
 from fedkube.transport.guard import Handlers, generated_handlers, guarded_handlers
-from fedkube.transport.identity import caller_identity
+from fedkube.transport.identity import REASON_HEADER, caller_identity
 from fedkube.transport.server import create_server
 from fedkube.transport.tls import TLSFiles
 
@@ -54,6 +54,8 @@ SERVICES: dict[str, tuple[Any, Any]] = {
                                        streaming_pb2_grpc.TensorStreamServicer()),
 }
 HEALTH_METHOD = "UpdateEnvoyStatus"
+ANSWERED_HERE = (HEALTH_METHOD, "UpdateShardInfo")  # the rest is relayed
+MAX_BATCH = 1024  # registrations per call to the director
 
 
 def report_interval(health_check_period: float) -> float:
@@ -62,32 +64,96 @@ def report_interval(health_check_period: float) -> float:
     return min(0.5, health_check_period / 4)
 
 
+class RegistrationBatches:
+    """Hands registrations to the director many per call: those that arrive while one
+    batch is on its way go in the next."""
+
+    def __init__(self, reports: frontend_pb2_grpc.FrontendStub) -> None:
+        self._reports = reports
+        self._waiting: list[tuple[director_pb2.UpdateShardInfoRequest,
+                                  asyncio.Future[frontend_pb2.ShardAcknowledgement]]] = []
+        self._sender: asyncio.Task[None] | None = None
+
+    async def register(self, request: director_pb2.UpdateShardInfoRequest
+                       ) -> frontend_pb2.ShardAcknowledgement:
+        """The director's answer (raises the director's error, if the call failed)."""
+        answer: asyncio.Future[frontend_pb2.ShardAcknowledgement] = (
+            asyncio.get_running_loop().create_future())
+        self._waiting.append((request, answer))
+        if self._sender is None or self._sender.done():
+            self._sender = asyncio.create_task(self._send())
+        return await answer
+
+    async def _send(self) -> None:
+        await asyncio.sleep(0)  # the registrations that arrive in the same turn join
+        while self._waiting:
+            batch, self._waiting = self._waiting[:MAX_BATCH], self._waiting[MAX_BATCH:]
+            try:
+                reply = await self._reports.RegisterShards(frontend_pb2.ShardRegistrations(
+                    requests=[request for request, _ in batch]), timeout=60)
+            except grpc.aio.AioRpcError as error:
+                for _, answer in batch:
+                    if not answer.done():
+                        answer.set_exception(error)
+                continue
+            for (_, answer), ack in zip(batch, reply.acknowledgements, strict=True):
+                if not answer.done():  # its caller may have gone
+                    answer.set_result(ack)
+
+
 class HealthAnswers(director_pb2_grpc.DirectorServicer):
     """Answers the health checks of shards the director has accepted on this frontend's
-    connections; the first check of each shard, and any after the director said it no
-    longer knows the shard, goes to the director, which answers NOT_FOUND where due."""
+    connections when they repeat the last status it was sent; the first check of each
+    shard, one that changes its status, and any after the director said it no longer
+    knows the shard go to the director, which answers NOT_FOUND where due. Registrations
+    go to the director in batches."""
 
     def __init__(self, relay: UnaryRelay, reports: frontend_pb2_grpc.FrontendStub,
                  *, period: float, tls: bool) -> None:
         self._relay = relay
         self._reports = reports
+        self._registrations = RegistrationBatches(reports)
         self._tls = tls
         self.period = period
-        self.known: set[str] = set()
+        # Per shard the director has accepted: the last status (UpdateEnvoyStatusRequest
+        # bytes) it was sent. A check that says the same is a heartbeat, answered here
+        # and reported later; one that changes something (GPUs, a running experiment)
+        # goes to the director at once, so its registry never lags a change.
+        self.known: dict[str, bytes] = {}
         # Per shard: when its latest check came, the check, and how many came.
         self._answered: dict[str, tuple[float, director_pb2.UpdateEnvoyStatusRequest,
                                         int]] = {}
 
-    async def UpdateEnvoyStatus(self, request: director_pb2.UpdateEnvoyStatusRequest,
-                                context: Context) -> director_pb2.UpdateEnvoyStatusResponse:
-        name = request.name
+    async def _require_self(self, context: Context, name: str) -> None:
+        """Under mTLS an envoy acts only for the shard in its certificate, as the
+        director's own servicer requires."""
         if self._tls and caller_identity(context, tls=True) != name:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED,
                                 f"caller {caller_identity(context, tls=True)!r} may not act "
                                 f"for {name!r}")
-        if name not in self.known:
-            reply = await self._relay(request.SerializeToString(), context)
-            self.known.add(name)  # reached only when the director answered OK
+
+    async def UpdateShardInfo(self, request: director_pb2.UpdateShardInfoRequest,
+                              context: Context) -> director_pb2.UpdateShardInfoResponse:
+        name = request.shard_info.node_info.name
+        await self._require_self(context, name)
+        try:
+            ack = await self._registrations.register(request)
+        except grpc.aio.AioRpcError as error:
+            await context.abort(error.code(), error.details() or "")
+        if ack.reason:
+            context.set_trailing_metadata(((REASON_HEADER, ack.reason),))
+        if ack.accepted:
+            self.known[name] = b""  # no status yet: its first check goes to the director
+        return director_pb2.UpdateShardInfoResponse(accepted=ack.accepted)
+
+    async def UpdateEnvoyStatus(self, request: director_pb2.UpdateEnvoyStatusRequest,
+                                context: Context) -> director_pb2.UpdateEnvoyStatusResponse:
+        name = request.name
+        await self._require_self(context, name)
+        status = request.SerializeToString()
+        if self.known.get(name) != status:
+            reply = await self._relay(status, context)
+            self.known[name] = status  # reached only when the director answered OK
             return director_pb2.UpdateEnvoyStatusResponse.FromString(reply)
         previous = self._answered.get(name)
         self._answered[name] = (time.monotonic(), request, previous[2] + 1 if previous else 1)
@@ -104,12 +170,14 @@ class HealthAnswers(director_pb2_grpc.DirectorServicer):
         reply = await self._reports.ReportHealth(frontend_pb2.HealthReport(checks=[
             frontend_pb2.HealthCheck(request=request, age_s=now - at, count=count)
             for at, request, count in answered.values()]), timeout=30)
-        self.known.difference_update(reply.unknown)
+        for name in reply.unknown:
+            self.known.pop(name, None)
         self.period = reply.health_check_period_s
 
 
 def public_handlers(relay: Relay, health: HealthAnswers, *, tls: bool) -> dict[str, Handlers]:
-    """Per service: every method relayed, but health checks answered here."""
+    """Per service: every method relayed, but health checks answered here and
+    registrations batched from here."""
     services: dict[str, Handlers] = {}
     for service, (add_to_server, servicer) in SERVICES.items():
         generated = generated_handlers(add_to_server, servicer)
@@ -120,7 +188,7 @@ def public_handlers(relay: Relay, health: HealthAnswers, *, tls: bool) -> dict[s
             for name, handler in generated.items()}
     director = "openfl.director.Director"
     generated = generated_handlers(director_pb2_grpc.add_DirectorServicer_to_server, health)
-    answered = {HEALTH_METHOD: generated[HEALTH_METHOD]}
+    answered = {name: generated[name] for name in ANSWERED_HERE}
     # Under mTLS the role table runs here for what is answered here; the director runs it
     # for what is relayed.
     services[director].update(guarded_handlers(director, answered, check_roles=tls))

@@ -29,8 +29,9 @@ STOP_TIMEOUT_S = 10.0
 RESTART_BACKOFF_S = 5.0
 
 
-class HealthReports(frontend_pb2_grpc.FrontendServicer):
-    """Records the health checks a frontend answered, as if they had come here."""
+class FrontendReports(frontend_pb2_grpc.FrontendServicer):
+    """Takes what frontends hand over: the health checks they answered, recorded as if
+    they had come here, and their envoys' registrations, in batches."""
 
     def __init__(self, director: Director) -> None:
         self.director = director
@@ -52,6 +53,17 @@ class HealthReports(frontend_pb2_grpc.FrontendServicer):
         metrics.FRONTEND_HEALTH_CHECKS.inc(answered)
         return frontend_pb2.HealthReportReply(
             unknown=unknown, health_check_period_s=self.director.health_check_period)
+
+    async def RegisterShards(self, registrations: frontend_pb2.ShardRegistrations,
+                             context: Context) -> frontend_pb2.ShardAcknowledgements:
+        acknowledgements = []
+        for request in registrations.requests:
+            ack = self.director.acknowledge_shard(request.shard_info)
+            acknowledgements.append(frontend_pb2.ShardAcknowledgement(
+                accepted=ack.accepted, reason=ack.reason or ""))
+        metrics.FRONTEND_REGISTRATIONS.inc(len(acknowledgements))
+        metrics.FRONTEND_REGISTRATION_BATCHES.inc()
+        return frontend_pb2.ShardAcknowledgements(acknowledgements=acknowledgements)
 
 
 def private_server_options() -> list[tuple[str, int]]:

@@ -13,7 +13,7 @@ from fedkube.aggregator.runner import AggregatorRunner
 from fedkube.aggregator.servicer import AggregatorService, add_aggregator_to_server
 from fedkube.api.config import DirectorConfig
 from fedkube.director.core import Director
-from fedkube.director.frontends import Frontends, HealthReports
+from fedkube.director.frontends import FrontendReports, Frontends
 from fedkube.director.metrics import serve_metrics
 from fedkube.director.servicer import DirectorService
 from fedkube.director.store import open_store
@@ -63,7 +63,7 @@ class DirectorServer:
                                 check_roles=secure, forwarded=True)
             add_aggregator_to_server(aggregator, private, check_roles=secure, forwarded=True)
             frontend_pb2_grpc.add_FrontendServicer_to_server(  # type: ignore[no-untyped-call]
-                HealthReports(self.director), private)
+                FrontendReports(self.director), private)
         self._flusher: asyncio.Task[None] | None = None
         self.metrics_port: int | None = None
 

@@ -25,19 +25,25 @@ _sym_db = _symbol_database.Default()
 from fedkube.proto import director_pb2 as fedkube_dot_proto_dot_director__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x66\x65\x64kube/proto/frontend.proto\x12\x10\x66\x65\x64kube.frontend\x1a\x1c\x66\x65\x64kube/proto/director.proto\"g\n\x0bHealthCheck\x12:\n\x07request\x18\x01 \x01(\x0b\x32).openfl.director.UpdateEnvoyStatusRequest\x12\r\n\x05\x61ge_s\x18\x02 \x01(\x01\x12\r\n\x05\x63ount\x18\x03 \x01(\r\"=\n\x0cHealthReport\x12-\n\x06\x63hecks\x18\x01 \x03(\x0b\x32\x1d.fedkube.frontend.HealthCheck\"C\n\x11HealthReportReply\x12\x0f\n\x07unknown\x18\x01 \x03(\t\x12\x1d\n\x15health_check_period_s\x18\x02 \x01(\x01\x32\x61\n\x08\x46rontend\x12U\n\x0cReportHealth\x12\x1e.fedkube.frontend.HealthReport\x1a#.fedkube.frontend.HealthReportReply\"\x00\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x66\x65\x64kube/proto/frontend.proto\x12\x10\x66\x65\x64kube.frontend\x1a\x1c\x66\x65\x64kube/proto/director.proto\"O\n\x12ShardRegistrations\x12\x39\n\x08requests\x18\x01 \x03(\x0b\x32\'.openfl.director.UpdateShardInfoRequest\"8\n\x14ShardAcknowledgement\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\"Y\n\x15ShardAcknowledgements\x12@\n\x10\x61\x63knowledgements\x18\x01 \x03(\x0b\x32&.fedkube.frontend.ShardAcknowledgement\"g\n\x0bHealthCheck\x12:\n\x07request\x18\x01 \x01(\x0b\x32).openfl.director.UpdateEnvoyStatusRequest\x12\r\n\x05\x61ge_s\x18\x02 \x01(\x01\x12\r\n\x05\x63ount\x18\x03 \x01(\r\"=\n\x0cHealthReport\x12-\n\x06\x63hecks\x18\x01 \x03(\x0b\x32\x1d.fedkube.frontend.HealthCheck\"C\n\x11HealthReportReply\x12\x0f\n\x07unknown\x18\x01 \x03(\t\x12\x1d\n\x15health_check_period_s\x18\x02 \x01(\x01\x32\xc4\x01\n\x08\x46rontend\x12U\n\x0cReportHealth\x12\x1e.fedkube.frontend.HealthReport\x1a#.fedkube.frontend.HealthReportReply\"\x00\x12\x61\n\x0eRegisterShards\x12$.fedkube.frontend.ShardRegistrations\x1a\'.fedkube.frontend.ShardAcknowledgements\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fedkube.proto.frontend_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_HEALTHCHECK']._serialized_start=80
-  _globals['_HEALTHCHECK']._serialized_end=183
-  _globals['_HEALTHREPORT']._serialized_start=185
-  _globals['_HEALTHREPORT']._serialized_end=246
-  _globals['_HEALTHREPORTREPLY']._serialized_start=248
-  _globals['_HEALTHREPORTREPLY']._serialized_end=315
-  _globals['_FRONTEND']._serialized_start=317
-  _globals['_FRONTEND']._serialized_end=414
+  _globals['_SHARDREGISTRATIONS']._serialized_start=80
+  _globals['_SHARDREGISTRATIONS']._serialized_end=159
+  _globals['_SHARDACKNOWLEDGEMENT']._serialized_start=161
+  _globals['_SHARDACKNOWLEDGEMENT']._serialized_end=217
+  _globals['_SHARDACKNOWLEDGEMENTS']._serialized_start=219
+  _globals['_SHARDACKNOWLEDGEMENTS']._serialized_end=308
+  _globals['_HEALTHCHECK']._serialized_start=310
+  _globals['_HEALTHCHECK']._serialized_end=413
+  _globals['_HEALTHREPORT']._serialized_start=415
+  _globals['_HEALTHREPORT']._serialized_end=476
+  _globals['_HEALTHREPORTREPLY']._serialized_start=478
+  _globals['_HEALTHREPORTREPLY']._serialized_end=545
+  _globals['_FRONTEND']._serialized_start=548
+  _globals['_FRONTEND']._serialized_end=744
 # @@protoc_insertion_point(module_scope)

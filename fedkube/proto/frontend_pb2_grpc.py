@@ -39,6 +39,11 @@ class FrontendStub:
                 request_serializer=fedkube_dot_proto_dot_frontend__pb2.HealthReport.SerializeToString,
                 response_deserializer=fedkube_dot_proto_dot_frontend__pb2.HealthReportReply.FromString,
                 _registered_method=True)
+        self.RegisterShards = channel.unary_unary(
+                '/fedkube.frontend.Frontend/RegisterShards',
+                request_serializer=fedkube_dot_proto_dot_frontend__pb2.ShardRegistrations.SerializeToString,
+                response_deserializer=fedkube_dot_proto_dot_frontend__pb2.ShardAcknowledgements.FromString,
+                _registered_method=True)
 
 
 class FrontendServicer:
@@ -50,6 +55,14 @@ class FrontendServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RegisterShards(self, request, context):
+        """The registrations a frontend's envoys sent (roles and identities checked there), in
+        one call: the director's work per registration is then its own, not a call's.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FrontendServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -57,6 +70,11 @@ def add_FrontendServicer_to_server(servicer, server):
                     servicer.ReportHealth,
                     request_deserializer=fedkube_dot_proto_dot_frontend__pb2.HealthReport.FromString,
                     response_serializer=fedkube_dot_proto_dot_frontend__pb2.HealthReportReply.SerializeToString,
+            ),
+            'RegisterShards': grpc.unary_unary_rpc_method_handler(
+                    servicer.RegisterShards,
+                    request_deserializer=fedkube_dot_proto_dot_frontend__pb2.ShardRegistrations.FromString,
+                    response_serializer=fedkube_dot_proto_dot_frontend__pb2.ShardAcknowledgements.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -86,6 +104,33 @@ class Frontend:
             '/fedkube.frontend.Frontend/ReportHealth',
             fedkube_dot_proto_dot_frontend__pb2.HealthReport.SerializeToString,
             fedkube_dot_proto_dot_frontend__pb2.HealthReportReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RegisterShards(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedkube.frontend.Frontend/RegisterShards',
+            fedkube_dot_proto_dot_frontend__pb2.ShardRegistrations.SerializeToString,
+            fedkube_dot_proto_dot_frontend__pb2.ShardAcknowledgements.FromString,
             options,
             channel_credentials,
             insecure,
