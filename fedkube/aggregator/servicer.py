@@ -23,7 +23,7 @@ from fedkube.api.errors import (
 )
 from fedkube.proto import aggregator_pb2, aggregator_pb2_grpc, streaming_pb2
 from fedkube.transport.guard import add_guarded_service, generated_handlers
-from fedkube.transport.identity import caller_identity
+from fedkube.transport.identity import acting_for_another, caller_identity
 from fedkube.transport.limits import CHUNK_BYTES
 from fedkube.transport.roles import caller_role, refusal
 from fedkube.transport.status import Context, stream_errors, unary_errors
@@ -52,8 +52,7 @@ class AggregatorService(aggregator_pb2_grpc.AggregatorServicer):
         if self.tls:
             caller = caller_identity(context, tls=True)
             if caller != header.sender:
-                raise PermissionDeniedError(f"caller {caller!r} may not act for "
-                                            f"{header.sender!r}")
+                raise PermissionDeniedError(acting_for_another(caller, header.sender))
         return header.sender
 
     def _reply_header(self, header: aggregator_pb2.MessageHeader

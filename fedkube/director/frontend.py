@@ -37,7 +37,7 @@ from fedkube.proto import (
 )
 from fedkube.transport.forwarding import PRIVATE_OPTIONS, Context, Relay, UnaryRelay
 from fedkube.transport.guard import Handlers, generated_handlers, guarded_handlers
-from fedkube.transport.identity import REASON_HEADER, caller_identity
+from fedkube.transport.identity import REASON_HEADER, acting_for_another, caller_identity
 from fedkube.transport.server import create_server
 from fedkube.transport.tls import TLSFiles
 
@@ -101,7 +101,7 @@ class RegistrationBatches:
                     answer.set_result(ack)
 
 
-class HealthAnswers(director_pb2_grpc.DirectorServicer):
+class EnvoyAnswers(director_pb2_grpc.DirectorServicer):
     """Answers the health checks of shards the director has accepted on this frontend's
     connections when they repeat the last status it was sent; the first check of each
     shard, one that changes its status, and any after the director said it no longer
@@ -127,10 +127,9 @@ class HealthAnswers(director_pb2_grpc.DirectorServicer):
     async def _require_self(self, context: Context, name: str) -> None:
         """Under mTLS an envoy acts only for the shard in its certificate, as the
         director's own servicer requires."""
-        if self._tls and caller_identity(context, tls=True) != name:
+        if self._tls and (caller := caller_identity(context, tls=True)) != name:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                                f"caller {caller_identity(context, tls=True)!r} may not act "
-                                f"for {name!r}")
+                                acting_for_another(caller, name))
 
     async def UpdateShardInfo(self, request: director_pb2.UpdateShardInfoRequest,
                               context: Context) -> director_pb2.UpdateShardInfoResponse:
@@ -175,7 +174,7 @@ class HealthAnswers(director_pb2_grpc.DirectorServicer):
         self.period = reply.health_check_period_s
 
 
-def public_handlers(relay: Relay, health: HealthAnswers, *, tls: bool) -> dict[str, Handlers]:
+def public_handlers(relay: Relay, health: EnvoyAnswers, *, tls: bool) -> dict[str, Handlers]:
     """Per service: every method relayed, but health checks answered here and
     registrations batched from here."""
     services: dict[str, Handlers] = {}
@@ -199,7 +198,7 @@ async def serve(config: DirectorConfig, port: int, socket: str) -> None:
     tls = TLSFiles.load(config.tls)
     channel = grpc.aio.insecure_channel(f"unix:{socket}", options=PRIVATE_OPTIONS)
     relay = Relay(channel)
-    health = HealthAnswers(
+    health = EnvoyAnswers(
         relay.unary(f"/openfl.director.Director/{HEALTH_METHOD}"),
         frontend_pb2_grpc.FrontendStub(channel),  # type: ignore[no-untyped-call]
         period=config.health_check_period, tls=tls is not None)

@@ -20,7 +20,7 @@ from fedkube.api.errors import (
 from fedkube.director.core import Director
 from fedkube.director.store import ExperimentRecord
 from fedkube.proto import base_pb2, director_pb2, director_pb2_grpc
-from fedkube.transport.identity import REASON_HEADER, caller_identity
+from fedkube.transport.identity import REASON_HEADER, acting_for_another, caller_identity
 from fedkube.transport.limits import CHUNK_BYTES, MAX_ARCHIVE_BYTES, MAX_MODEL_BYTES
 from fedkube.transport.roles import is_admin
 from fedkube.transport.status import Context, stream_errors, unary_errors
@@ -61,8 +61,7 @@ class DirectorService(director_pb2_grpc.DirectorServicer):
         if self.tls:
             caller = self._caller(context)
             if caller != claimed:
-                raise PermissionDeniedError(
-                    f"caller {caller!r} may not act for {claimed!r}")
+                raise PermissionDeniedError(acting_for_another(caller, claimed))
 
     # -- envoy RPCs ---------------------------------------------------------------------
 

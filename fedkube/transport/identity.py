@@ -24,3 +24,8 @@ def caller_identity(context: grpc.aio.ServicerContext[Any, Any], *, tls: bool) -
         if key == CLIENT_ID_HEADER:
             return value if isinstance(value, str) else value.decode()
     return ANONYMOUS
+
+
+def acting_for_another(caller: str, claimed: str) -> str:
+    """Why a caller may not act for another shard: one message wherever it is checked."""
+    return f"caller {caller!r} may not act for {claimed!r}"
