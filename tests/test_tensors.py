@@ -74,6 +74,17 @@ def test_encoded_results_are_the_bytes_protobuf_would_write(chunk_bytes: int) ->
     assert b"".join(c.npbytes for c in chunks) == expected.SerializeToString()
 
 
+def test_an_encoded_model_is_the_bytes_protobuf_would_write() -> None:
+    from fedkube.transport.tensors import encode_model, model_to_proto
+
+    model = {"w": np.arange(30_000, dtype=np.float32).reshape(300, 100),
+             "b": np.array(2.5, np.float32), "empty": np.zeros(0, np.float32),
+             "cube": np.ones((2, 3, 4), np.float32)}
+    for round_number in (0, 7, 2**31 - 1):
+        expected = model_to_proto(model, round_number).SerializeToString()
+        assert b"".join(bytes(s) for s in encode_model(model, round_number)) == expected
+
+
 @settings(max_examples=200, deadline=None)
 @given(sizes=st.lists(st.integers(0, 300), max_size=4), names=st.lists(st.text(max_size=8),
                                                                        max_size=4),

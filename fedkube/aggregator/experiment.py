@@ -32,8 +32,8 @@ from fedkube.api.plan import Plan
 from fedkube.proto import aggregator_pb2, base_pb2
 from fedkube.transport.tensors import (
     TensorError,
+    encode_model,
     from_named_tensor,
-    model_to_proto,
     to_named_tensor,
 )
 
@@ -164,8 +164,12 @@ class ExperimentAggregator:
         return value
 
     def _save(self, filename: str, model: Model) -> None:
+        # Straight from the arrays: this runs on the event loop at round close, and
+        # building the message first cost three more copies of the model.
         tmp = self.workdir / f".{filename}.tmp"
-        tmp.write_bytes(model_to_proto(model, self.round).SerializeToString())
+        with tmp.open("wb") as file:
+            for segment in encode_model(model, self.round):
+                file.write(segment)
         tmp.replace(self.workdir / filename)
 
     def active(self) -> set[str]:

@@ -3,6 +3,7 @@ and maps the core's errors to gRPC status codes. No state and no rules live here
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import shutil
@@ -228,9 +229,15 @@ class DirectorService(director_pb2_grpc.DirectorServicer):
         caller, admin = self._viewer(context)
         record = self.director.get_experiment_status(caller, request.experiment_name, admin)
         best = request.model_type == director_pb2.GetTrainedModelRequest.BEST_MODEL
-        model = AggregatorRunner.trained_model(self.director.experiment_dir(record.name),
-                                               best=best)
-        return director_pb2.TrainedModelResponse(model_proto=model)
+        directory = self.director.experiment_dir(record.name)
+
+        def response() -> director_pb2.TrainedModelResponse:
+            return director_pb2.TrainedModelResponse(
+                model_proto=AggregatorRunner.trained_model(directory, best=best))
+
+        # Read and built off the event loop: a model-sized file and two copies of it
+        # would hold up every other call (health checks included) meanwhile.
+        return await asyncio.to_thread(response)
 
     @stream_errors
     async def GetMetricStream(

@@ -123,6 +123,7 @@ class ModelAssembler:
 # NamedTensor.data_bytes, each the last field of its message, and the reply's tensor.
 _TENSORS_FIELD, _DATA_FIELD = 5, 7
 _RESPONSE_TENSOR_FIELD = 3  # GetAggregatedTensorResponse.tensor
+_MODEL_TENSORS_FIELD = 1  # ModelProto.tensors
 
 
 def _varint(value: int) -> bytes:
@@ -165,6 +166,13 @@ def _tensor_field(field: int, name: str, round_number: int, array: npt.ArrayLike
     data_key = _length_key(_DATA_FIELD) + _varint(len(data)) if len(data) else b""
     body = len(head) + len(data_key) + len(data)
     return [_length_key(field) + _varint(body) + head + data_key, data]
+
+
+def encode_model(model: Model, round_number: int = 0) -> list[bytes | memoryview]:
+    """model_to_proto(model, round_number).SerializeToString() as segments that reference
+    the arrays: a model is written to disk without the three model-sized copies."""
+    return [segment for name, array in model.items()
+            for segment in _tensor_field(_MODEL_TENSORS_FIELD, name, round_number, array)]
 
 
 def encode_tensor_response(header: aggregator_pb2.MessageHeader, round_number: int,
