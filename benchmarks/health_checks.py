@@ -33,7 +33,7 @@ from pathlib import Path
 import grpc
 from google.protobuf.duration_pb2 import Duration
 
-from fedkube.local import free_port, port_open, wait_for
+from fedkube.local import child_pids, free_port, port_open, wait_for
 from fedkube.proto import director_pb2, director_pb2_grpc
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -62,20 +62,11 @@ def cpu_seconds(pid: int) -> float:
 
 def tree_cpu_seconds(pid: int) -> float:
     """CPU time of a process and its children (a director's frontends)."""
-    children = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()
-                and _parent(int(p.name)) == pid]
     total = cpu_seconds(pid)
-    for child in children:
+    for child in child_pids(pid):
         with contextlib.suppress(OSError):  # ended since
             total += cpu_seconds(child)
     return total
-
-
-def _parent(pid: int) -> int | None:
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, ValueError, IndexError):  # gone, or not ours to read
-        return None
 
 
 def frontends_of(kind: str) -> int:

@@ -40,6 +40,21 @@ def wait_for(predicate: Callable[[], bool], *, timeout: float, interval: float =
         time.sleep(interval)
 
 
+def child_pids(pid: int) -> list[int]:
+    """The processes whose parent is pid (Linux /proc), e.g. a director's frontends."""
+    children = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:  # the command may hold ")": the fields after its last one are fixed
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):  # gone meanwhile, or not ours to read
+            continue
+        if parent == pid:
+            children.append(int(entry.name))
+    return children
+
+
 def port_open(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket() as sock:
         sock.settimeout(0.2)

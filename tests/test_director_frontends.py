@@ -16,7 +16,14 @@ from fedkube import metrics
 from fedkube.api.config import TLSSettings
 from fedkube.api.plan import Plan
 from fedkube.client import DirectorClient, experiment_archive
-from fedkube.local import Process, director_process, envoy_process, free_port, wait_for
+from fedkube.local import (
+    Process,
+    child_pids,
+    director_process,
+    envoy_process,
+    free_port,
+    wait_for,
+)
 from fedkube.proto import director_pb2, director_pb2_grpc
 from fedkube.transport.forwarding import CERT_HEADER, CN_HEADER
 from fedkube.transport.tls import TLSFiles
@@ -163,18 +170,6 @@ async def test_a_frontend_that_dies_is_started_again(tmp_path: Path) -> None:
     await running.server.stop(None)
 
 
-def _children(pid: int) -> list[int]:
-    children = []
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit() and int((entry / "stat").read_text()
-                                            .rsplit(")", 1)[1].split()[1]) == pid:
-                children.append(int(entry.name))
-        except (OSError, ValueError):  # gone meanwhile
-            continue
-    return children
-
-
 def _alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -224,7 +219,7 @@ def test_frontends_serve_from_the_first_connection_and_die_with_their_director(
     for channel in channels:
         channel.close()
     assert director.popen is not None
-    frontends = _children(director.popen.pid)
+    frontends = child_pids(director.popen.pid)
     assert len(frontends) == 2
     director.kill()
     wait_for(lambda: not any(_alive(child) for child in frontends), timeout=20,
