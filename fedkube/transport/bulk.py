@@ -34,6 +34,7 @@ from typing import Any, Protocol
 
 import grpc
 
+from fedkube.transport.identity import certificate_auth
 from fedkube.transport.tls import TLSFiles, ssl_context
 
 log = logging.getLogger(__name__)
@@ -71,11 +72,11 @@ class PeerContext:
             from cryptography import x509
             from cryptography.x509.oid import NameOID
 
-            cert = x509.load_der_x509_certificate(peer_cert_der)
-            names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-            if names:
-                self._auth["x509_common_name"] = [str(names[0].value).encode()]
-            self._auth["x509_pem_cert"] = [ssl.DER_cert_to_PEM_cert(peer_cert_der).encode()]
+            names = x509.load_der_x509_certificate(peer_cert_der).subject \
+                .get_attributes_for_oid(NameOID.COMMON_NAME)
+            self._auth = certificate_auth(
+                str(names[0].value).encode() if names else None,
+                ssl.DER_cert_to_PEM_cert(peer_cert_der).encode())
 
     def auth_context(self) -> dict[str, list[bytes]]:
         return self._auth

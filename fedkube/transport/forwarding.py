@@ -14,6 +14,7 @@ from typing import Any, NoReturn, TypeAlias
 
 import grpc
 
+from fedkube.transport.identity import certificate_auth
 from fedkube.transport.limits import MAX_REPLY_BYTES
 
 CN_HEADER = "fedkube-forwarded-cn"
@@ -44,11 +45,7 @@ class ForwardedContext:
                 cn = value.encode() if isinstance(value, str) else value
             elif key == CERT_HEADER:
                 cert = value.encode() if isinstance(value, str) else value
-        self._auth: dict[str, list[bytes]] = {}
-        if cn is not None:
-            self._auth["x509_common_name"] = [cn]
-        if cert is not None:
-            self._auth["x509_pem_cert"] = [cert]
+        self._auth = certificate_auth(cn, cert)
 
     def auth_context(self) -> dict[str, list[bytes]]:
         return self._auth

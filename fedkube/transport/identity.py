@@ -16,6 +16,17 @@ ANONYMOUS = "__default__"  # OpenFL's CLIENT_ID_DEFAULT
 REASON_HEADER = "fedkube-reason"
 
 
+def certificate_auth(common_name: bytes | None, pem: bytes | None) -> dict[str, list[bytes]]:
+    """An auth context as grpc gives it for a client certificate (the keys read below and
+    by fedkube.transport.roles), for callers whose TLS ended elsewhere."""
+    auth: dict[str, list[bytes]] = {}
+    if common_name is not None:
+        auth["x509_common_name"] = [common_name]
+    if pem is not None:
+        auth["x509_pem_cert"] = [pem]
+    return auth
+
+
 def caller_identity(context: grpc.aio.ServicerContext[Any, Any], *, tls: bool) -> str:
     if tls:
         names = list(context.auth_context().get("x509_common_name") or ())
