@@ -17,6 +17,9 @@ BYTES_RECEIVED = Counter("fedkube_bytes_received_total",
 BYTES_SENT = Counter("fedkube_bytes_sent_total", "Payload bytes sent, by RPC", ["rpc"])
 RESULTS = Counter("fedkube_task_results_total",
                   "Task results taken into an experiment, by task", ["task"])
+REPEATED_RESULTS = Counter("fedkube_repeated_task_results_total",
+                           "Task results sent again after being taken (a retried upload "
+                           "whose reply was lost), acknowledged and ignored")
 DROPOUTS = Counter("fedkube_collaborator_dropouts_total",
                    "Collaborators left out of a round that closed on quorum")
 HEALTH_CHECKS = Counter("fedkube_health_checks_total", "UpdateEnvoyStatus calls served")

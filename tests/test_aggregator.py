@@ -80,3 +80,46 @@ async def test_reply_comes_before_the_add_which_still_holds_the_round(
     await asyncio.wait_for(asyncio.gather(*aggregator._commits), timeout=30)
     assert outcome.closed == [1]
     np.testing.assert_allclose(aggregator.model["w"], np.full(SIZE, (30 + 40) / 40, np.float32))
+
+
+def _validate(sender: str, accuracy: float, round_number: int = 0
+              ) -> aggregator_pb2.TaskResults:
+    return aggregator_pb2.TaskResults(
+        header=aggregator_pb2.MessageHeader(sender=sender, federation_uuid="exp"),
+        round_number=round_number, task_name="validate", data_size=10,
+        tensors=[to_named_tensor("accuracy", np.array([accuracy]), report=True)])
+
+
+async def test_a_result_sent_again_is_acknowledged_and_ignored_but_a_late_one_refused(
+        tmp_path: Path) -> None:
+    """A retried upload whose reply was lost must neither fail its collaborator nor count
+    twice, in its round or after its result closed that round; a straggler's result for
+    a closed round is still refused."""
+    now = [0.0]
+    outcome = Recorder()
+    aggregator = ExperimentAggregator(
+        name="exp", plan=Plan(task="digits-logreg", rounds=2, round_timeout_s=1.0,
+                              min_collaborators=2),
+        collaborators=["a", "b", "c"], initial={"w": np.zeros(SIZE, np.float32)},
+        workdir=tmp_path, outcome=outcome, clock=lambda: now[0])
+    aggregator.get_tasks("a")
+    await aggregator.receive("a", _validate("a", 0.5))
+    await aggregator.receive("a", _validate("a", 0.9))  # again, other figures: ignored
+    await aggregator.receive("a", _train("a", 1.0, 10))
+    await aggregator.receive("a", _train("a", 50.0, 10))  # again while being added
+    await aggregator.receive("b", _train("b", 3.0, 10))
+    await asyncio.wait_for(asyncio.gather(*aggregator._commits), timeout=30)
+    assert aggregator._fedavg.count == 2 and aggregator._validated == {"a": (0.5, 10.0)}
+    now[0] = 5.0
+    aggregator.tick()  # past the timeout on quorum: closes without c
+    assert outcome.closed == [1]
+    np.testing.assert_allclose(aggregator.model["w"], np.full(SIZE, 2.0, np.float32))
+    # Sent again after the round it belonged to closed: still acknowledged, not added.
+    await aggregator.receive("b", _train("b", 9.0, 10))
+    await aggregator.receive("a", _validate("a", 0.1))
+    assert aggregator._fedavg.count == 0 and aggregator.round == 1
+    # c never sent round 0's result: that one is late, not a repeat.
+    with pytest.raises(InvalidArgumentError, match="round 0 is closed"):
+        await aggregator.receive("c", _train("c", 1.0, 10))
+    np.testing.assert_allclose(aggregator.model["w"], np.full(SIZE, 2.0, np.float32))
+    assert [e.value for e in aggregator.events if e.task == "aggregated_validate"] == [0.5]

@@ -17,9 +17,12 @@ from fedkube import metrics
 from fedkube.api.config import TLSSettings
 from fedkube.api.plan import Plan
 from fedkube.client import DirectorClient, experiment_archive
+from fedkube.collaborator.run import Collaborator
 from fedkube.local import Process, envoy_process, wait_for
 from fedkube.proto import aggregator_pb2
-from fedkube.transport.bulk import BulkClient, BulkError
+from fedkube.tasks.digits import DigitsShard
+from fedkube.tasks.models import BUILTIN_TASKS
+from fedkube.transport.bulk import BulkClient, BulkError, Segments
 from fedkube.transport.tensors import encode_task_results, parse_tensor_response
 from fedkube.transport.tls import TLSFiles
 from tests.conftest import CertDir, RunningDirector, running_director
@@ -90,13 +93,12 @@ async def test_bad_results_over_the_bulk_port_are_refused_without_touching_the_m
     assert aggregator._fedavg.count == 0
     for name, value in before.items():
         np.testing.assert_array_equal(aggregator.model[name], value)
-    # The port still serves: a good result is taken once, its replay refused.
-    reply = aggregator_pb2.SendLocalTaskResultsResponse.FromString(
-        await upload(client, task_results("env1")))
-    assert reply.header.receiver == "env1"
-    with pytest.raises(BulkError) as error:
-        await upload(client, task_results("env1"))
-    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    # The port still serves: a good result is taken once, and acknowledged, not added,
+    # when sent again.
+    for _ in range(2):
+        reply = aggregator_pb2.SendLocalTaskResultsResponse.FromString(
+            await upload(client, task_results("env1")))
+        assert reply.header.receiver == "env1"
     assert aggregator._fedavg.count == 1
 
 
@@ -165,3 +167,42 @@ async def test_collaborators_use_the_bulk_port_and_fall_back_to_grpc_streams(
         assert status == "finished" and accuracy > 0.8
         assert sent("StreamAggregatedTensor") > streamed
         assert sent("BulkDownload") == bulk_down
+
+
+class LosesFirstReply(BulkClient):
+    """The real bulk client, whose first upload's connection breaks after the director
+    has taken the result and before its reply arrives."""
+
+    lost = 0
+
+    def upload(self, header: bytes, segments: Segments) -> bytes:
+        reply = super().upload(header, segments)
+        if not self.lost:
+            self.lost += 1
+            raise ConnectionResetError("connection reset before the reply was read")
+        return reply
+
+
+async def test_a_collaborator_whose_upload_reply_was_lost_sends_again_and_goes_on(
+        director: RunningDirector) -> None:
+    aggregator = await running_experiment(director)
+    assert director.server.bulk is not None
+    plan = Plan(task="digits-logreg", rounds=2)
+    collaborators = [Collaborator(target=director.address, experiment="exp", name=name,
+                                  plan=plan, task=BUILTIN_TASKS["digits-logreg"],
+                                  shard=DigitsShard(i, 2)) for i, name in
+                     enumerate(("env1", "env2"))]
+    lossy = LosesFirstReply("localhost", director.server.bulk.port, tls=None)
+    collaborators[0]._bulk, collaborators[0]._bulk_ask_at = lossy, float("inf")
+    repeated = metrics.REPEATED_RESULTS._value.get()
+    try:
+        trained = await asyncio.wait_for(asyncio.gather(
+            *(asyncio.to_thread(c.run) for c in collaborators)), timeout=120)
+    finally:
+        for c in collaborators:
+            c.close()
+    # Its resend (over the gRPC streams, as after any bulk failure) was acknowledged.
+    assert lossy.lost == 1 and metrics.REPEATED_RESULTS._value.get() == repeated + 1
+    assert trained == [2, 2]
+    assert aggregator.done and aggregator.error is None
+    assert aggregator.round == 2 and aggregator.best_metric is not None

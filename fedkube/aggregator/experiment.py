@@ -8,6 +8,10 @@ The best model is the global model with the best aggregated validation metric.
 
 A collaborator that misses a round's deadline is dropped: later rounds do not wait for it,
 and its late results are refused. It rejoins when it next asks for tasks.
+
+A result sent again for a task already taken (this round's, or the round it closed) is
+acknowledged and ignored, as OpenFL's aggregator does: an upload whose reply was lost on
+the way is retried, and must not fail its collaborator or count twice.
 """
 
 from __future__ import annotations
@@ -95,6 +99,8 @@ class ExperimentAggregator:
         self._committing: set[str] = set()
         self._commits: set[asyncio.Task[None]] = set()
         self._tensors: dict[str, base_pb2.NamedTensor] = {}
+        # Who sent which task in the round last closed: its repeats are acknowledged.
+        self._taken_last_round: dict[str, set[str]] = {}
         self._start_round()
 
     def _resume_metrics(self, start_round: int) -> None:
@@ -196,6 +202,7 @@ class ExperimentAggregator:
                  "n/a" if score is None else f"{score:.4g}",
                  extra={"experiment": self.name, "round": self.round,
                         "results": len(self._trained), "metric": score})
+        self._taken_last_round = {TRAIN: set(self._trained), VALIDATE: set(self._validated)}
         self.round += 1
         self._save("last.pb", self.model)
         self.outcome.round_closed(self.name, round_number=self.round,
@@ -305,6 +312,23 @@ class ExperimentAggregator:
                                                   round_number=self.round)
         return self._tensors[name]
 
+    def _repeat(self, sender: str, results: aggregator_pb2.TaskResults) -> bool:
+        """Whether the sender's result for this task and round was already taken."""
+        task, r = results.task_name, results.round_number
+        if r == self.round:
+            taken = self._trained | self._committing if task == TRAIN else set(self._validated)
+        elif r == self.round - 1:
+            taken = self._taken_last_round.get(task, set())
+        else:
+            return False
+        if sender not in taken:
+            return False
+        log.info("experiment %s: %s sent its %s result for round %d again; ignored",
+                 self.name, sender, task, r,
+                 extra={"experiment": self.name, "round": r, "collaborator": sender})
+        metrics.REPEATED_RESULTS.inc()
+        return True
+
     def _check_results(self, sender: str, results: aggregator_pb2.TaskResults,
                        payloads: Sequence[memoryview] | None = None
                        ) -> tuple[Model, dict[str, float]]:
@@ -376,7 +400,9 @@ class ExperimentAggregator:
         self._advance()
 
     def submit(self, sender: str, results: aggregator_pb2.TaskResults) -> None:
-        self._accepted(sender, results, *self._accept(sender, results))
+        self._check_sender(sender)
+        if not self._repeat(sender, results):
+            self._accepted(sender, results, *self._accept(sender, results))
 
     async def receive(self, sender: str, results: aggregator_pb2.TaskResults,
                       payloads: Sequence[memoryview] | None = None) -> None:
@@ -390,9 +416,12 @@ class ExperimentAggregator:
         done from the reply on. The sender's upload then ends when its bytes are in and
         checked, not when they are summed."""
         size = sum(len(p) for p in payloads) if payloads is not None else results.ByteSize()
+        self._check_sender(sender)
         await self._receiving.acquire()
         handed_off = False
         try:
+            if self._repeat(sender, results):
+                return
             started = time.perf_counter()
             if size <= INLINE_RESULT_BYTES:
                 figures, weight = self._accept(sender, results, payloads)
