@@ -68,6 +68,7 @@ bench: install openfl
 	$(PY) -m benchmarks.aggregation --updates 8,32 --mib 64
 	$(PY) -m benchmarks.transfer --mib 16,256
 	$(PY) -m benchmarks.model_save --mib 64,256
+	$(PY) -m benchmarks.round_close --mib 64,256
 	$(PY) -m benchmarks.round_latency --collaborators 8 --rounds 10
 	FEDKUBE_OPENFL_PYTHON=$(OPENFL_VENV)/bin/python $(PY) -m benchmarks.round_processes \
 		--envoys 8 --rounds 5
@@ -78,6 +79,7 @@ bench-full: install openfl testenv
 	$(PY) -m benchmarks.aggregation --updates 8,32,128 --mib 64,256
 	$(PY) -m benchmarks.transfer --mib 16,64,256,1024
 	$(PY) -m benchmarks.model_save --mib 64,256,1024
+	$(PY) -m benchmarks.round_close --mib 64,256,1024
 	$(PY) -m benchmarks.round_latency --collaborators 8,32 --rounds 20
 	FEDKUBE_OPENFL_PYTHON=$(OPENFL_VENV)/bin/python $(PY) -m benchmarks.round_processes \
 		--envoys 32 --rounds 6

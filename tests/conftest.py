@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -191,3 +192,14 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  
     report = yield
     setattr(item, f"rep_{report.when}", report)
     return report
+
+
+async def eventually(predicate: Callable[[], bool], *, within: float, message: str) -> None:
+    """wait_for for a condition that this event loop's director must bring about."""
+    try:
+        async with asyncio.timeout(within):
+            # Polled: the director's state signals nothing when it changes.
+            while not predicate():  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+    except TimeoutError:
+        raise TimeoutError(f"timed out after {within}s waiting for {message}") from None

@@ -1,5 +1,6 @@
 """The aggregator's receive path for model-sized results: the sender's reply comes once
-its result is checked, and the FedAvg update that follows still holds the round."""
+its result is checked, the FedAvg update that follows still holds the round, the round
+closes off the event loop, and a result sent again is acknowledged, not added."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ from fedkube.aggregator.experiment import ExperimentAggregator
 from fedkube.aggregator.fedavg import Model, StreamingFedAvg
 from fedkube.api.errors import InvalidArgumentError
 from fedkube.api.plan import Plan
-from fedkube.proto import aggregator_pb2
-from fedkube.transport.tensors import to_named_tensor
+from fedkube.proto import aggregator_pb2, base_pb2
+from fedkube.transport.tensors import model_from_proto, to_named_tensor
+from tests.conftest import eventually
 
 SIZE = 1 << 20  # 4 MiB of float32: past the inline limit, so checked and added in threads
 
@@ -77,7 +79,7 @@ async def test_reply_comes_before_the_add_which_still_holds_the_round(
     second = asyncio.create_task(aggregator.receive("b", _train("b", 4.0, 10)))
     GatedFedAvg.gate.set()
     await asyncio.wait_for(second, timeout=30)
-    await asyncio.wait_for(asyncio.gather(*aggregator._commits), timeout=30)
+    await asyncio.wait_for(asyncio.gather(*aggregator._background), timeout=30)
     assert outcome.closed == [1]
     np.testing.assert_allclose(aggregator.model["w"], np.full(SIZE, (30 + 40) / 40, np.float32))
 
@@ -108,10 +110,11 @@ async def test_a_result_sent_again_is_acknowledged_and_ignored_but_a_late_one_re
     await aggregator.receive("a", _train("a", 1.0, 10))
     await aggregator.receive("a", _train("a", 50.0, 10))  # again while being added
     await aggregator.receive("b", _train("b", 3.0, 10))
-    await asyncio.wait_for(asyncio.gather(*aggregator._commits), timeout=30)
+    await asyncio.wait_for(asyncio.gather(*aggregator._background), timeout=30)
     assert aggregator._fedavg.count == 2 and aggregator._validated == {"a": (0.5, 10.0)}
     now[0] = 5.0
-    aggregator.tick()  # past the timeout on quorum: closes without c
+    aggregator.tick()  # past the timeout on quorum: closes without c, off the loop
+    await asyncio.wait_for(asyncio.gather(*aggregator._background), timeout=30)
     assert outcome.closed == [1]
     np.testing.assert_allclose(aggregator.model["w"], np.full(SIZE, 2.0, np.float32))
     # Sent again after the round it belonged to closed: still acknowledged, not added.
@@ -123,3 +126,50 @@ async def test_a_result_sent_again_is_acknowledged_and_ignored_but_a_late_one_re
         await aggregator.receive("c", _train("c", 1.0, 10))
     np.testing.assert_allclose(aggregator.model["w"], np.full(SIZE, 2.0, np.float32))
     assert [e.value for e in aggregator.events if e.task == "aggregated_validate"] == [0.5]
+
+
+class GatedClose(StreamingFedAvg):
+    """The real FedAvg, whose average (the first step of a round's close) waits for the
+    test to open a gate."""
+
+    gate = threading.Event()
+
+    def result(self) -> Model:
+        assert self.gate.wait(timeout=30)
+        return super().result()
+
+
+async def test_a_round_closes_off_the_event_loop_and_takes_nothing_meanwhile(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While the average and the saves run (seconds for a large model), the loop answers:
+    were they on it, this test could not go on until the gate's timeout."""
+    monkeypatch.setattr("fedkube.aggregator.experiment.StreamingFedAvg", GatedClose)
+    GatedClose.gate.clear()
+    now = [0.0]
+    outcome = Recorder()
+    aggregator = ExperimentAggregator(
+        name="exp", plan=Plan(task="digits-logreg", rounds=2, round_timeout_s=1.0),
+        collaborators=["a", "b"], initial={"w": np.zeros(SIZE, np.float32)},
+        workdir=tmp_path, outcome=outcome, clock=lambda: now[0])
+    aggregator.get_tasks("a")
+    await aggregator.receive("a", _train("a", 1.0, 10))
+    await aggregator.receive("b", _train("b", 3.0, 10))  # the last one: the round closes
+    await eventually(lambda: aggregator._closing, within=30, message="the close to start")
+
+    # Meanwhile: no tasks, the closing round's model still served, a timeout closes
+    # nothing twice, a result for the round refused.
+    assert aggregator.get_tasks("a").tasks == [] and aggregator.round == 0
+    np.testing.assert_array_equal(aggregator.tensor_values("a", "w", 0), np.zeros(SIZE))
+    now[0] = 60.0
+    aggregator.tick()
+    assert len(aggregator._background) == 1 and outcome.closed == []
+
+    GatedClose.gate.set()
+    await asyncio.wait_for(asyncio.gather(*aggregator._background), timeout=30)
+    assert outcome.closed == [1] and aggregator.round == 1
+    np.testing.assert_allclose(aggregator.model["w"], np.full(SIZE, 2.0, np.float32))
+    assert [t.name for t in aggregator.get_tasks("a").tasks] == ["validate", "train"]
+    # last.pb holds m_1, for a restarted director to resume from.
+    saved = model_from_proto(base_pb2.ModelProto.FromString(
+        (tmp_path / "last.pb").read_bytes()))
+    np.testing.assert_allclose(saved["w"], np.full(SIZE, 2.0, np.float32))

@@ -5,7 +5,6 @@ fixtures also runs through a frontend: tests/conftest.py.)"""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -27,22 +26,17 @@ from fedkube.local import (
 from fedkube.proto import director_pb2, director_pb2_grpc
 from fedkube.transport.forwarding import CERT_HEADER, CN_HEADER
 from fedkube.transport.tls import TLSFiles
-from tests.conftest import CertDir, RunningDirector, running_director, start_director
+from tests.conftest import (
+    CertDir,
+    RunningDirector,
+    eventually,
+    running_director,
+    start_director,
+)
 from tests.test_director_grpc import shard_request, stub
 from tests.test_observability import scrape
 
 GPU = director_pb2.CudaDeviceInfo(index=0, name="NVIDIA H200", memory_total=150 << 30)
-
-
-async def eventually(predicate: Callable[[], bool], *, within: float, message: str) -> None:
-    """wait_for for a condition that this event loop's director must bring about."""
-    try:
-        async with asyncio.timeout(within):
-            # Polled: the director's state signals nothing when it changes.
-            while not predicate():  # noqa: ASYNC110
-                await asyncio.sleep(0.05)
-    except TimeoutError:
-        raise TimeoutError(f"timed out after {within}s waiting for {message}") from None
 
 
 def frontend_checks() -> float:
