@@ -9,7 +9,7 @@ INSTALL_STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-1
 OPENFL_VENV := $(CACHE)/openfl-1.6-venv
 OPENFL_STAMP := $(OPENFL_VENV)/.installed
 
-.PHONY: install demo test lint typecheck unit testenv openfl protos crds clean bench bench-full dev-cluster
+.PHONY: install demo test lint typecheck unit testenv openfl protos crds clean bench bench-full plots dev-cluster
 
 install: $(INSTALL_STAMP)
 
@@ -46,7 +46,7 @@ lint: install
 	$(VENV)/bin/ruff check fedkube tests tools benchmarks examples
 
 typecheck: install
-	$(VENV)/bin/mypy fedkube
+	$(VENV)/bin/mypy fedkube benchmarks
 
 unit: install
 	$(VENV)/bin/pytest -m "not k8s and not compat" -q
@@ -72,6 +72,10 @@ bench: install openfl
 	$(PY) -m benchmarks.round_latency --collaborators 8 --rounds 10
 	FEDKUBE_OPENFL_PYTHON=$(OPENFL_VENV)/bin/python $(PY) -m benchmarks.round_processes \
 		--envoys 8 --rounds 5
+
+# The recorded runs behind docs/benchmarks.md, drawn again (each a benchmark's --json object).
+plots: install
+	$(PY) -m benchmarks.plot docs/benchmark-runs/*.json --out docs/benchmark-runs
 
 bench-full: install openfl testenv
 	FEDKUBE_OPENFL_PYTHON=$(OPENFL_VENV)/bin/python $(PY) -m benchmarks.health_checks \

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
-from rich.console import Console
 from rich.table import Table
 
+from benchmarks.report import console, emit
 from fedkube.aggregator.fedavg import StreamingFedAvg
 
 MiB = 1 << 20
@@ -98,7 +98,7 @@ def measure(method: str, k: int, mib: int, repeat: int) -> Result:
                   round(figures["peak_rss_mib"]))
 
 
-def table(results: list[Result]) -> None:
+def table(results: list[Result], as_json: bool = False) -> None:
     view = Table(title="FedAvg of K updates: streaming vs np.stack + np.average")
     for column in ("K", "MiB each", "method", "seconds", "GB/s", "peak RSS MiB", "speed-up"):
         view.add_column(column, justify="right")
@@ -111,7 +111,7 @@ def table(results: list[Result]) -> None:
         view.add_row(str(r.updates), str(r.mib), r.method,
                      f"{r.seconds}" if r.seconds else r.note, f"{r.gb_per_s or ''}",
                      f"{r.peak_rss_mib or ''}", speedup)
-    Console().print(view)
+    console(as_json).print(view)
 
 
 def main() -> None:
@@ -130,9 +130,9 @@ def main() -> None:
                for mib in map(int, args.mib.split(","))
                for k in map(int, args.updates.split(","))
                for method in ("streaming", "stacking")]
-    table(results)
+    table(results, args.json)
     if args.json:
-        print(json.dumps([asdict(r) for r in results]))
+        emit("aggregation", [asdict(r) for r in results])
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from pathlib import Path
 import grpc
 from google.protobuf.duration_pb2 import Duration
 
+from benchmarks.report import console, emit
 from fedkube.local import child_pids, free_port, port_open, wait_for
 from fedkube.proto import director_pb2, director_pb2_grpc
 
@@ -337,8 +338,7 @@ def measure(kind: str, *, envoys: int, period: float, duration: float, warmup: f
                   main_cpu_percent=100 * cpu[1] / duration, errors=errors)
 
 
-def table(results: list[Result]) -> None:
-    from rich.console import Console
+def table(results: list[Result], as_json: bool = False) -> None:
     from rich.table import Table
 
     view = Table(title="Health checks: fedkube (SQLite store) vs OpenFL 1.6 (in memory)")
@@ -352,7 +352,7 @@ def table(results: list[Result]) -> None:
                      f"{r.registration_cpu_us:.0f} ({r.registration_main_cpu_us:.0f})",
                      f"{r.p50_ms:.2f}", f"{r.p99_ms:.2f}",
                      f"{r.cpu_percent:.0f} ({r.main_cpu_percent:.0f})", str(r.errors))
-    Console(width=160).print(view)
+    console(as_json, width=160).print(view)
 
 
 def main() -> None:
@@ -392,8 +392,9 @@ def main() -> None:
         for n in args.envoys.split(",") for p in args.period.split(",")
         for kind in args.directors.split(",")
     ]
+    table(results, args.json)
     if args.json:
-        print(json.dumps([asdict(r) for r in results]))
+        emit("health_checks", [asdict(r) for r in results])
     else:
         table(results)
 

@@ -10,16 +10,15 @@ OpenFL's `utils.dump_proto` does). Same bytes; best of three, in seconds.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from rich.console import Console
 from rich.table import Table
 
+from benchmarks.report import console, emit
 from fedkube.transport.tensors import Model, encode_model, model_to_proto
 
 MiB = 1 << 20
@@ -61,16 +60,15 @@ def main() -> None:
             path.unlink()
             rows.append({"mib": mib, "message_s": best_seconds(write_message, model, path),
                          "segments_s": best_seconds(write_segments, model, path)})
-    if args.json:
-        print(json.dumps(rows))
-        return
     view = Table(title="Saving a model at round close (s, best of three)")
     for column in ("MiB", "protobuf message", "fedkube segments", "speed-up"):
         view.add_column(column, justify="right")
     for row in rows:
         view.add_row(str(row["mib"]), f"{row['message_s']:.3f}", f"{row['segments_s']:.3f}",
                      f"{row['message_s'] / row['segments_s']:.1f}x")
-    Console().print(view)
+    console(args.json).print(view)
+    if args.json:
+        emit("model_save", rows)
 
 
 if __name__ == "__main__":

@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
 from rich.table import Table
 
+from benchmarks.report import console, emit
 from fedkube.devcluster import REPO, ControlPlane, FakeNode
 from fedkube.local import Process, director_process, free_port, wait_for
 
@@ -185,15 +186,15 @@ def run(nodes: int, work: Path) -> dict[str, float]:
                          timeout=900, interval=1, message=f"{nodes} experiments Accepted")
             except TimeoutError:
                 print(f"{_count(plane, 'experiments', 'Accepted')} of {nodes} Accepted; "
-                      f"operator log tail:\n{operator.output()[-3000:]}")
+                      f"operator log tail:\n{operator.output()[-3000:]}", file=sys.stderr)
                 raise
             accepted = time.perf_counter() - start
-            print(f"all {nodes} Accepted after {accepted:.1f} s")
+            print(f"all {nodes} Accepted after {accepted:.1f} s", file=sys.stderr)
             try:
                 wait_for(lambda: _count(plane, "shards", "Online") == nodes, timeout=300,
                          interval=1, message=f"{nodes} shards Online")
             except TimeoutError:
-                print(f"{_count(plane, 'shards', 'Online')} of {nodes} Online")
+                print(f"{_count(plane, 'shards', 'Online')} of {nodes} Online", file=sys.stderr)
                 raise
             online = time.perf_counter() - start
             cpu_after, peak_kib = _proc(pid)
@@ -234,9 +235,9 @@ def main() -> None:
     view.add_column("value", justify="right")
     for key, value in result.items():
         view.add_row(key, str(value))
-    Console().print(view)
+    console(args.json).print(view)
     if args.json:
-        print(json.dumps(result))
+        emit("operator_scale", result)
 
 
 if __name__ == "__main__":

@@ -11,16 +11,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import numpy as np
-from rich.console import Console
 from rich.table import Table
 
+from benchmarks.report import console, emit
 from fedkube.aggregator.experiment import ExperimentAggregator
 from fedkube.aggregator.fedavg import StreamingFedAvg
 from fedkube.api.plan import Plan
@@ -120,9 +119,6 @@ def main() -> None:
         stall, wall = measure(mib, fedkube_close)
         rows.append({"mib": mib, "on_loop_stall_s": before_stall, "on_loop_wall_s": before_wall,
                      "fedkube_stall_s": stall, "fedkube_wall_s": wall})
-    if args.json:
-        print(json.dumps(rows))
-        return
     view = Table(title="A round's close: the event loop's longest stall (s, best of two)")
     for column in ("MiB", "on the loop: stall", "fedkube: stall", "fedkube: close took",
                    "stall cut"):
@@ -131,7 +127,9 @@ def main() -> None:
         view.add_row(str(row["mib"]), f"{row['on_loop_stall_s']:.3f}",
                      f"{row['fedkube_stall_s']:.4f}", f"{row['fedkube_wall_s']:.3f}",
                      f"{row['on_loop_stall_s'] / row['fedkube_stall_s']:.0f}x")
-    Console().print(view)
+    console(args.json).print(view)
+    if args.json:
+        emit("round_close", rows)
 
 
 if __name__ == "__main__":

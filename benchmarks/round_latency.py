@@ -26,13 +26,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
 
+from benchmarks.report import console, emit
 from fedkube.api.plan import Plan
 from fedkube.client import DirectorClient, experiment_archive
 from fedkube.local import free_port, port_open, wait_for
@@ -146,7 +147,7 @@ async def play(address: str, experiment: str, names: list[str], tensors: dict[st
         await asyncio.gather(*(collaborator(i, n) for i, n in enumerate(names)))
     finally:
         for channel in channels:
-            await channel.close()
+            await channel.close(None)
     return timeline
 
 
@@ -175,7 +176,7 @@ def run_fedkube(k: int, rounds: int, work: Path) -> Result:
         wait_for(lambda: port_open(port), timeout=60, message="director")
         names = [f"c{i:03d}" for i in range(k)]
         channel = grpc.insecure_channel(f"localhost:{port}")
-        register = channel.unary_unary(DIRECTOR + "UpdateShardInfo")
+        register = channel.unary_unary(DIRECTOR + "UpdateShardInfo", None, None)  # bytes
         for name in names:
             register(director_pb2.UpdateShardInfoRequest(shard_info=director_pb2.ShardInfo(
                 node_info=director_pb2.NodeInfo(name=name), n_samples=10,
@@ -219,7 +220,7 @@ def serve_raw(port: int, tensor_replies: dict[str, bytes]) -> None:
 
     async def main() -> None:
         server = grpc.aio.server(options=GRPC_OPTIONS)
-        handlers: dict[str, Callable[..., Any]] = {
+        handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
             "GetTasks": grpc.unary_unary_rpc_method_handler(get_tasks),
             "GetAggregatedTensor": grpc.unary_unary_rpc_method_handler(get_tensor),
             "SendLocalTaskResults": grpc.stream_unary_rpc_method_handler(send)}
@@ -253,8 +254,7 @@ def run_raw(k: int, rounds: int, work: Path) -> Result:
         server.wait(timeout=30)
 
 
-def table(results: list[Result]) -> None:
-    from rich.console import Console
+def table(results: list[Result], as_json: bool = False) -> None:
     from rich.table import Table
 
     view = Table(title="Round latency, trivial task (2.6 KB model): fedkube vs raw gRPC")
@@ -270,7 +270,7 @@ def table(results: list[Result]) -> None:
                      f"{r.round_ms_p95:.1f}", overhead,
                      f"{r.turnover_ms_p50:.2f}" if r.target == "fedkube" else "",
                      f"{r.result_call_ms_p50:.2f}")
-    Console().print(view)
+    console(as_json).print(view)
 
 
 def main() -> None:
@@ -290,9 +290,9 @@ def main() -> None:
         for k in (int(v) for v in args.collaborators.split(",")):
             results.append(run_raw(k, args.rounds, Path(tmp)))
             results.append(run_fedkube(k, args.rounds, Path(tmp)))
-    table(results)
+    table(results, args.json)
     if args.json:
-        print(json.dumps([asdict(r) for r in results]))
+        emit("round_latency", [asdict(r) for r in results])
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from benchmarks.report import console, emit
 from fedkube.api.plan import Plan
 from fedkube.client import DirectorClient, experiment_archive
 from fedkube.local import (
@@ -260,7 +261,6 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="fedkube-round-processes-") as tmp:
         results = [run_fedkube(args.envoys, args.rounds, Path(tmp)),
                    run_openfl(args.envoys, args.rounds, Path(tmp), args.openfl_python)]
-    from rich.console import Console
     from rich.table import Table
 
     view = Table(title=f"Seconds per round, {args.envoys} envoy processes, trivial task")
@@ -269,9 +269,9 @@ def main() -> None:
     for r in results:
         view.add_row(r.workflow, str(r.envoys), str(r.rounds), f"{r.round_s_median:.3f}",
                      f"{r.round_s_min:.3f}", f"{r.round_s_max:.3f}")
-    Console().print(view)
+    console(args.json).print(view)
     if args.json:
-        print(json.dumps([asdict(r) for r in results]))
+        emit("round_processes", [asdict(r) for r in results])
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ are in a real run from its second round on).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -39,9 +38,9 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-from rich.console import Console
 from rich.table import Table
 
+from benchmarks.report import console, emit
 from fedkube.api.plan import Plan
 from fedkube.client import DirectorClient, experiment_archive
 from fedkube.local import director_process, free_port, port_open, wait_for
@@ -138,8 +137,9 @@ def raw_seconds(port: int, tls: TLSFiles | None, nbytes: int) -> tuple[float, fl
     """Best-of-two upload and download seconds over a raw byte stream."""
     payload = bytes(nbytes)
     with _channel(port, tls) as channel:
-        up = channel.stream_unary(UPLOAD)
-        down = channel.unary_stream(DOWNLOAD)
+        # Bytes both ways: no (de)serializers.
+        up = channel.stream_unary(UPLOAD, None, None)
+        down = channel.unary_stream(DOWNLOAD, None, None)
         ups, downs = [], []
         for _ in range(2):
             start = time.perf_counter()
@@ -314,7 +314,7 @@ def openfl_reassembly_gb_s(python: Path, mib: int) -> float:
     return mib * MiB / 1e9 / seconds
 
 
-def table(results: list[Result]) -> None:
+def table(results: list[Result], as_json: bool = False) -> None:
     view = Table(title="Model transfer on loopback (GB/s, best of two)")
     for column in ("TLS", "MiB", "direction", "raw gRPC", "fedkube", "fedkube / raw",
                    "fedkube gRPC streams", "streams / raw"):
@@ -323,7 +323,7 @@ def table(results: list[Result]) -> None:
         view.add_row(r.mode, str(r.mib), r.direction, f"{r.raw_gb_s:.2f}",
                      f"{r.fedkube_gb_s:.2f}", f"{r.ratio:.2f}x", f"{r.stream_gb_s:.2f}",
                      f"{r.stream_gb_s / r.raw_gb_s:.2f}x")
-    Console(width=140).print(view)
+    console(as_json, width=140).print(view)
 
 
 def main() -> None:
@@ -345,7 +345,7 @@ def main() -> None:
     modes = ["insecure"] if args.no_tls else ["insecure", "mtls"]
     with tempfile.TemporaryDirectory(prefix="fedkube-transfer-") as tmp:
         results = [r for mode in modes for r in run_mode(mode, sizes, Path(tmp))]
-    table(results)
+    table(results, args.json)
     openfl = {}
     if args.openfl_python.exists():
         view = Table(title="Upload: fedkube's whole upload vs OpenFL 1.6's chunk reassembly "
@@ -357,11 +357,10 @@ def main() -> None:
                 openfl[r.mib] = round(openfl_reassembly_gb_s(args.openfl_python, r.mib), 4)
                 view.add_row(str(r.mib), f"{r.fedkube_gb_s:.2f}", f"{openfl[r.mib]:.3f}",
                              f"{r.fedkube_gb_s / openfl[r.mib]:.0f}x")
-        Console().print(view)
+        console(args.json).print(view)
     if args.json:
-        print(json.dumps({"transfer": [{**asdict(r), "ratio": round(r.ratio, 3)}
-                                       for r in results],
-                          "openfl_reassembly_gb_s": openfl}))
+        emit("transfer", [{**asdict(r), "ratio": round(r.ratio, 3)} for r in results],
+             openfl_reassembly_gb_s=openfl)
 
 
 if __name__ == "__main__":
