@@ -16,6 +16,8 @@ loopback to a server in another process, insecure and with mTLS.
 - OpenFL 1.6 (from its virtualenv, when present): its aggregator's reassembly of a
   streamed result (`openfl.protocols.utils.datastream_to_proto`, which concatenates the
   chunks one by one), timed alone, without the network: an upper bound of its upload.
+- Beside it, a plain TCP socket on loopback (sendall from memory, recv_into a warm buffer,
+  no protocol): what any transport's upload is bounded by on the machine.
 
 Each figure is the best of two (two training rounds for fedkube; downloads: the best of
 both collaborators' fetches over three rounds, so the receive buffers are warm as they
@@ -28,9 +30,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -314,6 +318,42 @@ def openfl_reassembly_gb_s(python: Path, mib: int) -> float:
     return mib * MiB / 1e9 / seconds
 
 
+def plain_socket_gb_s(mib: int) -> float:
+    """What TCP on loopback carries at all: a payload sent with sendall from memory and
+    received with recv_into into a warm buffer, no protocol, best of 20. No transport can
+    upload faster on this machine, whatever its format."""
+    nbytes = mib * MiB
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def receive() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            buffer = memoryview(bytearray(nbytes))
+            while True:
+                got = 0
+                while got < nbytes:
+                    n = conn.recv_into(buffer[got:])
+                    if not n:
+                        return
+                    got += n
+                conn.sendall(b"k")
+
+    receiver = threading.Thread(target=receive, daemon=True)
+    receiver.start()
+    payload = memoryview(bytearray(nbytes))
+    times = []
+    with socket.create_connection(listener.getsockname()) as conn:
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for _ in range(20):
+            start = time.perf_counter()
+            conn.sendall(payload)
+            conn.recv(1)
+            times.append(time.perf_counter() - start)
+    receiver.join(timeout=10)
+    listener.close()
+    return nbytes / min(times) / 1e9
+
+
 def table(results: list[Result], as_json: bool = False) -> None:
     view = Table(title="Model transfer on loopback (GB/s, best of two)")
     for column in ("TLS", "MiB", "direction", "raw gRPC", "fedkube", "fedkube / raw",
@@ -346,21 +386,25 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="fedkube-transfer-") as tmp:
         results = [r for mode in modes for r in run_mode(mode, sizes, Path(tmp))]
     table(results, args.json)
-    openfl = {}
+    openfl: dict[int, float] = {}
+    plain: dict[int, float] = {}
     if args.openfl_python.exists():
         view = Table(title="Upload: fedkube's whole upload vs OpenFL 1.6's chunk reassembly "
-                     "alone (GB/s)")
-        for column in ("MiB", "fedkube upload (insecure)", "OpenFL reassembly", "fedkube / OpenFL"):
+                     "alone (GB/s), and what a plain TCP socket carries at all")
+        for column in ("MiB", "fedkube upload (insecure)", "OpenFL reassembly",
+                       "fedkube / OpenFL", "20x OpenFL", "plain TCP socket"):
             view.add_column(column, justify="right")
         for r in results:
             if r.mode == "insecure" and r.direction == "upload" and r.mib <= OPENFL_MAX_MIB:
                 openfl[r.mib] = round(openfl_reassembly_gb_s(args.openfl_python, r.mib), 4)
+                plain[r.mib] = round(plain_socket_gb_s(r.mib), 3)
                 view.add_row(str(r.mib), f"{r.fedkube_gb_s:.2f}", f"{openfl[r.mib]:.3f}",
-                             f"{r.fedkube_gb_s / openfl[r.mib]:.0f}x")
+                             f"{r.fedkube_gb_s / openfl[r.mib]:.0f}x",
+                             f"{20 * openfl[r.mib]:.2f}", f"{plain[r.mib]:.2f}")
         console(args.json).print(view)
     if args.json:
         emit("transfer", [{**asdict(r), "ratio": round(r.ratio, 3)} for r in results],
-             openfl_reassembly_gb_s=openfl)
+             openfl_reassembly_gb_s=openfl, plain_socket_gb_s=plain)
 
 
 if __name__ == "__main__":
