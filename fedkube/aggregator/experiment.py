@@ -49,8 +49,9 @@ WAIT_SECONDS = 1
 # How long the collaborators of a (re)started experiment get to start up and ask for their
 # first tasks (process or Pod start, image pull, install_requirements) before it fails.
 STARTUP_TIMEOUT_S = 900.0
-# Results up to this size are checked and added on the event loop: a thread hop costs more
-# than the work (profiled with py-spy at 32 collaborators, docs/benchmarks.md).
+# Results up to this size are checked and added, and models up to it averaged and saved,
+# on the event loop: a thread hop costs more than the work (profiled with py-spy at 32
+# collaborators, docs/benchmarks.md).
 INLINE_RESULT_BYTES = 256 << 10
 
 
@@ -199,8 +200,9 @@ class ExperimentAggregator:
     async def _close_round(self) -> None:
         """Round r becomes m_{r+1}. The model-sized work (the average, saving best.pb and
         last.pb, zeroing the next round's sum: 0.3-0.5 s at 256 MiB, 1-2 s at 1 GiB on 2
-        cores) runs in a thread, so the director answers other calls meanwhile. Callers
-        hold the receiving lock: no result is added and no timeout closes it twice."""
+        cores) runs in a thread for all but small models, so the director answers other
+        calls meanwhile. Callers hold the receiving lock: no result is added and no
+        timeout closes it twice."""
         self._closing = True
         opened = self._round_started or self._round_opened
         metrics.ROUND_SECONDS.observe(self.clock() - opened)
@@ -217,7 +219,10 @@ class ExperimentAggregator:
             return model, StreamingFedAvg(model)
 
         try:
-            model, next_fedavg = await asyncio.to_thread(average_and_save)
+            if sum(v.nbytes for v in scored.values()) <= INLINE_RESULT_BYTES:
+                model, next_fedavg = average_and_save()  # cheaper than the thread hop
+            else:
+                model, next_fedavg = await asyncio.to_thread(average_and_save)
         except Exception as exc:  # a full disk, say: the experiment fails, not the director
             log.exception("experiment %s: closing round %d failed", self.name, closing)
             self.fail(f"closing round {closing} failed: {exc}")
