@@ -5,8 +5,10 @@ and collaborators fall back to the gRPC streams when they cannot reach it."""
 from __future__ import annotations
 
 import asyncio
+import select
 import socket
 import struct
+import time
 from pathlib import Path
 
 import grpc
@@ -22,7 +24,8 @@ from fedkube.local import Process, envoy_process, wait_for
 from fedkube.proto import aggregator_pb2
 from fedkube.tasks.digits import DigitsShard
 from fedkube.tasks.models import BUILTIN_TASKS
-from fedkube.transport.bulk import BulkClient, BulkError, Segments
+from fedkube.transport.bulk import HEADER_TIMEOUT_S, BulkClient, BulkError, Segments
+from fedkube.transport.bulk import WORKERS as BULK_WORKERS
 from fedkube.transport.tensors import encode_task_results, parse_tensor_response
 from fedkube.transport.tls import TLSFiles
 from tests.conftest import CertDir, RunningDirector, running_director
@@ -206,3 +209,59 @@ async def test_a_collaborator_whose_upload_reply_was_lost_sends_again_and_goes_o
     assert trained == [2, 2]
     assert aggregator.done and aggregator.error is None
     assert aggregator.round == 2 and aggregator.best_metric is not None
+
+
+def silent_peers(port: int, count: int) -> list[socket.socket]:
+    """Connections that never send a byte (nor, under TLS, a handshake)."""
+    return [socket.create_connection(("127.0.0.1", port)) for _ in range(count)]
+
+
+async def test_peers_that_stall_before_their_request_do_not_hold_up_transfers(
+        director: RunningDirector, mtls_director: RunningDirector, cert_dir: CertDir) -> None:
+    """Twice as many silent connections as the port has workers: with a worker each, a
+    real transfer would wait for them to time out (HEADER_TIMEOUT_S); it goes through."""
+    for running, tls in ((director, None),
+                         (mtls_director, TLSFiles.from_dir(cert_dir.path, "env1"))):
+        aggregator = await running_experiment(running, cert_dir if tls else None)
+        assert running.server.bulk is not None
+        stalled = silent_peers(running.server.bulk.port, 2 * BULK_WORKERS)
+        try:
+            request = aggregator_pb2.GetAggregatedTensorRequest(
+                header=header("env1"), tensor_name="weights",
+                round_number=0).SerializeToString()
+            client = bulk_client(running, tls)
+            reply = await asyncio.wait_for(
+                asyncio.to_thread(client.download, "w", request),
+                timeout=HEADER_TIMEOUT_S / 2)
+            np.testing.assert_array_equal(parse_tensor_response(reply)[1],
+                                          aggregator.model["weights"])
+        finally:
+            for peer in stalled:
+                peer.close()
+
+
+def cut_off_within(port: int, seconds: float) -> bool:
+    """Sends a valid-looking header a byte at a time, 5 per second, forever; whether the
+    server closes the connection within `seconds`."""
+    request = b"FKB1D" + struct.pack(">I", 1000) + b"x" * 1000
+    deadline = time.monotonic() + seconds
+    with socket.create_connection(("127.0.0.1", port)) as peer:
+        for byte in request:
+            if time.monotonic() > deadline:
+                return False
+            try:
+                peer.sendall(bytes([byte]))
+                readable, _, _ = select.select([peer], [], [], 0.2)
+                if readable and not peer.recv(1):
+                    return True  # closed by the server
+            except ConnectionError:
+                return True
+    return False
+
+
+async def test_a_peer_trickling_its_request_is_cut_off_after_the_header_timeout(
+        director: RunningDirector, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The header timeout counts from the connection, not from each byte."""
+    monkeypatch.setattr("fedkube.transport.bulk.HEADER_TIMEOUT_S", 1.0)
+    assert director.server.bulk is not None
+    assert await asyncio.to_thread(cut_off_within, director.server.bulk.port, 10.0)

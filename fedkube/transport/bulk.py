@@ -11,6 +11,11 @@ and a TaskResults message.
 Under mTLS the socket is TLS with the same certificates, and the caller's certificate is
 checked as on the gRPC port (role table, then identity) by the handler.
 
+A connection gets a worker thread only once it has said what it wants: its TLS handshake
+and request header are read without blocking on one thread, within HEADER_TIMEOUT_S in
+all, so peers that connect and stall (a slow-loris, or a client without a certificate
+that never finishes its handshake) cannot take the workers from real transfers.
+
 Wire format (integers big-endian):
     request   MAGIC, op (1 byte), header length (u32), header
     download  server: status; if OK, body length (u64) and body
@@ -24,10 +29,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import selectors
 import socket
 import ssl
 import struct
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
@@ -42,9 +49,11 @@ log = logging.getLogger(__name__)
 MAGIC = b"FKB1"
 DOWNLOAD, UPLOAD = b"D", b"U"
 MAX_HEADER_BYTES = 1 << 16
-IO_TIMEOUT_S = 120.0  # a peer silent this long is dropped
-HEADER_TIMEOUT_S = 10.0  # before a request has said what it is: a worker is not idled
+IO_TIMEOUT_S = 120.0  # a peer silent this long mid-transfer is dropped
+HEADER_TIMEOUT_S = 10.0  # for the TLS handshake and the request header, in all
 WORKERS = 32  # transfers served at once; more wait for a thread
+MAX_ARRIVALS = 256  # connections still saying what they want; past it the oldest goes
+PREFIX = struct.Struct(">4scI")  # MAGIC, op, header length
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 
@@ -136,68 +145,160 @@ def _read_status(sock: socket.socket) -> None:
 
 # -- server ---------------------------------------------------------------------------------
 
+class _Arrival:
+    """A connection whose handshake and request header are still coming in."""
+
+    def __init__(self, conn: socket.socket, deadline: float) -> None:
+        self.conn, self.deadline = conn, deadline
+        self.handshaken = not isinstance(conn, ssl.SSLSocket)
+        self.received = bytearray()
+
+    def wanted(self) -> int:
+        """Header bytes still to read (0: complete, or a prefix that is not ours)."""
+        if len(self.received) < PREFIX.size:
+            return PREFIX.size - len(self.received)
+        if not self.well_formed():
+            return 0
+        length: int = PREFIX.unpack_from(self.received)[2]
+        return PREFIX.size + length - len(self.received)
+
+    def well_formed(self) -> bool:
+        magic, op, length = PREFIX.unpack_from(self.received)
+        return magic == MAGIC and op in (DOWNLOAD, UPLOAD) and length <= MAX_HEADER_BYTES
+
+
 class BulkServer:
-    """Serves downloads and uploads on threads (the socket calls release the GIL)."""
+    """Serves downloads and uploads on threads (the socket calls release the GIL), once
+    one gate thread has read each connection's handshake and header without blocking."""
 
     def __init__(self, host: str, port: int, *, tls: TLSFiles | None,
                  handler: BulkHandler) -> None:
         self.handler = handler
         self._context = ssl_context(tls, server=True) if tls else None
         self._listener = socket.create_server((host, port), reuse_port=False)
+        self._listener.setblocking(False)
         self.port: int = self._listener.getsockname()[1]
         self._pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="bulk")
-        self._acceptor = threading.Thread(target=self._accept, name="bulk-accept",
-                                          daemon=True)
+        self._gate = threading.Thread(target=self._admit, name="bulk-gate", daemon=True)
+        self._stopping = threading.Event()
         self._open: set[socket.socket] = set()
         self._lock = threading.Lock()
 
     def start(self) -> None:
-        self._acceptor.start()
+        self._gate.start()
 
     def stop(self) -> None:
-        with contextlib.suppress(OSError):
-            self._listener.shutdown(socket.SHUT_RDWR)
-        self._listener.close()
+        self._stopping.set()
+        self._gate.join(timeout=5)
         with self._lock:
             for conn in self._open:
                 with contextlib.suppress(OSError):
                     conn.shutdown(socket.SHUT_RDWR)
-        self._acceptor.join(timeout=5)
         self._pool.shutdown(wait=True, cancel_futures=True)
 
-    def _accept(self) -> None:
+    # -- the gate: handshakes and headers, on one thread --------------------------------
+
+    def _admit(self) -> None:
+        selector = selectors.DefaultSelector()
+        selector.register(self._listener, selectors.EVENT_READ)
+        arrivals: dict[socket.socket, _Arrival] = {}  # oldest first
+
+        def drop(arrival: _Arrival) -> None:
+            selector.unregister(arrival.conn)
+            del arrivals[arrival.conn]
+            arrival.conn.close()
+
+        try:
+            while not self._stopping.is_set():
+                for key, _ in selector.select(timeout=0.25):
+                    if key.data is None:  # the listener
+                        self._arrive(selector, arrivals, drop)
+                    elif key.data.conn in arrivals:  # not dropped in this round
+                        self._progress(selector, key.data, drop, arrivals)
+                now = time.monotonic()
+                for arrival in [a for a in arrivals.values() if a.deadline <= now]:
+                    log.debug("bulk connection said nothing within %g s", HEADER_TIMEOUT_S)
+                    drop(arrival)
+        finally:
+            for arrival in list(arrivals.values()):
+                drop(arrival)
+            selector.close()
+            self._listener.close()
+
+    def _arrive(self, selector: selectors.BaseSelector, arrivals: dict[socket.socket, _Arrival],
+                drop: Callable[[_Arrival], None]) -> None:
         while True:
             try:
-                conn, _ = self._listener.accept()
-            except OSError:  # stopped
+                raw, _ = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
                 return
-            self._pool.submit(self._serve, conn)
-
-    def _serve(self, raw: socket.socket) -> None:
-        with self._lock:
-            self._open.add(raw)
-        try:
-            raw.settimeout(HEADER_TIMEOUT_S)
+            except OSError as exc:  # out of descriptors, say: the next select tries again
+                log.warning("bulk port could not accept: %s", exc)
+                return
+            raw.setblocking(False)
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn = (self._context.wrap_socket(raw, server_side=True) if self._context
-                    else raw)
-            with conn:
-                self._exchange(conn)
-        except (OSError, ssl.SSLError, ValueError) as exc:
+            conn = (self._context.wrap_socket(raw, server_side=True,
+                                              do_handshake_on_connect=False)
+                    if self._context else raw)
+            if len(arrivals) >= MAX_ARRIVALS:
+                drop(next(iter(arrivals.values())))
+            arrival = _Arrival(conn, time.monotonic() + HEADER_TIMEOUT_S)
+            arrivals[conn] = arrival
+            selector.register(conn, selectors.EVENT_READ, arrival)
+
+    def _progress(self, selector: selectors.BaseSelector, arrival: _Arrival,
+                  drop: Callable[[_Arrival], None],
+                  arrivals: dict[socket.socket, _Arrival]) -> None:
+        """Reads what has come of the handshake and header; hands a complete request to
+        a worker."""
+        conn = arrival.conn
+        try:
+            if not arrival.handshaken:
+                conn.do_handshake()  # type: ignore[attr-defined]
+                arrival.handshaken = True
+            # Exactly what the header still needs: the body behind it is the worker's.
+            while (wanted := arrival.wanted()) > 0:
+                chunk = conn.recv(wanted)
+                if not chunk:
+                    drop(arrival)
+                    return
+                arrival.received += chunk
+        except ssl.SSLWantWriteError:
+            selector.modify(conn, selectors.EVENT_WRITE, arrival)
+            return
+        except (ssl.SSLWantReadError, BlockingIOError, InterruptedError):
+            selector.modify(conn, selectors.EVENT_READ, arrival)
+            return
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            log.debug("bulk connection failed before its request: %s", exc)
+            drop(arrival)
+            return
+        selector.unregister(conn)
+        del arrivals[conn]
+        conn.setblocking(True)
+        conn.settimeout(IO_TIMEOUT_S)  # from here on a model-sized transfer
+        request = bytes(arrival.received) if arrival.well_formed() else None
+        self._pool.submit(self._serve, conn, request)
+
+    # -- workers ------------------------------------------------------------------------
+
+    def _serve(self, conn: socket.socket, request: bytes | None) -> None:
+        with self._lock:
+            self._open.add(conn)
+        try:
+            if request is None:
+                _send_status(conn, grpc.StatusCode.INVALID_ARGUMENT,
+                             "not a fedkube bulk request")
+            else:
+                self._exchange(conn, request[4:5], request[PREFIX.size:])
+        except (OSError, ValueError) as exc:
             log.debug("bulk transfer ended early: %s", exc)
         finally:
             with self._lock:
-                self._open.discard(raw)
-            raw.close()
+                self._open.discard(conn)
+            conn.close()
 
-    def _exchange(self, conn: socket.socket) -> None:
-        magic, op, length = struct.unpack(">4scI", _recv(conn, 9))
-        if magic != MAGIC or op not in (DOWNLOAD, UPLOAD) or length > MAX_HEADER_BYTES:
-            _send_status(conn, grpc.StatusCode.INVALID_ARGUMENT,
-                         "not a fedkube bulk request")
-            return
-        header = _recv(conn, length)
-        conn.settimeout(IO_TIMEOUT_S)  # from here on a model-sized transfer
+    def _exchange(self, conn: socket.socket, op: bytes, header: bytes) -> None:
         der = conn.getpeercert(binary_form=True) if isinstance(conn, ssl.SSLSocket) else None
         context = PeerContext(der)
         if op == DOWNLOAD:
