@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -42,6 +42,7 @@ from fedkube.transport.tensors import (
 )
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 TRAIN, VALIDATE = "train", "validate"
 AGGREGATOR = "aggregator"
@@ -219,10 +220,7 @@ class ExperimentAggregator:
             return model, StreamingFedAvg(model)
 
         try:
-            if sum(v.nbytes for v in scored.values()) <= INLINE_RESULT_BYTES:
-                model, next_fedavg = average_and_save()  # cheaper than the thread hop
-            else:
-                model, next_fedavg = await asyncio.to_thread(average_and_save)
+            model, next_fedavg = await self._model_sized(average_and_save)
         except Exception as exc:  # a full disk, say: the experiment fails, not the director
             log.exception("experiment %s: closing round %d failed", self.name, closing)
             self.fail(f"closing round {closing} failed: {exc}")
@@ -241,10 +239,32 @@ class ExperimentAggregator:
                                   summary=self._summary(score))
         self._start_round(next_fedavg)
 
-    async def _close_round_when_free(self) -> None:
+    async def _end(self) -> None:
+        """The final validation is in: scores the final model, saves it as best.pb if it
+        is (off the loop, as a round's close), and ends the experiment."""
+        self._closing = True
+        score, best = self._score_round()
+        if best:
+            model, round_number = self.model, self.round
+            try:
+                await self._model_sized(lambda: self._save("best.pb", model, round_number))
+            except Exception as exc:
+                log.exception("experiment %s: saving the final model failed", self.name)
+                self.fail(f"saving the final model failed: {exc}")
+                return
+        self._finish(score=score)
+
+    async def _model_sized(self, work: Callable[[], T]) -> T:
+        """work() in a thread, but on the loop for small models: the hop costs more."""
+        if sum(v.nbytes for v in self.model.values()) <= INLINE_RESULT_BYTES:
+            return work()
+        return await asyncio.to_thread(work)
+
+    async def _when_free(self, work: Callable[[], Coroutine[None, None, None]]) -> None:
+        """work() once no result is being added (for a timeout's close or end)."""
         async with self._receiving:
             if not self.done:
-                await self._close_round()
+                await work()
 
     def _summary(self, score: float | None) -> dict[str, str]:
         summary = {"metric": self.plan.metric,
@@ -254,14 +274,13 @@ class ExperimentAggregator:
             summary["dropped"] = ",".join(sorted(self.dropouts))
         return summary
 
-    def _finish(self, error: str | None = None) -> None:
+    def _finish(self, error: str | None = None, *, score: float | None = None) -> None:
+        """Ends the experiment: with an error, or (from _end) finished, with the final
+        model's score."""
         if self.done:
             return
         self.done, self.error = True, error
         if error is None:
-            score, best = self._score_round()
-            if best:  # once per experiment, on the loop
-                self._save("best.pb", self.model, self.round)
             self.outcome.round_closed(self.name, round_number=self.round,
                                       total_rounds=self.plan.rounds,
                                       summary=self._summary(score))
@@ -273,7 +292,7 @@ class ExperimentAggregator:
         active = self.active()
         if self.final_validation:
             if self._validated and active <= set(self._validated):
-                self._finish()
+                await self._end()
         elif self._trained and active <= self._trained:
             await self._close_round()
 
@@ -297,11 +316,9 @@ class ExperimentAggregator:
         have = set(self._validated) if self.final_validation else self._trained
         if len(have) >= self.quorum:
             self._drop(self.active() - have)
-            if self.final_validation:
-                self._finish()
-            else:
-                self._closing = True  # from now, not when the lock is taken
-                self._in_background(self._close_round_when_free())
+            self._closing = True  # from now, not when the lock is taken
+            self._in_background(self._when_free(
+                self._end if self.final_validation else self._close_round))
         else:
             self._finish(f"round {self.round} timed out after {self.plan.round_timeout_s:g}s "
                          f"with {len(have)} of {len(self.collaborators)} results; quorum is "
