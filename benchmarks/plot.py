@@ -94,31 +94,31 @@ def aggregation(run: dict[str, Any]) -> Figure:
     return figure
 
 
-def round_close(run: dict[str, Any]) -> Figure:
-    """The event loop's longest stall at a round's close, on the loop and in a thread."""
+def _by_model_size(run: dict[str, Any], lines: list[tuple[str, str, str]], title: str,
+                   ylabel: str) -> Figure:
+    """One line per (figure key, style, label) against the model's size."""
     rows: Rows = sorted(run["results"], key=lambda r: r["mib"])
     figure, axis = plt.subplots(figsize=(6, 4))
     sizes = [r["mib"] for r in rows]
-    axis.plot(sizes, [r["on_loop_stall_s"] for r in rows], "s--", label="close on the loop")
-    axis.plot(sizes, [r["fedkube_stall_s"] for r in rows], "o-", label="fedkube (thread)")
-    axis.set(title="event-loop stall while a round closes", xlabel="model MiB",
-             ylabel="longest stall, s", xscale="log", yscale="log")
+    for key, style, label in lines:
+        axis.plot(sizes, [r[key] for r in rows], style, label=label)
+    axis.set(title=title, xlabel="model MiB", ylabel=ylabel, xscale="log", yscale="log")
     axis.set_xticks(sizes, [str(s) for s in sizes])
     axis.legend()
     return figure
+
+
+def round_close(run: dict[str, Any]) -> Figure:
+    """The event loop's longest stall at a round's close, on the loop and in a thread."""
+    return _by_model_size(run, [("on_loop_stall_s", "s--", "close on the loop"),
+                                ("fedkube_stall_s", "o-", "fedkube (thread)")],
+                          "event-loop stall while a round closes", "longest stall, s")
 
 
 def model_save(run: dict[str, Any]) -> Figure:
-    rows: Rows = sorted(run["results"], key=lambda r: r["mib"])
-    figure, axis = plt.subplots(figsize=(6, 4))
-    sizes = [r["mib"] for r in rows]
-    axis.plot(sizes, [r["message_s"] for r in rows], "s--", label="protobuf message")
-    axis.plot(sizes, [r["segments_s"] for r in rows], "o-", label="fedkube segments")
-    axis.set(title="saving a model", xlabel="model MiB", ylabel="s", xscale="log",
-             yscale="log")
-    axis.set_xticks(sizes, [str(s) for s in sizes])
-    axis.legend()
-    return figure
+    return _by_model_size(run, [("message_s", "s--", "protobuf message"),
+                                ("segments_s", "o-", "fedkube segments")],
+                          "saving a model", "s")
 
 
 PLOTS: dict[str, Callable[[dict[str, Any]], Figure]] = {

@@ -34,6 +34,17 @@ class Recorder:
         pass
 
 
+def two_round_aggregator(workdir: Path, outcome: Recorder, now: list[float],
+                         collaborators: list[str], min_collaborators: int | None = None
+                         ) -> ExperimentAggregator:
+    """An aggregator of a SIZE model, 2 rounds timing out after 1 s of the clock `now`."""
+    return ExperimentAggregator(
+        name="exp", plan=Plan(task="digits-logreg", rounds=2, round_timeout_s=1.0,
+                              min_collaborators=min_collaborators),
+        collaborators=collaborators, initial={"w": np.zeros(SIZE, np.float32)},
+        workdir=workdir, outcome=outcome, clock=lambda: now[0])
+
+
 def _train(sender: str, value: float, samples: int) -> aggregator_pb2.TaskResults:
     return aggregator_pb2.TaskResults(
         header=aggregator_pb2.MessageHeader(sender=sender, federation_uuid="exp"),
@@ -57,10 +68,7 @@ async def test_reply_comes_before_the_add_which_still_holds_the_round(
     GatedFedAvg.gate.clear()
     now = [0.0]
     outcome = Recorder()
-    aggregator = ExperimentAggregator(
-        name="exp", plan=Plan(task="digits-logreg", rounds=2, round_timeout_s=1.0),
-        collaborators=["a", "b"], initial={"w": np.zeros(SIZE, np.float32)}, workdir=tmp_path,
-        outcome=outcome, clock=lambda: now[0])
+    aggregator = two_round_aggregator(tmp_path, outcome, now, ["a", "b"])
     aggregator.get_tasks("a")  # starts the round's clock
 
     # The reply to "a" comes while its add is still blocked...
@@ -99,11 +107,8 @@ async def test_a_result_sent_again_is_acknowledged_and_ignored_but_a_late_one_re
     a closed round is still refused."""
     now = [0.0]
     outcome = Recorder()
-    aggregator = ExperimentAggregator(
-        name="exp", plan=Plan(task="digits-logreg", rounds=2, round_timeout_s=1.0,
-                              min_collaborators=2),
-        collaborators=["a", "b", "c"], initial={"w": np.zeros(SIZE, np.float32)},
-        workdir=tmp_path, outcome=outcome, clock=lambda: now[0])
+    aggregator = two_round_aggregator(tmp_path, outcome, now, ["a", "b", "c"],
+                                      min_collaborators=2)
     aggregator.get_tasks("a")
     await aggregator.receive("a", _validate("a", 0.5))
     await aggregator.receive("a", _validate("a", 0.9))  # again, other figures: ignored
@@ -147,10 +152,7 @@ async def test_a_round_closes_off_the_event_loop_and_takes_nothing_meanwhile(
     GatedClose.gate.clear()
     now = [0.0]
     outcome = Recorder()
-    aggregator = ExperimentAggregator(
-        name="exp", plan=Plan(task="digits-logreg", rounds=2, round_timeout_s=1.0),
-        collaborators=["a", "b"], initial={"w": np.zeros(SIZE, np.float32)},
-        workdir=tmp_path, outcome=outcome, clock=lambda: now[0])
+    aggregator = two_round_aggregator(tmp_path, outcome, now, ["a", "b"])
     aggregator.get_tasks("a")
     await aggregator.receive("a", _train("a", 1.0, 10))
     await aggregator.receive("b", _train("b", 3.0, 10))  # the last one: the round closes
