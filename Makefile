@@ -67,6 +67,7 @@ bench: install openfl
 	FEDKUBE_OPENFL_PYTHON=$(OPENFL_VENV)/bin/python $(PY) -m benchmarks.health_checks
 	$(PY) -m benchmarks.aggregation --updates 8,32 --mib 64
 	$(PY) -m benchmarks.transfer --mib 16,256
+	$(PY) -m benchmarks.bulk_handshakes
 	$(PY) -m benchmarks.model_save --mib 64,256
 	$(PY) -m benchmarks.round_close --mib 64,256
 	$(PY) -m benchmarks.round_latency --collaborators 8 --rounds 10
@@ -82,6 +83,7 @@ bench-full: install openfl testenv
 		--envoys 1000,5000,10000,20000 --period 10,2
 	$(PY) -m benchmarks.aggregation --updates 8,32,128 --mib 64,256
 	$(PY) -m benchmarks.transfer --mib 16,64,256,1024
+	$(PY) -m benchmarks.bulk_handshakes
 	$(PY) -m benchmarks.model_save --mib 64,256,1024
 	$(PY) -m benchmarks.round_close --mib 64,256,1024
 	$(PY) -m benchmarks.round_latency --collaborators 8,32 --rounds 20

@@ -5,8 +5,10 @@ and collaborators fall back to the gRPC streams when they cannot reach it."""
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import select
 import socket
+import ssl
 import struct
 import time
 from pathlib import Path
@@ -24,7 +26,14 @@ from fedkube.local import Process, envoy_process, wait_for
 from fedkube.proto import aggregator_pb2
 from fedkube.tasks.digits import DigitsShard
 from fedkube.tasks.models import BUILTIN_TASKS
-from fedkube.transport.bulk import HEADER_TIMEOUT_S, BulkClient, BulkError, Segments
+from fedkube.transport import certs
+from fedkube.transport.bulk import (
+    HEADER_TIMEOUT_S,
+    BulkClient,
+    BulkError,
+    PeerContext,
+    Segments,
+)
 from fedkube.transport.bulk import WORKERS as BULK_WORKERS
 from fedkube.transport.tensors import encode_task_results, parse_tensor_response
 from fedkube.transport.tls import TLSFiles
@@ -111,18 +120,23 @@ async def test_bulk_transfers_check_certificates_as_grpc_does(
     request = aggregator_pb2.GetAggregatedTensorRequest(
         header=header("env1"), tensor_name="weights", round_number=0).SerializeToString()
     env1 = bulk_client(mtls_director, TLSFiles.from_dir(cert_dir.path, "env1"))
-    values = parse_tensor_response(await asyncio.to_thread(env1.download, "w", request))[1]
-    np.testing.assert_array_equal(values, aggregator.model["weights"])
+    for _ in range(2):  # the second resumes the first's TLS session
+        values = parse_tensor_response(await asyncio.to_thread(env1.download, "w",
+                                                               request))[1]
+        np.testing.assert_array_equal(values, aggregator.model["weights"])
+    assert env1.resumed == 1
     refusals = [
         ("env2", "'env2' may not act for 'env1'"),  # another shard's envoy
         ("alice", "role 'owner' may not call StreamAggregatedTensor"),  # a model owner
     ]
     for cert, text in refusals:
         client = bulk_client(mtls_director, TLSFiles.from_dir(cert_dir.path, cert))
-        with pytest.raises(BulkError) as error:
-            await asyncio.to_thread(client.download, "w", request)
-        assert error.value.code() == grpc.StatusCode.PERMISSION_DENIED
-        assert text in error.value.details()
+        for _ in range(2):  # a resumed session keeps its certificate's identity
+            with pytest.raises(BulkError) as error:
+                await asyncio.to_thread(client.download, "w", request)
+            assert error.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert text in error.value.details()
+        assert client.resumed == 1
     env2 = bulk_client(mtls_director, TLSFiles.from_dir(cert_dir.path, "env2"))
     with pytest.raises(BulkError) as error:
         await asyncio.to_thread(env2.upload, header("env1").SerializeToString(),
@@ -272,3 +286,17 @@ async def test_a_peer_trickling_its_request_is_cut_off_after_the_header_timeout(
     monkeypatch.setattr("fedkube.transport.bulk.HEADER_TIMEOUT_S", 1.0)
     assert director.server.bulk is not None
     assert await asyncio.to_thread(cut_off_within, director.server.bulk.port, 10.0)
+
+
+def test_a_certificate_expired_since_its_session_began_is_refused() -> None:
+    """A resumed TLS session is not checked against its certificate's dates by TLS."""
+    ca = certs.create_ca()
+    expired = certs.issue(ca, "env1", role="envoy", validity=dt.timedelta(minutes=-1))
+    der = ssl.PEM_cert_to_DER_cert(expired.cert_pem.decode())
+    with pytest.raises(BulkError) as error:
+        PeerContext(der)
+    assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "not now" in error.value.details()
+    current = certs.issue(ca, "env1", role="envoy")
+    auth = PeerContext(ssl.PEM_cert_to_DER_cert(current.cert_pem.decode())).auth_context()
+    assert auth["x509_common_name"] == [b"env1"]
