@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from fedkube.api.crds import build_crd, crd_files
 from fedkube.api.reference import reference_markdown
-from fedkube.api.resources import EXPERIMENT, ExperimentSpec, FederationSpec, ShardSpec
+from fedkube.api.resources import (
+    EXPERIMENT,
+    ComputeResources,
+    ExperimentSpec,
+    FederationSpec,
+    ShardSpec,
+)
 from fedkube.cli import build_parser, director_config
 from fedkube.client import EnvoyView, ExperimentStatus
 from fedkube.operator.conditions import set_condition
@@ -108,6 +116,32 @@ def test_director_frontends_reach_the_director_command_line() -> None:
     assert director_config(build_parser().parse_args(
         build_director_deployment("fed", "ns", FED.model_copy(update={"tls": "insecure"}))[
             "spec"]["template"]["spec"]["containers"][0]["args"])).frontends == 0
+
+
+def test_director_and_envoy_resources_default_to_requests_and_take_the_specs() -> None:
+    def container(manifest: dict[str, Any]) -> dict[str, Any]:
+        return dict(manifest["spec"]["template"]["spec"]["containers"][0])
+
+    # A CPU for the director and one per frontend; requests only, no limits.
+    assert container(build_director_deployment("fed", "ns", FED))["resources"] == {
+        "requests": {"cpu": "1", "memory": "1Gi"}}
+    with_frontends = FED.model_copy(update={"director_frontends": 4})
+    assert container(build_director_deployment("fed", "ns", with_frontends))["resources"] == {
+        "requests": {"cpu": "5", "memory": "1Gi"}}
+    assert container(build_envoy_daemonset("fed", "ns", FED))["resources"] == {
+        "requests": {"cpu": "100m", "memory": "256Mi"}}
+    # As given, in the CRD's camelCase too.
+    given = FederationSpec.model_validate({
+        **FED.model_dump(by_alias=True, exclude_none=True),
+        "directorResources": {"requests": {"cpu": "2500m", "memory": "8Gi"},
+                              "limits": {"memory": "16Gi"}},
+        "envoyResources": {"limits": {"cpu": "1"}}})
+    assert container(build_director_deployment("fed", "ns", given))["resources"] == {
+        "requests": {"cpu": "2500m", "memory": "8Gi"}, "limits": {"memory": "16Gi"}}
+    assert container(build_envoy_daemonset("fed", "ns", given))["resources"] == {
+        "limits": {"cpu": "1"}}
+    with pytest.raises(ValidationError, match="pattern"):
+        ComputeResources(requests={"cpu": "two"})
 
 
 def test_envoy_daemonset_targets_gpu_nodes() -> None:

@@ -26,6 +26,8 @@ def _structural(node: Any, defs: dict[str, Any]) -> Any:
         target = defs[node["$ref"].rsplit("/", 1)[-1]]
         merged = {**target, **{k: v for k, v in node.items() if k != "$ref"}}
         return _structural(merged, defs)
+    if node.get("x-kubernetes-int-or-string"):
+        return dict(node)  # anyOf integer or string: the one union Kubernetes allows
     if "anyOf" in node:
         branches = [b for b in node["anyOf"] if b.get("type") != "null"]
         rest = {k: v for k, v in node.items() if k != "anyOf"}

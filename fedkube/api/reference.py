@@ -14,6 +14,8 @@ _RULES = ("minimum", "maximum", "exclusiveMinimum", "minLength", "maxLength", "p
 
 
 def _type(node: dict[str, Any]) -> str:
+    if node.get("x-kubernetes-int-or-string"):
+        return "int or string"
     kind = node.get("type", "any")
     if kind == "array":
         return f"list of {_type(node.get('items', {}))}"
@@ -26,6 +28,11 @@ def _type(node: dict[str, Any]) -> str:
 
 def _rules(node: dict[str, Any]) -> str:
     found = [f"{key} {json.dumps(node[key])}" for key in _RULES if key in node]
+    values = node.get("additionalProperties", {})
+    if isinstance(values, dict):
+        found += [f"values {key} {json.dumps(values[key])}" for key in _RULES if key in values]
+    if "maxProperties" in node:
+        found.append(f"maxProperties {node['maxProperties']}")
     items = node.get("items", {})
     found += [f"items {key} {json.dumps(items[key])}" for key in _RULES if key in items]
     found += [f"CEL: `{rule['rule']}`" for rule in node.get("x-kubernetes-validations", [])]

@@ -6,13 +6,15 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 from pydantic.alias_generators import to_camel
 
 GROUP = "fedkube.io"
 VERSION = "v1alpha1"
 DNS_NAME = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 QUANTITY = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|k|M|G|T)?$"
+# A resource quantity as a Pod's requests and limits take it (cpu in millicores too).
+RESOURCE_QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|Ki|Mi|Gi|Ti|Pi|k|M|G|T|P)?$"
 DEFAULT_IMAGE = "ghcr.io/fedkube/fedkube:0.1.0"
 
 
@@ -43,6 +45,30 @@ _CONDITIONS = Field(default_factory=list, **_k8s(**{"x-kubernetes-list-type": "m
 
 # -- Federation ---------------------------------------------------------------------------
 
+def _quantity_text(value: object) -> object:
+    """`cpu: 2` in YAML is an integer: a quantity all the same, as in a Pod spec."""
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+# An int-or-string with a pattern, as controller-gen writes resource.Quantity.
+_Quantity = Annotated[str, BeforeValidator(_quantity_text),
+                      Field(pattern=RESOURCE_QUANTITY, max_length=64),
+                      WithJsonSchema({"anyOf": [{"type": "integer"}, {"type": "string"}],
+                                      "pattern": RESOURCE_QUANTITY, "maxLength": 64,
+                                      "x-kubernetes-int-or-string": True})]
+# Resource names are checked by the apiserver when the operator creates the Pods (a
+# structural schema cannot constrain map keys); the quantities are checked here.
+_Quantities = Annotated[dict[str, _Quantity], Field(max_length=16)]
+
+
+class ComputeResources(_Model):
+    """A container's requests and limits, as in a Pod spec."""
+
+    requests: _Quantities = Field(default_factory=dict,
+                                  description="e.g. cpu: 500m, memory: 1Gi")
+    limits: _Quantities = Field(default_factory=dict)
+
+
 class FederationSpec(_Model):
     """One director and its envoys."""
 
@@ -62,6 +88,14 @@ class FederationSpec(_Model):
         description="processes in the director's pod that share its port and answer "
                     "health checks, each about one more core's worth: for federations of "
                     "many thousands of envoys")
+    director_resources: ComputeResources | None = Field(
+        default=None,
+        description="the director container's requests and limits; default: requests of "
+                    "one CPU for the director and one per frontend, and 1Gi of memory")
+    envoy_resources: ComputeResources | None = Field(
+        default=None,
+        description="each envoy container's requests and limits (its collaborators are "
+                    "Pods of their own); default: requests of 100m CPU and 256Mi")
     envoy_node_selector: dict[str, str] = Field(
         default_factory=lambda: {"nvidia.com/gpu.present": "true"},
         description="where envoy pods run (GPU nodes by default)")

@@ -7,7 +7,7 @@ from typing import Any
 import yaml
 
 from fedkube.api.config import DEFAULT_PORT
-from fedkube.api.resources import FederationSpec, ShardSpec
+from fedkube.api.resources import ComputeResources, FederationSpec, ShardSpec
 
 Manifest = dict[str, Any]
 APP = "app.kubernetes.io/name"
@@ -37,6 +37,25 @@ SCRAPE_ANNOTATIONS = {"prometheus.io/scrape": "true", "prometheus.io/port": str(
                       "prometheus.io/path": "/metrics"}
 _POD_SECURITY = {"runAsNonRoot": True, "runAsUser": 10001, "fsGroup": 10001,
                  "seccompProfile": {"type": "RuntimeDefault"}}
+# Requests only, by default: a scheduler that knows what the pods need, and no limit to
+# throttle a round's close or kill an aggregator holding a large model.
+ENVOY_REQUESTS = {"cpu": "100m", "memory": "256Mi"}
+DIRECTOR_MEMORY_REQUEST = "1Gi"
+
+
+def _resources(given: ComputeResources | None, default: dict[str, str]) -> dict[str, Any]:
+    if given is None:
+        return {"requests": dict(default)}
+    return {key: dict(value) for key, value in (("requests", given.requests),
+                                                  ("limits", given.limits)) if value}
+
+
+def director_resources(spec: FederationSpec) -> dict[str, Any]:
+    """Each frontend is about one more core's worth of health checks
+    (docs/benchmarks.md), so the default CPU request grows with them."""
+    return _resources(spec.director_resources,
+                      {"cpu": str(1 + spec.director_frontends),
+                       "memory": DIRECTOR_MEMORY_REQUEST})
 
 
 def names(federation: str) -> dict[str, str]:
@@ -137,6 +156,7 @@ def build_director_deployment(name: str, namespace: str, spec: FederationSpec) -
                     "containers": [{
                         "name": "director", "image": spec.image,
                         "args": args,
+                        "resources": director_resources(spec),
                         "ports": [{"name": "grpc", "containerPort": DEFAULT_PORT},
                                   {"name": "bulk", "containerPort": BULK_PORT},
                                   {"name": "metrics", "containerPort": METRICS_PORT}],
@@ -201,6 +221,7 @@ def build_envoy_daemonset(name: str, namespace: str, spec: FederationSpec) -> Ma
                         "name": "envoy", "image": spec.image,
                         "command": ["fedkube"],
                         "args": ["--log-format", "json", "envoy", "start", "--config", config],
+                        "resources": _resources(spec.envoy_resources, ENVOY_REQUESTS),
                         "env": [
                             {"name": "NODE_NAME",
                              "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},

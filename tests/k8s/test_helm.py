@@ -45,6 +45,14 @@ def test_chart_lints_and_renders(cluster: ControlPlane) -> None:
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     assert values["metrics"]["scrapeConfig"]["kubernetes_sd_configs"] == [{"role": "pod"}]
     assert docs[("Federation", "default")]["spec"]["image"] == "ghcr.io/fedkube/fedkube:0.1.0"
+    assert "directorResources" not in docs[("Federation", "default")]["spec"]  # defaults
+    sized = cluster.helm("template", RELEASE, str(CHART), "--namespace", NAMESPACE,
+                         "--set", "federation.enabled=true",
+                         "--set", "federation.directorResources.requests.cpu=3",
+                         "--set", "federation.envoyResources.limits.memory=1Gi").stdout
+    federation = next(d for d in yaml.safe_load_all(sized) if d and d["kind"] == "Federation")
+    assert federation["spec"]["directorResources"] == {"requests": {"cpu": 3}}
+    assert federation["spec"]["envoyResources"] == {"limits": {"memory": "1Gi"}}
 
 
 def test_install_creates_crds_and_an_available_operator(cluster: ControlPlane) -> None:

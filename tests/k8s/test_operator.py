@@ -101,11 +101,13 @@ def test_invalid_specs_are_refused_by_the_apiserver(operated: Operated) -> None:
     assert result.returncode != 0
     assert "minCollaborators must not exceed the number of shards listed" in result.stderr
     bad_fed = examples("federation.yaml")[0]
-    bad_fed["spec"].update(tls="plaintext", storage="lots")
+    bad_fed["spec"].update(tls="plaintext", storage="lots",
+                           directorResources={"requests": {"cpu": "two"}})
     result = operated.kubectl("apply", "-f", "-", input=yaml.safe_dump(bad_fed), check=False)
     assert result.returncode != 0
     assert 'supported values: "mtls", "insecure"' in result.stderr
     assert "spec.storage" in result.stderr
+    assert "spec.directorResources.requests.cpu" in result.stderr
 
 
 def test_experiment_of_a_missing_federation_says_so(operated: Operated) -> None:
@@ -135,12 +137,20 @@ def test_experiment_waits_for_unregistered_shards(operated: Operated) -> None:
 
 
 def test_federation_workloads_and_gpu_placement(operated: Operated) -> None:
-    operated.apply(_local_federation(operated))
+    federation = _local_federation(operated)
+    # `cpu: 2` in YAML is an integer, as Pod specs allow.
+    federation["spec"]["directorResources"] = {"requests": {"cpu": 2, "memory": "2Gi"}}
+    operated.apply(federation)
     wait_for(lambda: operated.kubectl("get", "daemonset", "digits-envoy",
                                       check=False).returncode == 0,
              timeout=60, message="envoy DaemonSet")
     deployment = operated.get("deployment", "digits-director")
     assert deployment["spec"]["strategy"]["type"] == "Recreate"
+    assert deployment["spec"]["template"]["spec"]["containers"][0]["resources"] == {
+        "requests": {"cpu": "2", "memory": "2Gi"}}
+    envoy = operated.get("daemonset", "digits-envoy")["spec"]["template"]["spec"]
+    assert envoy["containers"][0]["resources"] == {"requests": {"cpu": "100m",
+                                                                "memory": "256Mi"}}
     assert deployment["metadata"]["ownerReferences"][0]["kind"] == "Federation"
     service = operated.get("service", "digits-director")
     assert service["spec"]["ports"][0]["port"] == 50051
@@ -154,8 +164,8 @@ def test_federation_workloads_and_gpu_placement(operated: Operated) -> None:
 
     wait_for(lambda: envoy_nodes() == {"gpu-node-1", "gpu-node-2"}, timeout=60,
              message="envoy pods running on the two GPU nodes only")
-    federation = operated.get("federation", "digits")
-    assert federation["status"]["directorEndpoint"] == f"localhost:{operated.director_port}"
+    status = operated.get("federation", "digits")["status"]
+    assert status["directorEndpoint"] == f"localhost:{operated.director_port}"
     # The director's Pod too was admitted in the restricted namespace.
     wait_for(lambda: len(operated.get("pods", "-l", "app.kubernetes.io/component=director")[
         "items"]) == 1, timeout=60, message="director pod admitted")
