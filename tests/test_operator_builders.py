@@ -30,6 +30,7 @@ from fedkube.operator.manifests import (
     build_federation_workloads,
 )
 from fedkube.operator.shards import build_shard_status
+from fedkube.tasks.archive import build_archive, read_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 FED = FederationSpec(sample_shape=["8", "8"], target_shape=["1"])
@@ -54,7 +55,17 @@ def test_experiment_crd_schema() -> None:
     assert spec["properties"]["rounds"] == {"default": 10, "maximum": 100000, "minimum": 1,
                                             "type": "integer"}
     assert spec["properties"]["params"]["x-kubernetes-preserve-unknown-fields"] is True
-    assert "anyOf" not in yaml.safe_dump(crd)
+    # The one union a structural schema allows: int-or-string (resource quantities).
+    def unions(node: Any) -> list[dict[str, Any]]:
+        if isinstance(node, list):
+            return [u for item in node for u in unions(item)]
+        if not isinstance(node, dict):
+            return []
+        return ([node] if "anyOf" in node else []) + [u for v in node.values()
+                                                      for u in unions(v)]
+
+    found = unions(crd)
+    assert found and all(u.get("x-kubernetes-int-or-string") is True for u in found)
     rules = [r["rule"] for r in spec["x-kubernetes-validations"]]
     assert any("size(self.shards)" in rule for rule in rules)
     assert version["subresources"] == {"status": {}}
@@ -285,6 +296,27 @@ def test_collaborator_pod_is_pinned_through_the_scheduler(tmp_path: Path) -> Non
     assert (args.command, args.action, args.log_format) == ("collaborator", "run", "json")
     assert {"name": "tls", "secret": {"secretName": "fed-envoy-tls",
                                       "defaultMode": 0o400}} in spec["volumes"]
+
+
+def test_collaborator_pod_resources_come_from_the_experiment(tmp_path: Path) -> None:
+    from fedkube.envoy_agent.pods import PodPlacement, build_collaborator_pod
+    from fedkube.envoy_agent.runtime import CollaboratorJob
+
+    spec = ExperimentSpec.model_validate({
+        "federation": "fed", "task": "digits-logreg", "gpusPerCollaborator": 2,
+        "collaboratorResources": {"requests": {"cpu": 4, "memory": "16Gi"},
+                                  "limits": {"memory": "32Gi"}}})
+    plan = build_plan(spec)
+    job = CollaboratorJob(experiment="e", collaborator="a", archive=tmp_path,
+                          work_dir=tmp_path, cuda_devices=(), gpus=plan.gpus_per_collaborator,
+                          resources=plan.collaborator_resources)
+    where = PodPlacement(namespace="ns", node_name="gpu-1", image="img", director="d:1",
+                         loader="digits", options={})
+    container = build_collaborator_pod(job, where)["spec"]["containers"][0]
+    assert container["resources"] == {"requests": {"cpu": "4", "memory": "16Gi"},
+                                      "limits": {"memory": "32Gi", "nvidia.com/gpu": "2"}}
+    # The plan travels in the experiment's archive, and reads back the same.
+    assert read_plan(build_archive(plan)) == plan
 
 
 def test_collaborator_pod_requests_its_own_certificate(tmp_path: Path) -> None:

@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from fedkube.api.resources import ComputeResources
+
 PLAN_FILE = "plan.yaml"
 REQUIREMENTS_FILE = "requirements.txt"
 USER_TASK_PREFIX = "archive:"
@@ -28,6 +30,8 @@ class Plan(BaseModel):
     weighting: Literal["samples", "equal"] = "samples"
     gpus_per_collaborator: int = Field(default=0, ge=0, le=64,
                                        description="nvidia.com/gpu each collaborator Pod asks")
+    collaborator_resources: ComputeResources | None = Field(
+        default=None, description="each collaborator Pod's other requests and limits")
     install_requirements: bool = Field(
         default=False, description="the envoy installs the archive's requirements.txt into "
                                    "a virtualenv of this experiment before running it")

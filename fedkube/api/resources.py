@@ -169,6 +169,9 @@ class ExperimentSpec(_Model):
         default=None, min_length=1, max_length=10_000,
         description="shard names; default: every online shard")
     gpus_per_collaborator: int = Field(default=0, ge=0, le=64)
+    collaborator_resources: ComputeResources | None = Field(
+        default=None, description="each collaborator Pod's requests and limits besides its "
+                                  "GPUs (gpusPerCollaborator), e.g. memory for its data")
     round_timeout_seconds: int = Field(default=600, ge=1, le=7 * 24 * 3600)
     metric: str = Field(default="accuracy", min_length=1, max_length=63)
     higher_is_better: bool = True

@@ -180,7 +180,8 @@ class EnvoyAgent:
         plan = read_plan(archive)
         job = CollaboratorJob(experiment=experiment, collaborator=self.name, archive=archive,
                               work_dir=work_dir, cuda_devices=tuple(self.config.cuda_devices),
-                              gpus=plan.gpus_per_collaborator)
+                              gpus=plan.gpus_per_collaborator,
+                              resources=plan.collaborator_resources)
         await self.runtime.run(job)
 
     async def experiment_loop(self) -> None:

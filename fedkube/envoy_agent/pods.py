@@ -52,6 +52,17 @@ def _tls_args(where: PodPlacement) -> list[str]:
     return ["--insecure"]
 
 
+def collaborator_resources(job: CollaboratorJob) -> dict[str, dict[str, str]]:
+    """The plan's requests and limits, with its GPUs as a limit (as the device plugin
+    wants: the request follows)."""
+    given = job.resources
+    resources = {"requests": dict(given.requests) if given else {},
+                 "limits": dict(given.limits) if given else {}}
+    if job.gpus:
+        resources["limits"][GPU] = str(job.gpus)
+    return {key: value for key, value in resources.items() if value}
+
+
 def build_collaborator_pod(job: CollaboratorJob, where: PodPlacement) -> dict[str, Any]:
     tls = _tls_args(where)
     options = [arg for key, value in sorted(where.options.items())
@@ -66,8 +77,9 @@ def build_collaborator_pod(job: CollaboratorJob, where: PodPlacement) -> dict[st
         "volumeMounts": [{"name": "work", "mountPath": WORK_DIR},
                          {"name": "tmp", "mountPath": "/tmp"}],
     }
-    if job.gpus:
-        container["resources"] = {"limits": {GPU: str(job.gpus)}}
+    resources = collaborator_resources(job)
+    if resources:
+        container["resources"] = resources
     volumes: list[dict[str, Any]] = [{"name": "work", "emptyDir": {}},
                                      {"name": "tmp", "emptyDir": {}}]
     requests_certificate = _requests_certificate(where)

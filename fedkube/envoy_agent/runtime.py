@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from fedkube.api.resources import ComputeResources
+
 
 @dataclass(frozen=True)
 class CollaboratorJob:
@@ -15,6 +17,7 @@ class CollaboratorJob:
     work_dir: Path
     cuda_devices: tuple[int, ...]
     gpus: int = 0  # what the plan asks per collaborator (the pod runtime requests them)
+    resources: ComputeResources | None = None  # the Pod's other requests and limits
 
 
 class CollaboratorFailed(Exception):

@@ -22,7 +22,8 @@ def build_plan(spec: ExperimentSpec) -> Plan:
                 min_collaborators=spec.min_collaborators,
                 round_timeout_s=float(spec.round_timeout_seconds), metric=spec.metric,
                 higher_is_better=spec.higher_is_better,
-                gpus_per_collaborator=spec.gpus_per_collaborator)
+                gpus_per_collaborator=spec.gpus_per_collaborator,
+                collaborator_resources=spec.collaborator_resources)
 
 
 @dataclass

@@ -310,9 +310,10 @@ def test_experiment_runs_to_succeeded(operated: Operated) -> None:
 
 def test_unschedulable_collaborator_pod_fails_the_experiment(operated: Operated,
                                                               tmp_path: Path) -> None:
-    """The whole chain: an envoy with the pod runtime asks for 6 GPUs on a 4-GPU node; the
-    scheduler leaves the Pod Pending; the envoy reports the failure to the director; the
-    operator marks the Experiment Failed with the scheduler's reason."""
+    """The whole chain: an envoy with the pod runtime asks for 6 GPUs and 512Gi on a 4-GPU
+    node of 256Gi (the Experiment's gpusPerCollaborator and collaboratorResources, through
+    its plan); the scheduler leaves the Pod Pending; the envoy reports the failure to the
+    director; the operator marks the Experiment Failed with the scheduler's reason."""
     config = tmp_path / "envoy.yaml"
     config.write_text(yaml.safe_dump({
         "name": "hospital-c", "director": f"localhost:{operated.director_port}",
@@ -331,7 +332,8 @@ def test_unschedulable_collaborator_pod_fails_the_experiment(operated: Operated,
         hungry = examples("experiment.yaml")[0]
         hungry["metadata"]["name"] = "gpu-hungry"
         hungry["spec"].update(shards=["hospital-c"], minCollaborators=1, rounds=1,
-                              gpusPerCollaborator=6)
+                              gpusPerCollaborator=6,
+                              collaboratorResources={"requests": {"memory": "512Gi"}})
         operated.apply(hungry)
         operated.kubectl("wait", "--for=condition=Failed", "experiment/gpu-hungry",
                          "--timeout=120s")
@@ -340,6 +342,7 @@ def test_unschedulable_collaborator_pod_fails_the_experiment(operated: Operated,
         assert failed["reason"] == "CollaboratorFailed"
         assert "cannot be scheduled on gpu-node-2" in failed["message"]
         assert "Insufficient nvidia.com/gpu" in failed["message"]
+        assert "Insufficient memory" in failed["message"]
         assert status["phase"] == "Failed"
         # The Pending Pod was cleaned up by its envoy.
         wait_for(lambda: not operated.get("pods", "-l",
