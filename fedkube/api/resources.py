@@ -43,7 +43,7 @@ _CONDITIONS = Field(default_factory=list, **_k8s(**{"x-kubernetes-list-type": "m
                                                     "x-kubernetes-list-map-keys": ["type"]}))
 
 
-# -- Federation ---------------------------------------------------------------------------
+# -- a container's resources (Federation and Experiment) ------------------------------
 
 def _quantity_text(value: object) -> object:
     """`cpu: 2` in YAML is an integer: a quantity all the same, as in a Pod spec."""
@@ -68,6 +68,8 @@ class ComputeResources(_Model):
                                   description="e.g. cpu: 500m, memory: 1Gi")
     limits: _Quantities = Field(default_factory=dict)
 
+
+# -- Federation ---------------------------------------------------------------------------
 
 class FederationSpec(_Model):
     """One director and its envoys."""
