@@ -233,9 +233,13 @@ def silent_peers(port: int, count: int) -> list[socket.socket]:
 async def transfer_past_stalled_peers(running: RunningDirector,
                                       cert_dir: CertDir | None = None) -> None:
     """Twice as many silent connections as the port has workers: with a worker each, a
-    real transfer would wait for them to time out (HEADER_TIMEOUT_S); it goes through."""
+    real transfer would wait for them to time out (HEADER_TIMEOUT_S); it goes through.
+    So do peers that reset their connection as soon as it is made."""
     aggregator = await running_experiment(running, cert_dir)
     assert running.server.bulk is not None
+    for _ in range(50):
+        with socket.create_connection(("127.0.0.1", running.server.bulk.port)) as peer:
+            peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     stalled = silent_peers(running.server.bulk.port, 2 * BULK_WORKERS)
     try:
         request = aggregator_pb2.GetAggregatedTensorRequest(

@@ -224,7 +224,12 @@ class BulkServer:
                     if key.data is None:  # the listener
                         self._arrive(selector, arrivals, drop)
                     elif key.data.conn in arrivals:  # not dropped in this round
-                        self._progress(selector, key.data, drop, arrivals)
+                        try:
+                            self._progress(selector, key.data, drop, arrivals)
+                        except Exception:  # a bug: that connection goes, the port stays
+                            log.exception("bulk connection failed at the gate")
+                            if key.data.conn in arrivals:
+                                drop(key.data)
                 now = time.monotonic()
                 for arrival in [a for a in arrivals.values() if a.deadline <= now]:
                     log.debug("bulk connection said nothing within %g s", HEADER_TIMEOUT_S)
@@ -245,11 +250,16 @@ class BulkServer:
             except OSError as exc:  # out of descriptors, say: the next select tries again
                 log.warning("bulk port could not accept: %s", exc)
                 return
-            raw.setblocking(False)
-            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn = (self._context.wrap_socket(raw, server_side=True,
-                                              do_handshake_on_connect=False)
-                    if self._context else raw)
+            try:
+                raw.setblocking(False)
+                raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                conn = (self._context.wrap_socket(raw, server_side=True,
+                                                  do_handshake_on_connect=False)
+                        if self._context else raw)
+            except OSError as exc:  # gone already
+                log.debug("bulk connection failed on arrival: %s", exc)
+                raw.close()
+                continue
             if len(arrivals) >= MAX_ARRIVALS:
                 drop(next(iter(arrivals.values())))
             arrival = _Arrival(conn, time.monotonic() + HEADER_TIMEOUT_S)
