@@ -14,7 +14,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from fedkube.api.config import ConfigError, DirectorConfig, EnvoyConfig, build_config, parse_shape
+from fedkube.api.config import (
+    ConfigError,
+    DirectorConfig,
+    EnvoyConfig,
+    TLSSettings,
+    build_config,
+    parse_shape,
+)
 from fedkube.transport.shard_certificate import CertificateRefused
 
 log = logging.getLogger("fedkube")
@@ -177,12 +184,15 @@ def cmd_collaborator_run(args: argparse.Namespace) -> int:
     from fedkube.transport.tls import TLSFiles
 
     bind_to_envoy()
+    renew: Callable[[], None] | None = None
     if args.request_certificate:
         if args.insecure or not (args.ca and args.cert and args.key):
             raise ConfigError("--request-certificate needs --ca/--cert/--key, not --insecure")
-        _request_certificate(args.name, "collaborator", cert=args.cert, key=args.key)
-    tls = None if args.insecure else TLSFiles(ca=args.ca.read_bytes(), cert=args.cert.read_bytes(),
-                                              key=args.key.read_bytes())
+        renew = functools.partial(_request_certificate, args.name, "collaborator",
+                                  cert=args.cert, key=args.key)
+        renew()
+    files = None if args.insecure else TLSSettings(ca=args.ca, cert=args.cert, key=args.key)
+    tls = None if files is None else TLSFiles.load(files)
     archive = args.archive or fetch_archive(args.director, tls, args.experiment, args.name,
                                             args.work_dir / "archive.zip")
     plan, workspace = extract(archive, args.work_dir)
@@ -197,7 +207,8 @@ def cmd_collaborator_run(args: argparse.Namespace) -> int:
     task = load_task(plan, workspace)
     shard = load_shard(args.shard, _options(args.shard_option))
     collaborator = Collaborator(target=args.director, experiment=args.experiment,
-                                name=args.name, plan=plan, task=task, shard=shard, tls=tls)
+                                name=args.name, plan=plan, task=task, shard=shard, tls=tls,
+                                certificate_files=files, renew_certificate=renew)
     try:
         collaborator.run()
     finally:

@@ -1,6 +1,7 @@
 """An envoy that requests its own certificate renews it before it expires and reconnects
-with the new one: a real mTLS director on loopback, and an envoy agent whose certificates
-last seconds (issued from the test CA, as the operator would sign them)."""
+with the new one; collaborators pick up renewed certificates between rounds. A real mTLS
+director on loopback, and certificates that last seconds (issued from the test CA, as the
+operator would sign them)."""
 
 from __future__ import annotations
 
@@ -10,18 +11,28 @@ import datetime as dt
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import grpc
+import numpy as np
 import pytest
 from cryptography import x509
 
 from fedkube.api.config import DirectorConfig, EnvoyConfig, TLSSettings
+from fedkube.api.plan import Plan
+from fedkube.collaborator.run import Collaborator
 from fedkube.director.server import DirectorServer
 from fedkube.envoy_agent.agent import EnvoyAgent
 from fedkube.local import free_port
+from fedkube.tasks.digits import DigitsShard
+from fedkube.tasks.models import BUILTIN_TASKS
 from fedkube.tasks.shard import load_shard
 from fedkube.transport import certs
-from fedkube.transport.shard_certificate import renewal_delay, write_pair
-from tests.conftest import CertDir
+from fedkube.transport.bulk import BulkError
+from fedkube.transport.shard_certificate import CertificateRefused, renewal_delay, write_pair
+from fedkube.transport.tls import TLSFiles
+from tests.conftest import CertDir, RunningDirector, eventually
+from tests.test_fl_engine import running_experiment
 
 NOW = dt.datetime(2026, 11, 26, 12, 0, tzinfo=dt.UTC)
 
@@ -118,3 +129,78 @@ async def test_envoy_renews_its_certificate_and_reconnects_with_the_new_one(
         with contextlib.suppress(asyncio.CancelledError):
             await running
         await server.stop(None)
+
+
+def _collaborator(director: RunningDirector, files: TLSSettings, **extra: Any) -> Collaborator:
+    return Collaborator(target=director.address, experiment="exp", name="env1",
+                        plan=Plan(task="digits-logreg", rounds=2),
+                        task=BUILTIN_TASKS["digits-logreg"], shard=DigitsShard(0, 2),
+                        tls=TLSFiles.load(files), **extra)
+
+
+async def test_a_collaborator_picks_up_its_renewed_certificate_between_rounds(
+        mtls_director: RunningDirector, cert_dir: CertDir, tmp_path: Path) -> None:
+    """A local collaborator reads the certificate files it shares with its envoy again
+    between rounds: once the envoy has renewed them and the first certificate expired,
+    it still reaches the director, where one that kept the old certificate is refused."""
+    aggregator = await running_experiment(mtls_director, cert_dir)
+    ca = certs.load_or_create_ca(cert_dir.path)
+    cert_path, key_path = tmp_path / "env1" / "tls.crt", tmp_path / "env1" / "tls.key"
+    first = certs.issue(ca, "env1", role="envoy", validity=dt.timedelta(seconds=3))
+    write_pair(cert_path, key_path, first.cert_pem, first.key_pem)
+    files = TLSSettings(ca=cert_dir.path / "ca.crt", cert=cert_path, key=key_path)
+    renewing = _collaborator(mtls_director, files, certificate_files=files)
+    stale = _collaborator(mtls_director, files)  # never reads the files again
+    try:
+        for collaborator in (renewing, stale):  # a bulk session each, with the first
+            await asyncio.to_thread(collaborator.fetch_model, 0)
+        assert not renewing.refresh_certificate()  # the files have not changed
+        renewed = certs.issue(ca, "env1", role="envoy")  # the envoy renews them
+        write_pair(cert_path, key_path, renewed.cert_pem, renewed.key_pem)
+        expiry = x509.load_pem_x509_certificate(first.cert_pem).not_valid_after_utc
+        await eventually(lambda: dt.datetime.now(dt.UTC) > expiry, within=10,
+                         message="the first certificate to expire")
+        renewing._certificate_check_at = 0.0  # the next round, CERTIFICATE_CHECK_S later
+        assert renewing.refresh_certificate()
+        assert renewing.tls is not None and renewing.tls.cert == renewed.cert_pem
+        model = await asyncio.to_thread(renewing.fetch_model, 0)
+        np.testing.assert_array_equal(model["weights"], aggregator.model["weights"])
+        with pytest.raises(BulkError) as error:
+            await asyncio.to_thread(stale.fetch_model, 0)
+        assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        renewing.close()
+        stale.close()
+
+
+async def test_a_collaborator_pod_requests_its_next_certificate_when_due(
+        mtls_director: RunningDirector, cert_dir: CertDir, tmp_path: Path) -> None:
+    """One that requested its own certificate requests the next once a third of its
+    lifetime is left, and keeps the current one when the request fails."""
+    await running_experiment(mtls_director, cert_dir)
+    ca = certs.load_or_create_ca(cert_dir.path)
+    cert_path, key_path = tmp_path / "collab" / "tls.crt", tmp_path / "collab" / "tls.key"
+    due = certs.issue(ca, "env1", role="collaborator", validity=dt.timedelta(seconds=30))
+    write_pair(cert_path, key_path, due.cert_pem, due.key_pem)  # 5 min 30 s, 30 s left
+    files = TLSSettings(ca=cert_dir.path / "ca.crt", cert=cert_path, key=key_path)
+    requests: list[bytes] = []
+
+    def refused() -> None:
+        raise CertificateRefused("certificate request denied: not on the shard's node")
+
+    def signed() -> None:  # what the operator's signature gives the Pod
+        pair = certs.issue(ca, "env1", role="collaborator")
+        write_pair(cert_path, key_path, pair.cert_pem, pair.key_pem)
+        requests.append(pair.cert_pem)
+
+    collaborator = _collaborator(mtls_director, files, certificate_files=files,
+                                 renew_certificate=refused)
+    try:
+        assert not collaborator.refresh_certificate()
+        assert collaborator.tls is not None and collaborator.tls.cert == due.cert_pem
+        collaborator.renew_certificate, collaborator._certificate_check_at = signed, 0.0
+        assert collaborator.refresh_certificate()
+        assert collaborator.tls is not None and collaborator.tls.cert == requests[0]
+        await asyncio.to_thread(collaborator.fetch_model, 0)
+    finally:
+        collaborator.close()

@@ -1,13 +1,18 @@
 """A collaborator process: fetches tasks and the global model, trains on its shard,
 sends results. Launched by its envoy (a subprocess or a Pod); a task that raises makes
-the process exit non-zero, and the envoy reports the failure to the director."""
+the process exit non-zero, and the envoy reports the failure to the director.
+
+Under mTLS it keeps its certificate current for experiments that outlive it: between
+rounds it reads its certificate files again (a local collaborator shares its envoy's,
+which the envoy renews) and, in a Pod that requested its own, requests a new one when
+it is due; a changed certificate means a new channel and bulk client."""
 
 from __future__ import annotations
 
 import logging
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -15,6 +20,7 @@ from typing import Any, TypeVar
 import grpc
 from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential_jitter
 
+from fedkube.api.config import TLSSettings
 from fedkube.api.plan import Plan
 from fedkube.proto import aggregator_pb2, aggregator_pb2_grpc, streaming_pb2, streaming_pb2_grpc
 from fedkube.tasks.archive import read_plan, safe_extract
@@ -28,6 +34,7 @@ from fedkube.transport.channel import (
     raw_tensor_stream,
 )
 from fedkube.transport.limits import CHUNK_BYTES
+from fedkube.transport.shard_certificate import renewal_delay
 from fedkube.transport.tensors import (
     StreamReceiver,
     chunk_frames,
@@ -43,6 +50,7 @@ TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
 RECONNECT_PATIENCE_S = 600.0
 POLL_S = 0.1
 BULK_RETRY_S = 60.0  # after a bulk transfer could not connect, gRPC streams this long
+CERTIFICATE_CHECK_S = 30.0  # how often, at most, between rounds, the files are read again
 
 
 def _transient(exc: BaseException) -> bool:
@@ -58,22 +66,55 @@ class Collaborator:
     task: Task
     shard: ShardDescriptor
     tls: TLSFiles | None = None
+    # Where the certificate comes from, to read it again between rounds; and, for one
+    # this collaborator requested itself, how to request the next.
+    certificate_files: TLSSettings | None = None
+    renew_certificate: Callable[[], None] | None = None
 
     def __post_init__(self) -> None:
+        self._connect()
+        self._streaming = True  # until a director (OpenFL's) answers UNIMPLEMENTED
+        self._received = StreamReceiver()
+        self._certificate_check_at = 0.0
+        self._header = aggregator_pb2.MessageHeader(sender=self.name, receiver="aggregator",
+                                                    federation_uuid=self.experiment)
+        self._names = list(self.task.init_model(self.plan.params))
+
+    def _connect(self) -> None:
+        """A channel (and a bulk client, when next asked for) with the current TLS files."""
         self._channel = open_sync_channel(self.target, tls=self.tls,
                                           options=[("grpc.max_reconnect_backoff_ms", 2000)])
         self._stub = aggregator_pb2_grpc.AggregatorStub(self._channel)  # type: ignore[no-untyped-call]
         self._get_tensor = raw_tensor_call(self._channel)
         self._stream_tensor = raw_tensor_stream(self._channel)
         self._send_frames = raw_results_call(self._channel)
-        self._streaming = True  # until a director (OpenFL's) answers UNIMPLEMENTED
-        self._received = StreamReceiver()
         self._tensor_stream_stub = streaming_pb2_grpc.TensorStreamStub(self._channel)  # type: ignore[no-untyped-call]
         self._bulk: BulkClient | None = None
         self._bulk_ask_at = 0.0  # when to ask the director where its bulk port is
-        self._header = aggregator_pb2.MessageHeader(sender=self.name, receiver="aggregator",
-                                                    federation_uuid=self.experiment)
-        self._names = list(self.task.init_model(self.plan.params))
+
+    def refresh_certificate(self) -> bool:
+        """Between rounds: renews a due certificate this collaborator requested, reads the
+        files again, and reconnects if they changed. Whether it reconnected."""
+        if self.certificate_files is None or time.monotonic() < self._certificate_check_at:
+            return False
+        self._certificate_check_at = time.monotonic() + CERTIFICATE_CHECK_S
+        if (self.renew_certificate is not None and self.tls is not None
+                and renewal_delay(self.tls.cert) == 0):
+            try:
+                self.renew_certificate()
+            except Exception as exc:  # the operator away, a denial: keep the current one
+                log.error("could not renew the certificate of %s (%s); trying again in "
+                          "%.0f s", self.name, exc, CERTIFICATE_CHECK_S)
+        current = TLSFiles.load(self.certificate_files)
+        if current == self.tls:
+            return False
+        self.tls = current
+        old = self._channel
+        self._connect()
+        old.close()
+        log.info("collaborator %s reconnected with its renewed certificate", self.name,
+                 extra={"experiment": self.experiment, "collaborator": self.name})
+        return True
 
     def _call(self, fn: Any, request: Any) -> Any:
         """Calls the aggregator, riding out a director restart."""
@@ -161,6 +202,7 @@ class Collaborator:
         """Works until the aggregator says quit; returns the number of rounds trained."""
         trained = 0
         while True:
+            self.refresh_certificate()
             response = self._call(self._stub.GetTasks,
                                   aggregator_pb2.GetTasksRequest(header=self._header))
             if response.quit:
