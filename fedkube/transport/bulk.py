@@ -251,6 +251,9 @@ class BulkServer:
                 log.warning("bulk port could not accept: %s", exc)
                 return
             try:
+                # Reset already? Checked before wrapping: ssl's wrap_socket, failing on
+                # one, leaves a half-made socket to the garbage collector.
+                raw.getpeername()
                 raw.setblocking(False)
                 raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 conn = (self._context.wrap_socket(raw, server_side=True,
