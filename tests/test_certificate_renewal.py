@@ -176,7 +176,8 @@ async def test_a_collaborator_picks_up_its_renewed_certificate_between_rounds(
 async def test_a_collaborator_pod_requests_its_next_certificate_when_due(
         mtls_director: RunningDirector, cert_dir: CertDir, tmp_path: Path) -> None:
     """One that requested its own certificate requests the next once a third of its
-    lifetime is left, and keeps the current one when the request fails."""
+    lifetime is left, and keeps the current one when the request fails or its files are
+    caught half renewed."""
     await running_experiment(mtls_director, cert_dir)
     ca = certs.load_or_create_ca(cert_dir.path)
     cert_path, key_path = tmp_path / "collab" / "tls.crt", tmp_path / "collab" / "tls.key"
@@ -198,6 +199,11 @@ async def test_a_collaborator_pod_requests_its_next_certificate_when_due(
     try:
         assert not collaborator.refresh_certificate()
         assert collaborator.tls is not None and collaborator.tls.cert == due.cert_pem
+        # Read between a renewal's two renames (the new key, the old certificate): kept.
+        key_path.write_bytes(certs.issue(ca, "env1", role="collaborator").key_pem)
+        collaborator._certificate_check_at = 0.0
+        assert not collaborator.refresh_certificate()
+        assert collaborator.tls.key == due.key_pem
         collaborator.renew_certificate, collaborator._certificate_check_at = signed, 0.0
         assert collaborator.refresh_certificate()
         assert collaborator.tls is not None and collaborator.tls.cert == requests[0]

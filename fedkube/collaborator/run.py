@@ -108,6 +108,9 @@ class Collaborator:
         current = TLSFiles.load(self.certificate_files)
         if current == self.tls:
             return False
+        if current is not None and not current.key_matches_certificate():
+            self._certificate_check_at = 0.0  # caught mid-renewal: read again next time
+            return False
         self.tls = current
         old = self._channel
         self._connect()

@@ -27,6 +27,19 @@ class TLSFiles:
         return cls(ca=settings.ca.read_bytes(), cert=settings.cert.read_bytes(),
                    key=settings.key.read_bytes())
 
+    def key_matches_certificate(self) -> bool:
+        """False for a key and certificate read while a renewal was between its two
+        renames (fedkube.transport.shard_certificate.write_pair)."""
+        from cryptography import x509
+        from cryptography.hazmat.primitives import serialization
+
+        try:
+            key = serialization.load_pem_private_key(self.key, password=None)
+            cert = x509.load_pem_x509_certificate(self.cert)
+        except ValueError:
+            return False
+        return bool(key.public_key() == cert.public_key())
+
     @classmethod
     def from_dir(cls, directory: Path, name: str) -> TLSFiles:
         """ca.crt plus NAME.crt/NAME.key, as `fedkube certs` writes them."""
