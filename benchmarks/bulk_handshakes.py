@@ -18,9 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from rich.table import Table
-
-from benchmarks.report import console, emit
+from benchmarks.report import report
 from fedkube.transport import certs
 from fedkube.transport.bulk import BulkClient, BulkServer, PeerContext, Segments
 from fedkube.transport.tls import TLSFiles
@@ -91,16 +89,13 @@ def main() -> None:
                     for threads in (1, 8)]
         finally:
             server.stop()
-    view = Table(title="Small mTLS transfers over the bulk port (per second, best of three)")
-    for column in ("client threads", "full handshake each", "fedkube (resumed)", "speed-up"):
-        view.add_column(column, justify="right")
-    for row in rows:
-        view.add_row(str(row["threads"]), f"{row['full_handshake_per_s']:.0f}",
-                     f"{row['resumed_per_s']:.0f}",
-                     f"{row['resumed_per_s'] / row['full_handshake_per_s']:.2f}x")
-    console(args.json).print(view)
-    if args.json:
-        emit("bulk_handshakes", rows)
+    report("bulk_handshakes",
+           "Small mTLS transfers over the bulk port (per second, best of three)",
+           ("client threads", "full handshake each", "fedkube (resumed)", "speed-up"),
+           [(str(row["threads"]), f"{row['full_handshake_per_s']:.0f}",
+             f"{row['resumed_per_s']:.0f}",
+             f"{row['resumed_per_s'] / row['full_handshake_per_s']:.2f}x") for row in rows],
+           rows, as_json=args.json)
 
 
 if __name__ == "__main__":

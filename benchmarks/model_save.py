@@ -16,9 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from rich.table import Table
 
-from benchmarks.report import console, emit
+from benchmarks.report import report
 from fedkube.transport.tensors import Model, encode_model, model_to_proto
 
 MiB = 1 << 20
@@ -60,15 +59,11 @@ def main() -> None:
             path.unlink()
             rows.append({"mib": mib, "message_s": best_seconds(write_message, model, path),
                          "segments_s": best_seconds(write_segments, model, path)})
-    view = Table(title="Saving a model at round close (s, best of three)")
-    for column in ("MiB", "protobuf message", "fedkube segments", "speed-up"):
-        view.add_column(column, justify="right")
-    for row in rows:
-        view.add_row(str(row["mib"]), f"{row['message_s']:.3f}", f"{row['segments_s']:.3f}",
-                     f"{row['message_s'] / row['segments_s']:.1f}x")
-    console(args.json).print(view)
-    if args.json:
-        emit("model_save", rows)
+    report("model_save", "Saving a model at round close (s, best of three)",
+           ("MiB", "protobuf message", "fedkube segments", "speed-up"),
+           [(str(row["mib"]), f"{row['message_s']:.3f}", f"{row['segments_s']:.3f}",
+             f"{row['message_s'] / row['segments_s']:.1f}x") for row in rows],
+           rows, as_json=args.json)
 
 
 if __name__ == "__main__":

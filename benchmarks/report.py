@@ -7,10 +7,12 @@ from __future__ import annotations
 import json
 import os
 import platform
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.table import Table
 
 
 def console(as_json: bool, width: int | None = None) -> Console:
@@ -30,3 +32,16 @@ def machine() -> dict[str, Any]:
 def emit(benchmark: str, results: Any, **extra: Any) -> None:
     print(json.dumps({"benchmark": benchmark, "machine": machine(), "results": results,
                       **extra}))
+
+
+def report(benchmark: str, title: str, columns: Sequence[str],
+           rows: Iterable[Sequence[str]], results: Any, *, as_json: bool) -> None:
+    """A table of right-aligned columns, then, with --json, the results as one object."""
+    view = Table(title=title)
+    for column in columns:
+        view.add_column(column, justify="right")
+    for row in rows:
+        view.add_row(*row)
+    console(as_json).print(view)
+    if as_json:
+        emit(benchmark, results)

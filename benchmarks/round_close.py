@@ -17,9 +17,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import numpy as np
-from rich.table import Table
 
-from benchmarks.report import console, emit
+from benchmarks.report import report
 from fedkube.aggregator.experiment import ExperimentAggregator
 from fedkube.aggregator.fedavg import StreamingFedAvg
 from fedkube.api.plan import Plan
@@ -119,17 +118,12 @@ def main() -> None:
         stall, wall = measure(mib, fedkube_close)
         rows.append({"mib": mib, "on_loop_stall_s": before_stall, "on_loop_wall_s": before_wall,
                      "fedkube_stall_s": stall, "fedkube_wall_s": wall})
-    view = Table(title="A round's close: the event loop's longest stall (s, best of two)")
-    for column in ("MiB", "on the loop: stall", "fedkube: stall", "fedkube: close took",
-                   "stall cut"):
-        view.add_column(column, justify="right")
-    for row in rows:
-        view.add_row(str(row["mib"]), f"{row['on_loop_stall_s']:.3f}",
-                     f"{row['fedkube_stall_s']:.4f}", f"{row['fedkube_wall_s']:.3f}",
-                     f"{row['on_loop_stall_s'] / row['fedkube_stall_s']:.0f}x")
-    console(args.json).print(view)
-    if args.json:
-        emit("round_close", rows)
+    report("round_close", "A round's close: the event loop's longest stall (s, best of two)",
+           ("MiB", "on the loop: stall", "fedkube: stall", "fedkube: close took", "stall cut"),
+           [(str(row["mib"]), f"{row['on_loop_stall_s']:.3f}", f"{row['fedkube_stall_s']:.4f}",
+             f"{row['fedkube_wall_s']:.3f}",
+             f"{row['on_loop_stall_s'] / row['fedkube_stall_s']:.0f}x") for row in rows],
+           rows, as_json=args.json)
 
 
 if __name__ == "__main__":

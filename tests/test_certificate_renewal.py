@@ -9,7 +9,6 @@ import asyncio
 import contextlib
 import datetime as dt
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -64,16 +63,6 @@ def test_settings_refuse_renewal_options_without_requesting_certificates(
                     certificate_lifetime_s=60)
 
 
-async def _until(predicate: Callable[[], bool], within_s: float, what: str) -> None:
-    try:
-        async with asyncio.timeout(within_s):
-            # No event signals these (a file's expiry, another server's registry): poll.
-            while not predicate():  # noqa: ASYNC110
-                await asyncio.sleep(0.05)
-    except TimeoutError:
-        raise TimeoutError(f"timed out after {within_s}s waiting for {what}") from None
-
-
 async def test_envoy_renews_its_certificate_and_reconnects_with_the_new_one(
         tmp_path: Path, cert_dir: CertDir) -> None:
     ca = certs.load_or_create_ca(cert_dir.path)
@@ -105,11 +94,11 @@ async def test_envoy_renews_its_certificate_and_reconnects_with_the_new_one(
                        renew_certificate=renew)
     running = asyncio.create_task(agent.run())
     try:
-        await _until(agent.registered.is_set, 30, "env1 registered")
+        await eventually(agent.registered.is_set, within=30, message="env1 registered")
         # Renewed twice, and the certificate it first connected with has expired.
-        await _until(lambda: len(renewals) >= 3
-                     and dt.datetime.now(dt.UTC) > first_expiry + dt.timedelta(seconds=1),
-                     30, "two renewals and the first certificate expired")
+        await eventually(lambda: len(renewals) >= 3
+                         and dt.datetime.now(dt.UTC) > first_expiry + dt.timedelta(seconds=1),
+                         within=30, message="two renewals and the first certificate expired")
         # A restarted director makes the envoy connect again: a TLS handshake, which the
         # expired first certificate would fail.
         await server.stop(None)
@@ -121,8 +110,8 @@ async def test_envoy_renews_its_certificate_and_reconnects_with_the_new_one(
             return any(e.name == "env1" and e.last_updated > restarted_at
                        for e in server.director.get_envoys())
 
-        await _until(checked_in_since_restart, 20, "env1's health check at the restarted "
-                     "director")
+        await eventually(checked_in_since_restart, within=20,
+                         message="env1's health check at the restarted director")
         assert not running.done()
     finally:
         running.cancel()
