@@ -42,14 +42,17 @@ testenv:
 dev-cluster: install testenv
 	$(VENV)/bin/fedkube dev cluster up --dir .fedkube-cluster
 
+# ruff, and the layers of .importlinter (which module may import which).
 lint: install
 	$(VENV)/bin/ruff check fedkube tests tools benchmarks examples
+	$(VENV)/bin/lint-imports
 
 typecheck: install
-	$(VENV)/bin/mypy fedkube benchmarks
+	$(VENV)/bin/mypy fedkube benchmarks tests
 
+# The fast loop: no control plane, no OpenFL, no fedkube processes (`slow`).
 unit: install
-	$(VENV)/bin/pytest -m "not k8s and not compat" -q
+	$(VENV)/bin/pytest -m "not k8s and not compat and not slow" -q
 
 test: install openfl testenv lint typecheck
 	FEDKUBE_OPENFL_PYTHON=$(OPENFL_VENV)/bin/python \

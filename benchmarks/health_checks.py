@@ -10,7 +10,7 @@ director's CPU time (from /proc) over the measured window.
 
 grpc-floor is an empty grpc.aio server (constant replies): what the framework itself
 allows on the machine; fedkube+N is the director with N frontend processes sharing its
-port (fedkube.director.frontend), whose CPU is counted with the director's. --clients N
+port (fedkube.director.frontend_process), whose CPU is counted with the director's. --clients N
 spreads the load over N client processes, for machines with the cores to offer more calls
 than one asyncio client can.
 """
@@ -34,7 +34,7 @@ import grpc
 from google.protobuf.duration_pb2 import Duration
 
 from benchmarks.report import console, emit
-from fedkube.local import child_pids, free_port, port_open, wait_for
+from fedkube.dev.processes import child_pids, free_port, port_open, wait_for
 from fedkube.proto import director_pb2, director_pb2_grpc
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -101,7 +101,7 @@ def serve_floor(port: int) -> None:
     """The framework's floor: a grpc.aio server on the director's event loop that answers
     both RPCs with constant wire bytes, parsing nothing and storing nothing. No director
     built on grpc.aio serves more calls per CPU second than this."""
-    from fedkube.eventloop import server_loop_factory
+    from fedkube.startup import server_loop_factory
 
     accepted = director_pb2.UpdateShardInfoResponse(accepted=True).SerializeToString()
     healthy = director_pb2.UpdateEnvoyStatusResponse(
@@ -146,7 +146,7 @@ IN_FLIGHT = 512
 CONNECTIONS = 64  # default, across all client processes (--connections)
 
 
-async def _register(stubs: list[director_pb2_grpc.DirectorStub], envoys: range,
+async def _register(stubs: list[director_pb2_grpc.DirectorAsyncStub], envoys: range,
                     in_flight: int = IN_FLIGHT) -> None:
     limit = asyncio.Semaphore(in_flight)
 
@@ -158,7 +158,7 @@ async def _register(stubs: list[director_pb2_grpc.DirectorStub], envoys: range,
     await asyncio.gather(*(register(i) for i in envoys))
 
 
-async def _health_checks(stubs: list[director_pb2_grpc.DirectorStub], envoys: range, *,
+async def _health_checks(stubs: list[director_pb2_grpc.DirectorAsyncStub], envoys: range, *,
                          period: float, window: tuple[float, float]) -> tuple[list[float], int]:
     """Each envoy checks in every period until the window (wall-clock times) ends;
     returns the latencies of the calls made inside it and the failed calls."""
@@ -189,13 +189,13 @@ async def _health_checks(stubs: list[director_pb2_grpc.DirectorStub], envoys: ra
 
 
 def _stubs(port: int, channels: int) -> tuple[list[grpc.aio.Channel],
-                                              list[director_pb2_grpc.DirectorStub]]:
+                                              list[director_pb2_grpc.DirectorAsyncStub]]:
     # A connection each, as envoys have: channels of one process would otherwise share
     # one, and a director's frontends get a share of the connections, not of the calls.
     chans = [grpc.aio.insecure_channel(f"127.0.0.1:{port}",
                                        options=[("grpc.use_local_subchannel_pool", 1)])
              for _ in range(channels)]
-    return chans, [director_pb2_grpc.DirectorStub(c) for c in chans]  # type: ignore[no-untyped-call]
+    return chans, [director_pb2_grpc.DirectorStub(c) for c in chans]
 
 
 async def load(port: int, pid: int, *, envoys: int, period: float, duration: float,
@@ -292,12 +292,12 @@ def serving(port: int) -> bool:
     if not port_open(port):
         return False
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        stub = director_pb2_grpc.DirectorStub(channel)  # type: ignore[no-untyped-call]
+        stub = director_pb2_grpc.DirectorStub(channel)
         try:
             stub.UpdateEnvoyStatus(director_pb2.UpdateEnvoyStatusRequest(name="probe"),
                                    timeout=5)
         except grpc.RpcError as exc:
-            return exc.code() not in (grpc.StatusCode.UNAVAILABLE,  # type: ignore[attr-defined]
+            return exc.code() not in (grpc.StatusCode.UNAVAILABLE,
                                       grpc.StatusCode.CANCELLED)
     return True
 

@@ -23,8 +23,8 @@ from typing import Any
 from rich.table import Table
 
 from benchmarks.report import console, emit
-from fedkube.devcluster import REPO, ControlPlane, FakeNode
-from fedkube.local import Process, director_process, free_port, wait_for
+from fedkube.dev.cluster import REPO, ControlPlane, FakeNode
+from fedkube.dev.processes import Process, director_process, free_port, wait_for
 
 NAMESPACE = "scale"
 HEALTH_PERIOD_S = 10.0
@@ -116,7 +116,7 @@ class SimulatedEnvoys:
         from fedkube.proto import director_pb2, director_pb2_grpc
 
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{self.port}")
-        stub = director_pb2_grpc.DirectorStub(channel)  # type: ignore[no-untyped-call]
+        stub = director_pb2_grpc.DirectorStub(channel)
         limit = asyncio.Semaphore(256)
 
         async def register(i: int, name: str) -> None:

@@ -36,7 +36,7 @@ import grpc
 from benchmarks.report import console, emit
 from fedkube.api.plan import Plan
 from fedkube.client import DirectorClient, experiment_archive
-from fedkube.local import free_port, port_open, wait_for
+from fedkube.dev.processes import free_port, port_open, wait_for
 from fedkube.proto import aggregator_pb2, base_pb2, director_pb2
 from fedkube.transport.limits import CHUNK_BYTES, GRPC_OPTIONS
 from fedkube.transport.tensors import chunk_message, metric_tensors, to_named_tensor

@@ -32,7 +32,7 @@ from pathlib import Path
 from benchmarks.report import console, emit
 from fedkube.api.plan import Plan
 from fedkube.client import DirectorClient, experiment_archive
-from fedkube.local import (
+from fedkube.dev.processes import (
     Process,
     director_process,
     envoy_process,

@@ -47,7 +47,7 @@ from rich.table import Table
 from benchmarks.report import console, emit
 from fedkube.api.plan import Plan
 from fedkube.client import DirectorClient, experiment_archive
-from fedkube.local import director_process, free_port, port_open, wait_for
+from fedkube.dev.processes import director_process, free_port, port_open, wait_for
 from fedkube.proto import (
     aggregator_pb2,
     aggregator_pb2_grpc,
@@ -177,16 +177,16 @@ def fedkube_seconds(port: int, cert_dir: Path | None, mib: int,
     bulk_clients: dict[str, BulkClient] = {}
     for collaborator in COLLABORATORS:
         tls = _tls(cert_dir, collaborator) if cert_dir else None
-        director_pb2_grpc.DirectorStub(_channel(port, tls)).UpdateEnvoyStatus(  # type: ignore[no-untyped-call]
+        director_pb2_grpc.DirectorStub(_channel(port, tls)).UpdateEnvoyStatus(
             director_pb2.UpdateEnvoyStatusRequest(name=collaborator),
             metadata=(("client_id", collaborator),), timeout=10)
         channel = _channel(port, tls)
         collaborators[collaborator] = (
-            channel, aggregator_pb2_grpc.AggregatorStub(channel),  # type: ignore[no-untyped-call]
+            channel, aggregator_pb2_grpc.AggregatorStub(channel),
             aggregator_pb2.MessageHeader(sender=collaborator, receiver="aggregator",
                                          federation_uuid=name))
         if bulk:  # where the director says, as the collaborator asks
-            endpoint = streaming_pb2_grpc.TensorStreamStub(channel).BulkEndpoint(  # type: ignore[no-untyped-call]
+            endpoint = streaming_pb2_grpc.TensorStreamStub(channel).BulkEndpoint(
                 streaming_pb2.BulkEndpointRequest(), metadata=(("client_id", collaborator),),
                 timeout=10)
             assert endpoint.port, "the director serves no bulk port"
@@ -266,7 +266,7 @@ def run_mode(mode: str, sizes: list[int], work: Path) -> list[Result]:
         wait_for(lambda: port_open(director_port) and port_open(raw_port), timeout=30)
         for collaborator in COLLABORATORS:
             tls = _tls(cert_dir, collaborator) if cert_dir else None
-            director_pb2_grpc.DirectorStub(  # type: ignore[no-untyped-call]
+            director_pb2_grpc.DirectorStub(
                 _channel(director_port, tls)).UpdateShardInfo(
                 director_pb2.UpdateShardInfoRequest(shard_info=director_pb2.ShardInfo(
                     node_info=director_pb2.NodeInfo(name=collaborator), n_samples=1,

@@ -2,23 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import os
-from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Generator, Iterator
 from pathlib import Path
-from typing import Any
 
-import grpc
 import pytest
 
-from fedkube.api.config import DirectorConfig, TLSSettings
-from fedkube.client import DirectorClient
-from fedkube.director.frontends import stop_frontend
-from fedkube.director.server import DirectorServer
-from fedkube.local import Process, director_process, envoy_process, free_port, wait_for
+from fedkube.api.config import TLSSettings
+from fedkube.dev.processes import Process
 from fedkube.transport import certs
+from tests.helpers import CertDir, RunningDirector, running_director
 
 DEFAULT_OPENFL_PYTHON = Path.home() / ".cache/fedkube/openfl-1.6-venv/bin/python"
 
@@ -31,28 +24,6 @@ def openfl_python() -> Path:
         pytest.fail(f"OpenFL 1.6 peer not installed at {path}: run `make openfl` "
                     "(make test does it)")
     return path
-
-
-def served_rpcs() -> list[tuple[str, Any]]:
-    """Every RPC the director's port serves, as (path, method descriptor)."""
-    from fedkube.proto import aggregator_pb2, director_pb2, streaming_pb2
-
-    found = []
-    for module, service in ((director_pb2, "Director"), (aggregator_pb2, "Aggregator"),
-                            (streaming_pb2, "TensorStream")):
-        descriptor = module.DESCRIPTOR.services_by_name[service]
-        found += [(f"/{descriptor.full_name}/{method.name}", method)
-                  for method in descriptor.methods]
-    return found
-
-
-@dataclass(frozen=True)
-class CertDir:
-    path: Path
-
-    def settings(self, name: str) -> TLSSettings:
-        return TLSSettings(ca=self.path / "ca.crt", cert=self.path / f"{name}.crt",
-                           key=self.path / f"{name}.key")
 
 
 @pytest.fixture(scope="session")
@@ -83,48 +54,11 @@ def rogue_cert_dir(tmp_path_factory: pytest.TempPathFactory) -> CertDir:
     return CertDir(path)
 
 
-@dataclass
-class RunningDirector:
-    server: DirectorServer
-    port: int | None = None  # where tests call it, when not its own port
-
-    @property
-    def address(self) -> str:
-        return f"localhost:{self.port or self.server.port}"
-
-
-async def start_director(tmp: Path, *, tls: TLSSettings, period: float = 2.0,
-                         sample_shape: list[str] | None = None,
-                         frontends: int = 0) -> RunningDirector:
-    config = DirectorConfig(host="127.0.0.1", port=0, data_dir=tmp / "director",
-                            sample_shape=sample_shape or ["8", "8"], target_shape=["1"],
-                            health_check_period=period, tls=tls, frontends=frontends)
-    server = DirectorServer(config)
-    await server.start()
-    return RunningDirector(server)
-
-
 # How the director fixtures' tests reach it: on its own port, or only through one of its
-# frontends (fedkube.director.frontend), given a port of its own, so that every call is
-# answered there or relayed, and each test shows the same behaviour both ways.
-ROUTES = ["direct", "frontend"]
-
-
-@contextlib.asynccontextmanager
-async def running_director(tmp: Path, *, tls: TLSSettings,
-                           route: str = "direct") -> AsyncIterator[RunningDirector]:
-    running = await start_director(tmp, tls=tls, frontends=int(route == "frontend"))
-    frontend = None
-    try:
-        if route == "frontend":
-            assert running.server.frontends is not None
-            running.port = free_port()
-            frontend = await running.server.frontends.spawn(running.port)
-        yield running
-    finally:
-        if frontend is not None:
-            await stop_frontend(frontend)
-        await running.server.stop(None)
+# frontends (fedkube.director.frontend_process), given a port of its own, so that every call is
+# answered there or relayed, and each test shows the same behaviour both ways. The frontend
+# route starts a frontend process: slow, so the fast loop runs the direct route only.
+ROUTES = ["direct", pytest.param("frontend", marks=pytest.mark.slow)]
 
 
 @pytest.fixture(params=ROUTES)
@@ -143,37 +77,6 @@ async def mtls_director(tmp_path: Path, cert_dir: CertDir, request: pytest.Fixtu
         yield running
 
 
-# Read by the tests' slow task: the slow machine of a straggler, not a synchronisation.
-DELAY_ENV = "FEDKUBE_TEST_TRAIN_DELAY_S"
-
-
-def start_federation(tmp_path: Path, processes: list[Process], envoys: int, *,
-                     delays: dict[int, float] | None = None) -> tuple[int, DirectorClient,
-                                                                      list[Process]]:
-    """A director and envoys env0..env{n-1} on digits shards as real processes, all online;
-    its port, a client as owner alice, and the envoys. `delays` slows envoys' training
-    (seconds, by index) for tasks that read DELAY_ENV."""
-    port = free_port()
-    processes.append(director_process(tmp_path, port, period=1.0).start())
-    started = []
-    for i in range(envoys):
-        envoy = envoy_process(tmp_path, f"env{i}", port, index=i, count=envoys)
-        envoy.env[DELAY_ENV] = str((delays or {}).get(i, 0.0))
-        processes.append(envoy.start())
-        started.append(envoy)
-    client = DirectorClient(f"localhost:{port}", client_id="alice", timeout=10)
-
-    def online() -> bool:
-        try:
-            return sum(e.online for e in client.envoys()) == envoys
-        except grpc.RpcError:
-            return False
-
-    wait_for(online, timeout=60, message=f"{envoys} envoys online")
-    return port, client, started
-
-
-
 @pytest.fixture
 def processes(request: pytest.FixtureRequest) -> Iterator[list[Process]]:
     """Processes a test starts; stopped afterwards, their logs shown if the test failed."""
@@ -188,18 +91,10 @@ def processes(request: pytest.FixtureRequest) -> Iterator[list[Process]]:
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]
+                              ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     report = yield
     setattr(item, f"rep_{report.when}", report)
     return report
 
 
-async def eventually(predicate: Callable[[], bool], *, within: float, message: str) -> None:
-    """wait_for for a condition that this event loop's director must bring about."""
-    try:
-        async with asyncio.timeout(within):
-            # Polled: the director's state signals nothing when it changes.
-            while not predicate():  # noqa: ASYNC110
-                await asyncio.sleep(0.05)
-    except TimeoutError:
-        raise TimeoutError(f"timed out after {within}s waiting for {message}") from None

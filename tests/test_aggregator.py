@@ -11,13 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedkube.aggregator.experiment import ExperimentAggregator
+from fedkube.aggregator.experiment import ROUND_TRANSITIONS, ExperimentAggregator, RoundPhase
 from fedkube.aggregator.fedavg import Model, StreamingFedAvg
-from fedkube.api.errors import InvalidArgumentError
+from fedkube.api.errors import InternalError, InvalidArgumentError
 from fedkube.api.plan import Plan
 from fedkube.proto import aggregator_pb2, base_pb2
 from fedkube.transport.tensors import model_from_proto, to_named_tensor
-from tests.conftest import eventually
+from tests.helpers import eventually
 
 SIZE = 1 << 20  # 4 MiB of float32: past the inline limit, so checked and added in threads
 
@@ -156,7 +156,8 @@ async def test_a_round_closes_off_the_event_loop_and_takes_nothing_meanwhile(
     aggregator.get_tasks("a")
     await aggregator.receive("a", _train("a", 1.0, 10))
     await aggregator.receive("b", _train("b", 3.0, 10))  # the last one: the round closes
-    await eventually(lambda: aggregator._closing, within=30, message="the close to start")
+    await eventually(lambda: aggregator.phase is RoundPhase.CLOSING, within=30,
+                     message="the close to start")
 
     # Meanwhile: no tasks, the closing round's model still served, a timeout closes
     # nothing twice, a result for the round refused.
@@ -175,3 +176,19 @@ async def test_a_round_closes_off_the_event_loop_and_takes_nothing_meanwhile(
     saved = model_from_proto(base_pb2.ModelProto.FromString(
         (tmp_path / "last.pb").read_bytes()))
     np.testing.assert_allclose(saved["w"], np.full(SIZE, 2.0, np.float32))
+
+
+def test_round_phases_move_only_along_the_table(tmp_path: Path) -> None:
+    assert ROUND_TRANSITIONS[RoundPhase.OVER] == frozenset()
+    assert set(ROUND_TRANSITIONS) == set(RoundPhase)
+    aggregator = two_round_aggregator(tmp_path, Recorder(), [0.0], ["a"])
+    assert (aggregator.phase, aggregator.done) == (RoundPhase.OPEN, False)  # not narrowed
+    aggregator.stop()  # the director ended it: over, without a report
+    assert aggregator.phase is RoundPhase.OVER and aggregator.done
+    assert aggregator.error is None and aggregator.tasks_for("a") == []
+    assert aggregator.get_tasks("a").quit
+    aggregator.stop()  # a second stop changes nothing
+    with pytest.raises(InternalError, match="no move from over to open"):
+        aggregator._enter(RoundPhase.OPEN)
+    with pytest.raises(InvalidArgumentError, match="is over"):
+        aggregator._check_results("a", _train("a", 1.0, 30))

@@ -16,8 +16,7 @@ from fedkube.transport.limits import CHUNK_BYTES
 from fedkube.transport.roles import ROLE_TABLE, Role
 from fedkube.transport.tensors import chunk_message
 from fedkube.transport.tls import TLSFiles
-from tests.conftest import CertDir, RunningDirector, served_rpcs
-from tests.test_director_grpc import shard_request, stub
+from tests.helpers import CertDir, RunningDirector, served_rpcs, shard_request, stub
 
 # The test certificates (tests/conftest.py) and the role each carries.
 CERTS: dict[str, Role | None] = {"root": Role.ADMIN, "alice": Role.OWNER, "env1": Role.ENVOY,
@@ -30,7 +29,7 @@ async def _call(channel: grpc.aio.Channel, path: str, method: Any) -> grpc.Statu
     request = message_factory.GetMessageClass(method.input_type)()
     response = message_factory.GetMessageClass(method.output_type)
     kind = (method.client_streaming, method.server_streaming)
-    codec = {"request_serializer": type(request).SerializeToString,
+    codec: dict[str, Any] = {"request_serializer": type(request).SerializeToString,
              "response_deserializer": response.FromString}
     try:
         if kind == (False, False):
@@ -61,13 +60,14 @@ async def test_role_table_enforced_on_every_rpc(mtls_director: RunningDirector,
     role = CERTS[cert]
     methods = served_rpcs()
     assert len(methods) == 22  # 14 director, 6 aggregator, 2 streaming: all in this matrix
-    refused, passed = [], []
+    refused: list[str] = []
+    passed: list[str] = []
     for path, method in methods:
         code = await _call(channel, path, method)
         (refused if code == grpc.StatusCode.PERMISSION_DENIED else passed).append(path)
         allowed = role is not None and role in ROLE_TABLE.get(path, frozenset())
         assert (code != grpc.StatusCode.PERMISSION_DENIED) == allowed, (cert, path, code)
-    await channel.close()
+    await channel.close(None)
     # The table says what each role may do; this spells it out once, per role.
     short = sorted(p.rsplit("/", 1)[1] for p in passed)
     expected = {
@@ -132,7 +132,7 @@ async def test_identities_within_roles(mtls_director: RunningDirector,
     # env1, nor pose as env2 in the header.
     channel = open_channel(mtls_director.address, client_id="env1",
                            tls=TLSFiles.from_dir(cert_dir.path, "collab1"))
-    aggregator = aggregator_pb2_grpc.AggregatorStub(channel)  # type: ignore[no-untyped-call]
+    aggregator = aggregator_pb2_grpc.AggregatorStub(channel)
     for sender in ("env1", "env2"):
         header = aggregator_pb2.MessageHeader(sender=sender, federation_uuid="only-env2")
         await _denied(aggregator.GetTasks(aggregator_pb2.GetTasksRequest(header=header)),
@@ -168,4 +168,4 @@ async def test_identities_within_roles(mtls_director: RunningDirector,
     assert "env2 failed (code 3): disk full" in record.error
     for c in (env1, env2, alice, bob, root, collab):
         await c.channel.close()
-    await channel.close()
+    await channel.close(None)

@@ -17,16 +17,17 @@ import grpc
 import numpy as np
 import pytest
 
-from fedkube import metrics
+from fedkube.aggregator import metrics
 from fedkube.api.config import TLSSettings
 from fedkube.api.plan import Plan
 from fedkube.client import DirectorClient, experiment_archive
 from fedkube.collaborator.run import Collaborator
-from fedkube.local import Process, envoy_process, wait_for
+from fedkube.dev.processes import Process, envoy_process, wait_for
 from fedkube.proto import aggregator_pb2
 from fedkube.tasks.digits import DigitsShard
 from fedkube.tasks.models import BUILTIN_TASKS
 from fedkube.transport import certs
+from fedkube.transport import metrics as transfer_metrics
 from fedkube.transport.bulk import (
     HEADER_TIMEOUT_S,
     BulkClient,
@@ -37,16 +38,22 @@ from fedkube.transport.bulk import (
 from fedkube.transport.bulk import WORKERS as BULK_WORKERS
 from fedkube.transport.tensors import encode_task_results, parse_tensor_response
 from fedkube.transport.tls import TLSFiles
-from tests.conftest import CertDir, RunningDirector, running_director
-from tests.test_fl_engine import bad_results, running_experiment, task_results
+from tests.helpers import (
+    CertDir,
+    RunningDirector,
+    bad_results,
+    running_director,
+    running_experiment,
+    task_results,
+)
 
 
 def sent(rpc: str) -> float:
-    return float(metrics.BYTES_SENT.labels(rpc)._value.get())
+    return float(transfer_metrics.BYTES_SENT.labels(rpc)._value.get())
 
 
 def received(rpc: str) -> float:
-    return float(metrics.BYTES_RECEIVED.labels(rpc)._value.get())
+    return float(transfer_metrics.BYTES_RECEIVED.labels(rpc)._value.get())
 
 
 def bulk_client(director: RunningDirector, tls: TLSFiles | None = None) -> BulkClient:
@@ -108,9 +115,9 @@ async def test_bad_results_over_the_bulk_port_are_refused_without_touching_the_m
     # The port still serves: a good result is taken once, and acknowledged, not added,
     # when sent again.
     for _ in range(2):
-        reply = aggregator_pb2.SendLocalTaskResultsResponse.FromString(
+        answer = aggregator_pb2.SendLocalTaskResultsResponse.FromString(
             await upload(client, task_results("env1")))
-        assert reply.header.receiver == "env1"
+        assert answer.header.receiver == "env1"
     assert aggregator._fedavg.count == 1
 
 
@@ -151,6 +158,7 @@ async def test_bulk_transfers_check_certificates_as_grpc_does(
     assert aggregator._fedavg.count == 0
 
 
+@pytest.mark.slow
 async def test_collaborators_use_the_bulk_port_and_fall_back_to_grpc_streams(
         tmp_path: Path, processes: list[Process]) -> None:
     async with running_director(tmp_path, tls=TLSSettings(insecure=True)) as running:
@@ -205,12 +213,11 @@ async def test_a_collaborator_whose_upload_reply_was_lost_sends_again_and_goes_o
     aggregator = await running_experiment(director)
     assert director.server.bulk is not None
     plan = Plan(task="digits-logreg", rounds=2)
+    lossy = LosesFirstReply("localhost", director.server.bulk.port, tls=None)
     collaborators = [Collaborator(target=director.address, experiment="exp", name=name,
                                   plan=plan, task=BUILTIN_TASKS["digits-logreg"],
-                                  shard=DigitsShard(i, 2)) for i, name in
-                     enumerate(("env1", "env2"))]
-    lossy = LosesFirstReply("localhost", director.server.bulk.port, tls=None)
-    collaborators[0]._bulk, collaborators[0]._bulk_ask_at = lossy, float("inf")
+                                  shard=DigitsShard(i, 2), bulk=lossy if i == 0 else None)
+                     for i, name in enumerate(("env1", "env2"))]
     repeated = metrics.REPEATED_RESULTS._value.get()
     try:
         trained = await asyncio.wait_for(asyncio.gather(

@@ -20,18 +20,19 @@ from cryptography import x509
 from fedkube.api.config import DirectorConfig, EnvoyConfig, TLSSettings
 from fedkube.api.plan import Plan
 from fedkube.collaborator.run import Collaborator
+from fedkube.dev.processes import free_port
 from fedkube.director.server import DirectorServer
 from fedkube.envoy_agent.agent import EnvoyAgent
-from fedkube.local import free_port
+from fedkube.kube.csr import CertificateRefused
 from fedkube.tasks.digits import DigitsShard
 from fedkube.tasks.models import BUILTIN_TASKS
 from fedkube.tasks.shard import load_shard
 from fedkube.transport import certs
 from fedkube.transport.bulk import BulkError
-from fedkube.transport.shard_certificate import CertificateRefused, renewal_delay, write_pair
+from fedkube.transport.certs import renewal_delay
+from fedkube.transport.certs import write_pair_files as write_pair
 from fedkube.transport.tls import TLSFiles
-from tests.conftest import CertDir, RunningDirector, eventually
-from tests.test_fl_engine import running_experiment
+from tests.helpers import CertDir, RunningDirector, eventually, running_experiment
 
 NOW = dt.datetime(2026, 11, 26, 12, 0, tzinfo=dt.UTC)
 
@@ -63,6 +64,7 @@ def test_settings_refuse_renewal_options_without_requesting_certificates(
                     certificate_lifetime_s=60)
 
 
+@pytest.mark.slow  # waits for certificates to expire
 async def test_envoy_renews_its_certificate_and_reconnects_with_the_new_one(
         tmp_path: Path, cert_dir: CertDir) -> None:
     ca = certs.load_or_create_ca(cert_dir.path)
@@ -138,7 +140,9 @@ async def test_a_collaborator_picks_up_its_renewed_certificate_between_rounds(
     first = certs.issue(ca, "env1", role="envoy", validity=dt.timedelta(seconds=3))
     write_pair(cert_path, key_path, first.cert_pem, first.key_pem)
     files = TLSSettings(ca=cert_dir.path / "ca.crt", cert=cert_path, key=key_path)
-    renewing = _collaborator(mtls_director, files, certificate_files=files)
+    # Reads the files at every check (a collaborator waits CERTIFICATE_CHECK_S between them).
+    renewing = _collaborator(mtls_director, files, certificate_files=files,
+                             certificate_check_s=0.0)
     stale = _collaborator(mtls_director, files)  # never reads the files again
     try:
         for collaborator in (renewing, stale):  # a bulk session each, with the first
@@ -149,7 +153,6 @@ async def test_a_collaborator_picks_up_its_renewed_certificate_between_rounds(
         expiry = x509.load_pem_x509_certificate(first.cert_pem).not_valid_after_utc
         await eventually(lambda: dt.datetime.now(dt.UTC) > expiry, within=10,
                          message="the first certificate to expire")
-        renewing._certificate_check_at = 0.0  # the next round, CERTIFICATE_CHECK_S later
         assert renewing.refresh_certificate()
         assert renewing.tls is not None and renewing.tls.cert == renewed.cert_pem
         model = await asyncio.to_thread(renewing.fetch_model, 0)
@@ -184,16 +187,15 @@ async def test_a_collaborator_pod_requests_its_next_certificate_when_due(
         requests.append(pair.cert_pem)
 
     collaborator = _collaborator(mtls_director, files, certificate_files=files,
-                                 renew_certificate=refused)
+                                 renew_certificate=refused, certificate_check_s=0.0)
     try:
         assert not collaborator.refresh_certificate()
         assert collaborator.tls is not None and collaborator.tls.cert == due.cert_pem
         # Read between a renewal's two renames (the new key, the old certificate): kept.
         key_path.write_bytes(certs.issue(ca, "env1", role="collaborator").key_pem)
-        collaborator._certificate_check_at = 0.0
         assert not collaborator.refresh_certificate()
         assert collaborator.tls.key == due.key_pem
-        collaborator.renew_certificate, collaborator._certificate_check_at = signed, 0.0
+        collaborator.renew_certificate = signed
         assert collaborator.refresh_certificate()
         assert collaborator.tls is not None and collaborator.tls.cert == requests[0]
         await asyncio.to_thread(collaborator.fetch_model, 0)

@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from fedkube.api.errors import (
     AlreadyExistsError,
+    FailedPreconditionError,
+    InternalError,
     InvalidArgumentError,
     NotFoundError,
     PermissionDeniedError,
 )
-from fedkube.api.experiment import ExperimentStatus
+from fedkube.api.experiment import TRANSITIONS, ExperimentState, can_move, check_transition
 from fedkube.director.core import Director
 from fedkube.director.store import MemoryStore, SqliteStore
+from fedkube.director.upload import ExperimentUploads
 from fedkube.proto import director_pb2
 
 
@@ -104,15 +109,15 @@ async def test_scheduling_queues_experiments_on_busy_shards(tmp_path: Path) -> N
     c = director.set_new_experiment(name="c", owner="bob", collaborators=["env1", "env2"],
                                     archive_path=archive)
     assert [director.experiment(x.name).status for x in (a, b, c)] == [
-        ExperimentStatus.IN_PROGRESS, ExperimentStatus.IN_PROGRESS, ExperimentStatus.PENDING]
+        ExperimentState.IN_PROGRESS, ExperimentState.IN_PROGRESS, ExperimentState.PENDING]
     assert director.queue_position("c") == 1
     assert await director.wait_experiment("env1") == "a"
-    director.finish_experiment("a", ExperimentStatus.FINISHED)
-    assert director.experiment("c").status is ExperimentStatus.PENDING  # env2 still busy
+    director.finish_experiment("a", ExperimentState.FINISHED)
+    assert director.experiment("c").status is ExperimentState.PENDING  # env2 still busy
     director.set_experiment_failed("b", "env3", 1, "boom")
-    assert director.experiment("b").status is ExperimentStatus.FAILED
+    assert director.experiment("b").status is ExperimentState.FAILED
     assert "boom" in director.experiment("b").error
-    assert director.experiment("c").status is ExperimentStatus.IN_PROGRESS
+    assert director.experiment("c").status is ExperimentState.IN_PROGRESS
     assert await director.wait_experiment("env2") == "c"
 
 
@@ -135,3 +140,73 @@ def test_experiment_validation(tmp_path: Path) -> None:
         director.get_experiment_data("x", "env2")
     with pytest.raises(NotFoundError):  # another owner's experiment is invisible
         director.get_experiment_status("mallory", "x")
+
+
+def test_final_statuses_have_no_way_out() -> None:
+    assert set(TRANSITIONS) == set(ExperimentState)
+    for state in ExperimentState:
+        assert state.is_final == (TRANSITIONS[state] == frozenset()), state
+        for target in ExperimentState:
+            if state.is_final:
+                assert not can_move(state, target)
+                with pytest.raises(FailedPreconditionError, match="it is final"):
+                    check_transition(state, target)
+    assert can_move(ExperimentState.PENDING, ExperimentState.IN_PROGRESS)
+    assert not can_move(ExperimentState.IN_PROGRESS, ExperimentState.PENDING)
+
+
+def test_a_forbidden_status_change_is_refused(tmp_path: Path) -> None:
+    director = make(tmp_path, Clock())
+    director.acknowledge_shard(shard("env1"))
+    director.acknowledge_shard(shard("env2"))
+    archive = tmp_path / "a.zip"
+    director.set_new_experiment(name="a", owner="o", collaborators=["env1"],
+                                archive_path=archive)
+    director.set_new_experiment(name="b", owner="o", collaborators=["env1", "env2"],
+                                archive_path=archive)
+    assert director.experiment("b").status is ExperimentState.PENDING
+    with pytest.raises(FailedPreconditionError, match="pending and cannot become finished"):
+        director.finish_experiment("b", ExperimentState.FINISHED)  # it never ran
+    director.finish_experiment("a", ExperimentState.FINISHED)
+    director.finish_experiment("a", ExperimentState.FAILED, "late")  # ended: ignored
+    assert director.experiment("a").status is ExperimentState.FINISHED
+    assert director.experiment("a").error == ""
+    with pytest.raises(FailedPreconditionError,
+                       match="'a' is finished and cannot become in_progress"):
+        director.move("a", ExperimentState.IN_PROGRESS)
+    with pytest.raises(InternalError, match="through move"):
+        director.update_experiment("a", status=ExperimentState.IN_PROGRESS)
+    assert director.experiment("a").status is ExperimentState.FINISHED
+    assert director.experiment("b").status is ExperimentState.IN_PROGRESS  # env1 freed
+
+
+async def test_a_refused_upload_leaves_the_running_one_its_name(tmp_path: Path) -> None:
+    director = make(tmp_path, Clock())
+    director.acknowledge_shard(shard("env1"))
+    uploads = ExperimentUploads(director)
+    chunk = director_pb2.ExperimentInfo(
+        name="x", collaborator_names=["env1"],
+        experiment_data=director_pb2.ExperimentData(size=3, npbytes=b"zip"))
+    more = asyncio.Event()
+
+    async def slow() -> AsyncIterator[director_pb2.ExperimentInfo]:
+        yield chunk
+        await more.wait()
+        yield chunk
+
+    async def once() -> AsyncIterator[director_pb2.ExperimentInfo]:
+        yield chunk
+
+    first = asyncio.create_task(uploads.receive("o", slow()))
+    await asyncio.sleep(0)  # its first chunk is in
+    for _ in range(2):  # the second refusal too: the first did not free the name
+        with pytest.raises(InvalidArgumentError, match="'x' is uploading"):
+            await uploads.receive("o", once())
+    assert (director.experiment_dir("x") / "archive.zip.part").exists()
+    more.set()
+    record = await first
+    assert record.status is ExperimentState.IN_PROGRESS
+    assert (director.experiment_dir("x") / "archive.zip").read_bytes() == b"zipzip"
+    with pytest.raises(AlreadyExistsError):
+        await uploads.receive("o", once())
+    assert (director.experiment_dir("x") / "archive.zip").exists()  # kept

@@ -11,11 +11,10 @@ import grpc
 import numpy as np
 import pytest
 
-from fedkube import metrics
 from fedkube.api.config import TLSSettings
 from fedkube.api.plan import Plan
 from fedkube.client import DirectorClient, experiment_archive
-from fedkube.local import (
+from fedkube.dev.processes import (
     Process,
     child_pids,
     director_process,
@@ -23,19 +22,23 @@ from fedkube.local import (
     free_port,
     wait_for,
 )
+from fedkube.director import metrics
 from fedkube.proto import director_pb2, director_pb2_grpc
 from fedkube.transport.forwarding import CERT_HEADER, CN_HEADER
 from fedkube.transport.tls import TLSFiles
-from tests.conftest import (
+from tests.helpers import (
     CertDir,
     RunningDirector,
     eventually,
     running_director,
+    scrape,
+    shard_request,
     start_director,
+    stub,
 )
-from tests.test_director_grpc import shard_request, stub
-from tests.test_observability import scrape
 
+# Every test starts frontend processes, most a director's or envoys' too.
+pytestmark = pytest.mark.slow
 GPU = director_pb2.CudaDeviceInfo(index=0, name="NVIDIA H200", memory_total=150 << 30)
 
 
@@ -120,7 +123,7 @@ async def test_frontends_share_the_port_and_stop_with_the_director(tmp_path: Pat
                                           options=[("grpc.use_local_subchannel_pool", 1)])
                 for _ in range(24)]
     for i, channel in enumerate(channels):
-        envoy = director_pb2_grpc.DirectorStub(channel)  # type: ignore[no-untyped-call]
+        envoy = director_pb2_grpc.DirectorStub(channel)
         assert (await envoy.UpdateShardInfo(shard_request(f"env{i}"))).accepted
         for _ in range(3):
             await envoy.UpdateEnvoyStatus(director_pb2.UpdateEnvoyStatusRequest(
@@ -132,7 +135,7 @@ async def test_frontends_share_the_port_and_stop_with_the_director(tmp_path: Pat
     await eventually(lambda: frontend_checks() > before, within=10,
                      message="frontend reports")
     for channel in channels:
-        await channel.close()
+        await channel.close(None)
     await running.server.stop(None)
     assert all(process.returncode is not None for process in frontends)
     assert not socket_dir.exists()
@@ -154,7 +157,7 @@ async def test_a_frontend_that_dies_is_started_again(tmp_path: Path) -> None:
     for i in range(12):
         channel = grpc.aio.insecure_channel(running.address,
                                             options=[("grpc.use_local_subchannel_pool", 1)])
-        envoy = director_pb2_grpc.DirectorStub(channel)  # type: ignore[no-untyped-call]
+        envoy = director_pb2_grpc.DirectorStub(channel)
         assert (await envoy.UpdateShardInfo(shard_request(f"env{i}"))).accepted
         for _ in range(2):
             await envoy.UpdateEnvoyStatus(director_pb2.UpdateEnvoyStatusRequest(name=f"env{i}"))
@@ -184,12 +187,12 @@ def test_frontends_serve_from_the_first_connection_and_die_with_their_director(
     channels = [grpc.insecure_channel(f"127.0.0.1:{port}",
                                       options=[("grpc.use_local_subchannel_pool", 1)])
                 for _ in range(24)]
-    envoys = [director_pb2_grpc.DirectorStub(c) for c in channels]  # type: ignore[no-untyped-call]
+    envoys = [director_pb2_grpc.DirectorStub(c) for c in channels]
 
     def answers() -> bool:
         """A fresh connection each time, whose first success is the earliest there is."""
         with grpc.insecure_channel(f"127.0.0.1:{port}") as probe:
-            stub = director_pb2_grpc.DirectorStub(probe)  # type: ignore[no-untyped-call]
+            stub = director_pb2_grpc.DirectorStub(probe)
             try:
                 return bool(stub.UpdateShardInfo(shard_request("env0"), timeout=5).accepted)
             except grpc.RpcError:

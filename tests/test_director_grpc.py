@@ -6,6 +6,7 @@ import asyncio
 import io
 import os
 import zipfile
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -14,24 +15,8 @@ import pytest
 from fedkube.api.plan import Plan
 from fedkube.proto import director_pb2, director_pb2_grpc
 from fedkube.tasks.archive import build_archive
-from fedkube.transport.channel import open_channel
 from fedkube.transport.tls import TLSFiles
-from tests.conftest import CertDir, RunningDirector
-
-
-def shard_request(name: str, sample: tuple[str, ...] = ("8", "8")
-                  ) -> director_pb2.UpdateShardInfoRequest:
-    return director_pb2.UpdateShardInfoRequest(shard_info=director_pb2.ShardInfo(
-        node_info=director_pb2.NodeInfo(name=name), shard_description="test shard",
-        n_samples=5, sample_shape=sample, target_shape=["1"]))
-
-
-def stub(address: str, *, client_id: str = "alice",
-         tls: TLSFiles | None = None) -> director_pb2_grpc.DirectorStub:
-    channel = open_channel(address, tls=tls, client_id=client_id)
-    client = director_pb2_grpc.DirectorStub(channel)  # type: ignore[no-untyped-call]
-    client.channel = channel  # type: ignore[attr-defined]  # a stub alone lets its channel close
-    return client
+from tests.helpers import CertDir, RunningDirector, shard_request, start_director, stub
 
 
 def zip_with(member: str) -> bytes:
@@ -73,9 +58,9 @@ async def test_unknown_envoy_health_check_is_not_found(director: RunningDirector
     assert "ghost" in (error.value.details() or "")
 
 
-async def _submit(client: director_pb2_grpc.DirectorStub, name: str, collaborators: list[str],
+async def _submit(client: director_pb2_grpc.DirectorAsyncStub, name: str, collaborators: list[str],
                   payload: bytes) -> director_pb2.SetNewExperimentResponse:
-    async def messages():  # type: ignore[no-untyped-def]
+    async def messages() -> AsyncIterator[director_pb2.ExperimentInfo]:
         for offset in range(0, len(payload), 1 << 20):
             chunk = payload[offset:offset + (1 << 20)]
             yield director_pb2.ExperimentInfo(
@@ -183,15 +168,14 @@ async def test_plaintext_client_cannot_reach_mtls_director(
 async def test_collaborators_of_an_experiment_that_ended_before_a_restart_are_told_to_quit(
         tmp_path: Path) -> None:
     from fedkube.api.config import TLSSettings
-    from fedkube.api.experiment import ExperimentStatus
+    from fedkube.api.experiment import ExperimentState
     from fedkube.director.store import ExperimentRecord, open_store
     from fedkube.proto import aggregator_pb2, aggregator_pb2_grpc
-    from tests.conftest import start_director
 
     # What the director's SQLite store holds after "done" ended and "broken" failed.
     store = open_store(tmp_path / "director")
-    for name, status in (("done", ExperimentStatus.FINISHED),
-                         ("broken", ExperimentStatus.FAILED)):
+    for name, status in (("done", ExperimentState.FINISHED),
+                         ("broken", ExperimentState.FAILED)):
         store.put_experiment(ExperimentRecord(
             name=name, owner="alice", collaborators=("env1", "env2"),
             archive_path=str(tmp_path / name / "experiment.zip"), status=status,
@@ -200,7 +184,7 @@ async def test_collaborators_of_an_experiment_that_ended_before_a_restart_are_to
     running = await start_director(tmp_path, tls=TLSSettings(insecure=True))
     try:
         async with grpc.aio.insecure_channel(running.address) as channel:
-            aggregator = aggregator_pb2_grpc.AggregatorStub(channel)  # type: ignore[no-untyped-call]
+            aggregator = aggregator_pb2_grpc.AggregatorStub(channel)
 
             def tasks(sender: str, experiment: str) -> aggregator_pb2.GetTasksRequest:
                 return aggregator_pb2.GetTasksRequest(header=aggregator_pb2.MessageHeader(

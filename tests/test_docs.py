@@ -6,35 +6,16 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
-from fedkube.local import free_port
+import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-QUICKSTART = ROOT / "docs" / "quickstart.md"
-
-
-def bash_blocks(path: Path, section: str) -> list[str]:
-    """The lines of the ```bash blocks under the '## ' heading that starts with section."""
-    text = path.read_text()
-    start = text.index(f"\n## {section}")
-    end = text.find("\n## ", start + 1)
-    body = text[start:end if end >= 0 else None]
-    return [line for block in re.findall(r"```bash\n(.*?)```", body, re.S)
-            for line in block.splitlines() if line.strip()]
+from fedkube.dev.processes import free_port
+from tests.helpers import QUICKSTART, ROOT, bash_blocks, run_script
 
 
-def run_script(lines: list[str], cwd: Path, env: dict[str, str], timeout: float
-               ) -> subprocess.CompletedProcess[str]:
-    """The lines as one bash script; background processes are stopped at its end."""
-    script = "\n".join(["set -euo pipefail", "trap 'kill $(jobs -p) 2>/dev/null || true' EXIT",
-                        *lines])
-    return subprocess.run(["bash", "-c", script], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout)
-
-
+@pytest.mark.slow
 def test_quickstart_local_sections_run_as_written(tmp_path: Path) -> None:
     lines = bash_blocks(QUICKSTART, "1.") + bash_blocks(QUICKSTART, "2.")
     assert any(line.startswith("fedkube director start") for line in lines)

@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import pytest
 
 from fedkube.client import DirectorClient
-from fedkube.local import Process
+from fedkube.dev.processes import Process
 from fedkube.tasks import digits
-from tests.conftest import start_federation
-
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+from tests.helpers import EXAMPLES, load_example, start_federation
 
 
 @pytest.fixture
@@ -31,6 +27,7 @@ def run(*args: str) -> subprocess.CompletedProcess[str]:
                           timeout=300, cwd=EXAMPLES.parent)
 
 
+@pytest.mark.slow
 def test_notebook_example_trains_and_scores(federation: str) -> None:
     result = run("examples/digits_notebook.py", "--director", federation, "--insecure",
                  "--rounds", "5")
@@ -40,6 +37,7 @@ def test_notebook_example_trains_and_scores(federation: str) -> None:
     assert accuracy > 0.9
 
 
+@pytest.mark.slow
 def test_user_archive_task_trains_through_the_cli(federation: str) -> None:
     cli = ("-m", "fedkube.cli", "experiment")
     submit = run(*cli, "submit", "--director", federation, "--insecure", "--client-id",
@@ -54,15 +52,6 @@ def test_user_archive_task_trains_through_the_cli(federation: str) -> None:
         assert set(best) == {"w", "b"}
     task = load_example(EXAMPLES / "user_task" / "task.py")
     assert task.validate(best, digits.test_set(), {})["accuracy"] > 0.9
-
-
-def load_example(path: Path) -> ModuleType:
-    """An example's task module, loaded from its file as the collaborator loads it."""
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_torch_cnn_example_init_model_needs_no_torch() -> None:

@@ -10,9 +10,7 @@ import json
 import subprocess
 import sys
 import zipfile
-from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import grpc
 import numpy as np
@@ -20,16 +18,21 @@ import pytest
 
 from fedkube.api.plan import Plan
 from fedkube.client import DirectorClient, experiment_archive
-from fedkube.local import Process, wait_for
-from fedkube.proto import aggregator_pb2, aggregator_pb2_grpc, base_pb2, director_pb2
+from fedkube.dev.processes import Process, wait_for
+from fedkube.proto import aggregator_pb2, aggregator_pb2_grpc, base_pb2
 from fedkube.tasks import digits
 from fedkube.tasks.models import BUILTIN_TASKS
 from fedkube.transport.channel import open_channel
 from fedkube.transport.limits import CHUNK_BYTES
 from fedkube.transport.tensors import chunk_message, to_named_tensor
-from fedkube.transport.tls import TLSFiles
-from tests.conftest import CertDir, RunningDirector, start_federation
-from tests.test_director_grpc import shard_request, stub
+from tests.helpers import (
+    RunningDirector,
+    bad_results,
+    running_experiment,
+    start_federation,
+    submit,
+    task_results,
+)
 
 FAILING_TASK = b'''
 from fedkube.tasks.models import logreg_init as init_model, logreg_validate as validate
@@ -39,6 +42,7 @@ def train(model, data, params):
 '''
 
 
+@pytest.mark.slow
 def test_demo_matches_centralized_baseline(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "fedkube.cli", "demo", "--json", "--out", str(tmp_path)],
@@ -57,6 +61,7 @@ def test_demo_matches_centralized_baseline(tmp_path: Path) -> None:
     assert plot.startswith(b"\x89PNG") and len(plot) > 20_000
 
 
+@pytest.mark.slow
 def test_non_iid_demo_learns_every_digit_from_label_skewed_shards(tmp_path: Path) -> None:
     # Each shard sees only a few of the ten digits...
     for index in range(3):
@@ -87,13 +92,7 @@ def federation(tmp_path: Path, processes: list[Process]) -> DirectorClient:
     return start_federation(tmp_path, processes, 4)[1]
 
 
-def submit(client: DirectorClient, name: str, collaborators: list[str], *, rounds: int = 3,
-           files: dict[str, bytes] | None = None, task: str = "digits-logreg") -> None:
-    plan = Plan(task=task, rounds=rounds, params={"learning_rate": 1.0}, round_timeout_s=60)
-    archive, initial = experiment_archive(plan, files)
-    client.submit(name, archive, collaborators=collaborators, initial_model=initial)
-
-
+@pytest.mark.slow
 def test_concurrent_experiments_and_queueing(federation: DirectorClient) -> None:
     client = federation
     submit(client, "left", ["env0", "env1"], rounds=4)
@@ -125,6 +124,7 @@ def test_concurrent_experiments_and_queueing(federation: DirectorClient) -> None
     assert [m.round for m in aggregated] == [0, 1, 2, 3, 4]
 
 
+@pytest.mark.slow
 def test_failing_collaborator_fails_only_its_experiment(federation: DirectorClient) -> None:
     client = federation
     submit(client, "broken", ["env0", "env1"], files={"broken.py": FAILING_TASK},
@@ -136,68 +136,8 @@ def test_failing_collaborator_fails_only_its_experiment(federation: DirectorClie
     assert client.wait("after", timeout=120).status == "finished"
 
 
-def task_results(sender: str, *, round_number: int = 0,
-                 tensors: list[base_pb2.NamedTensor] | None = None, task: str = "train",
-                 experiment: str = "exp") -> aggregator_pb2.TaskResults:
-    """A digits-logreg training result for round 0 of `experiment`."""
-    good = [to_named_tensor("weights", np.ones((64, 10))), to_named_tensor("bias",
-                                                                           np.ones(10))]
-    return aggregator_pb2.TaskResults(
-        header=aggregator_pb2.MessageHeader(sender=sender, federation_uuid=experiment),
-        round_number=round_number, task_name=task, data_size=10,
-        tensors=good if tensors is None else tensors)
-
-
-def bad_results() -> list[tuple[aggregator_pb2.TaskResults, grpc.StatusCode, str]]:
-    """Results an aggregator must refuse, with the status and a part of its message."""
-    results = task_results
-    nan = np.ones((64, 10))
-    nan[3, 3] = np.nan
-    return [
-        (results("mallory"), grpc.StatusCode.PERMISSION_DENIED, "not a collaborator"),
-        (results("env1", round_number=5), grpc.StatusCode.INVALID_ARGUMENT, "round 5"),
-        (results("env1", tensors=[to_named_tensor("weights", np.ones((64, 10)))]),
-         grpc.StatusCode.INVALID_ARGUMENT, "expected tensors"),
-        (results("env1", tensors=[to_named_tensor("weights", np.ones((10, 64))),
-                                  to_named_tensor("bias", np.ones(10))]),
-         grpc.StatusCode.INVALID_ARGUMENT, "shape"),
-        (results("env1", tensors=[base_pb2.NamedTensor(name="weights", data_bytes=b"\x00" * 7),
-                                  to_named_tensor("bias", np.ones(10))]),
-         grpc.StatusCode.INVALID_ARGUMENT, "float32"),
-        (results("env1", tensors=[to_named_tensor("weights", nan),
-                                  to_named_tensor("bias", np.ones(10))]),
-         grpc.StatusCode.INVALID_ARGUMENT, "NaN or Inf"),
-        (results("env1", tensors=[to_named_tensor("weights", np.full((64, 10), np.inf)),
-                                  to_named_tensor("bias", np.ones(10))]),
-         grpc.StatusCode.INVALID_ARGUMENT, "NaN or Inf"),
-    ]
-
-
-async def running_experiment(director: RunningDirector, cert_dir: CertDir | None = None,
-                             name: str = "exp") -> Any:
-    """A digits-logreg experiment of env1 and env2 (under mTLS when given the test
-    certificates), submitted by alice and running; its aggregator."""
-    def client(who: str) -> Any:
-        tls = TLSFiles.from_dir(cert_dir.path, who) if cert_dir else None
-        return stub(director.address, client_id=who, tls=tls)
-
-    for shard in ("env1", "env2"):
-        envoy = client(shard)  # held: a stub alone lets its channel close
-        assert (await envoy.UpdateShardInfo(shard_request(shard))).accepted
-    archive, initial = experiment_archive(Plan(task="digits-logreg", rounds=2))
-    owner = client("alice")
-
-    async def messages() -> AsyncIterator[director_pb2.ExperimentInfo]:
-        yield director_pb2.ExperimentInfo(
-            name=name, collaborator_names=["env1", "env2"], model_proto=initial,
-            experiment_data=director_pb2.ExperimentData(size=len(archive), npbytes=archive))
-
-    assert (await owner.SetNewExperiment(messages())).accepted
-    return director.server.runner.aggregator(name)
-
-
 async def _send(channel: grpc.aio.Channel, results: aggregator_pb2.TaskResults) -> None:
-    aggregator = aggregator_pb2_grpc.AggregatorStub(channel)  # type: ignore[no-untyped-call]
+    aggregator = aggregator_pb2_grpc.AggregatorStub(channel)
     await aggregator.SendLocalTaskResults(chunk_message(results.SerializeToString(),
                                                         CHUNK_BYTES))
 
@@ -225,7 +165,7 @@ async def test_bad_results_are_refused_without_touching_the_model(
     for name, value in before.items():
         np.testing.assert_array_equal(aggregator.model[name], value)
     # Malformed protobuf in the stream.
-    aggregator_stub = aggregator_pb2_grpc.AggregatorStub(channel)  # type: ignore[no-untyped-call]
+    aggregator_stub = aggregator_pb2_grpc.AggregatorStub(channel)
     with pytest.raises(grpc.aio.AioRpcError) as error:
         await aggregator_stub.SendLocalTaskResults(
             iter([base_pb2.DataStream(size=5, npbytes=b"\xff\xff\xff\xff\xff")]))
@@ -264,6 +204,7 @@ def train(model, data, params):
 '''
 
 
+@pytest.mark.slow
 def test_install_requirements_runs_the_task_in_its_own_virtualenv(
         federation: DirectorClient) -> None:
     client = federation

@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 
 from fedkube.client import DirectorClient
-from fedkube.envoy_agent.runtimes import collaborator_environment
-from fedkube.local import Process, director_process, envoy_process, free_port
+from fedkube.dev.processes import Process, director_process, envoy_process, free_port
+from fedkube.envoy_agent.process_runtime import collaborator_environment
 from fedkube.tasks import digits
-from tests.test_examples import EXAMPLES, load_example
+from tests.helpers import EXAMPLES, load_example
 
 REQUIRE_GPU_ENV = "FEDKUBE_REQUIRE_GPU"
 
@@ -52,6 +52,7 @@ def _nvml_devices() -> list[tuple[str, int]]:
         pynvml.nvmlShutdown()
 
 
+@pytest.mark.slow
 def test_torch_example_trains_on_cuda_and_the_registry_shows_the_gpu(
         tmp_path: Path, processes: list[Process]) -> None:
     if os.environ.get(REQUIRE_GPU_ENV):  # tools/gpu_check.sh: a GPU check must not skip

@@ -21,15 +21,19 @@ from hypothesis import strategies as st
 
 from fedkube.api.plan import Plan
 from fedkube.client import DirectorClient, experiment_archive
-from fedkube.local import Process, director_process, free_port, port_open, wait_for
+from fedkube.dev.processes import Process, director_process, free_port, port_open, wait_for
 from fedkube.proto import aggregator_pb2, base_pb2, director_pb2
 from fedkube.tasks.archive import ArchiveError, safe_extract
 from fedkube.transport.channel import open_sync_channel
 from fedkube.transport.tensors import chunk_message
-from tests.conftest import served_rpcs
+from tests.helpers import served_rpcs
 
+# A director process, and 11,000 generated inputs: none of it is for the fast loop.
+pytestmark = pytest.mark.slow
 RPC_EXAMPLES = 6000
 ARCHIVE_EXAMPLES = 5000  # 11,000 generated inputs in all
+# Calls with bytes in and out, as a hostile client sends them (grpc-stubs asks for both).
+RAW: dict[str, Any] = {"request_serializer": None, "response_deserializer": None}
 
 # Clear answers to bad input. UNKNOWN would mean a handler raised something unhandled;
 # INTERNAL is gRPC's own answer to bytes that do not parse as the request message.
@@ -144,7 +148,7 @@ def fuzz_director(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Pr
         address = f"localhost:{port}"
         channel = open_sync_channel(address, tls=None)
         for shard in ("env1", "env2"):
-            channel.unary_unary("/openfl.director.Director/UpdateShardInfo")(
+            channel.unary_unary("/openfl.director.Director/UpdateShardInfo", **RAW)(
                 director_pb2.UpdateShardInfoRequest(shard_info=director_pb2.ShardInfo(
                     node_info=director_pb2.NodeInfo(name=shard), n_samples=1,
                     sample_shape=["8", "8"], target_shape=["1"])).SerializeToString())
@@ -165,18 +169,19 @@ def _send(channel: grpc.Channel, path: str, client_streaming: bool, server_strea
     metadata = (("client_id", "owner"),)
     try:
         if not client_streaming and not server_streaming:
-            channel.unary_unary(path)(payloads[0], timeout=2, metadata=metadata)
+            channel.unary_unary(path, **RAW)(payloads[0], timeout=2, metadata=metadata)
         elif client_streaming and not server_streaming:
-            channel.stream_unary(path)(iter(payloads), timeout=2, metadata=metadata)
+            channel.stream_unary(path, **RAW)(iter(payloads), timeout=2, metadata=metadata)
         elif server_streaming and not client_streaming:
-            for _ in channel.unary_stream(path)(payloads[0], timeout=2, metadata=metadata):
+            for _ in channel.unary_stream(path, **RAW)(payloads[0], timeout=2, metadata=metadata):
                 pass
         else:
-            for _ in channel.stream_stream(path)(iter(payloads), timeout=2, metadata=metadata):
+            for _ in channel.stream_stream(path, **RAW)(iter(payloads), timeout=2,
+                                                        metadata=metadata):
                 pass
     except grpc.RpcError as exc:
-        code: grpc.StatusCode = exc.code()  # type: ignore[attr-defined]
-        details = exc.details() or ""  # type: ignore[attr-defined]
+        code: grpc.StatusCode = exc.code()
+        details = exc.details() or ""
         if code == grpc.StatusCode.INTERNAL and "deserializ" in details.lower():
             return grpc.StatusCode.INVALID_ARGUMENT  # unparseable bytes, refused by gRPC
         assert code in CLEAR, (path, code, details)
@@ -280,14 +285,17 @@ def _status(call: Any) -> tuple[grpc.StatusCode, str]:
     try:
         call()
     except grpc.RpcError as exc:
-        return exc.code(), exc.details() or ""  # type: ignore[attr-defined]
+        return exc.code(), exc.details() or ""
     return grpc.StatusCode.OK, ""
 
 
 def test_named_attacks_get_clear_statuses(fuzz_director: tuple[Process, str]) -> None:
     director, address = fuzz_director
     channel = open_sync_channel(address, tls=None)
-    unary = channel.unary_unary
+
+    def unary(path: str) -> grpc.UnaryUnaryMultiCallable[bytes, bytes]:
+        return channel.unary_unary(path, **RAW)
+
     # An oversize unary message: refused before any handler sees it.
     huge = director_pb2.UpdateShardInfoRequest(shard_info=director_pb2.ShardInfo(
         shard_description="x" * (65 << 20))).SerializeToString()
@@ -300,7 +308,7 @@ def test_named_attacks_get_clear_statuses(fuzz_director: tuple[Process, str]) ->
         round_number=0, task_name="train", data_size=1,
         tensors=[base_pb2.NamedTensor(name="weights", data_bytes=bytes(8 << 20))])
     code, details = _status(lambda: channel.stream_unary(
-        "/openfl.aggregator.Aggregator/SendLocalTaskResults")(
+        "/openfl.aggregator.Aggregator/SendLocalTaskResults", **RAW)(
         (c.SerializeToString() for c in chunk_message(results.SerializeToString(), 1 << 20)),
         timeout=30))
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "exceeds" in details, details
@@ -315,8 +323,8 @@ def test_named_attacks_get_clear_statuses(fuzz_director: tuple[Process, str]) ->
         replay = aggregator_pb2.TaskResults(
             header=aggregator_pb2.MessageHeader(sender="env1", federation_uuid=experiment),
             round_number=round_number, task_name="validate", data_size=1)
-        code, details = _status(lambda r=replay: channel.stream_unary(  # type: ignore[misc]
-            "/openfl.aggregator.Aggregator/SendLocalTaskResults")(
+        code, details = _status(lambda r=replay: channel.stream_unary(
+            "/openfl.aggregator.Aggregator/SendLocalTaskResults", **RAW)(
             (c.SerializeToString() for c in chunk_message(r.SerializeToString(), 1 << 20)),
             timeout=10))
         assert code == expected, (code, details)

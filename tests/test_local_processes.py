@@ -7,9 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from fedkube.client import DirectorClient, EnvoyView
-from fedkube.director.store import SqliteStore
-from fedkube.local import (
+import pytest
+
+from fedkube.dev.processes import (
     Process,
     director_process,
     envoy_process,
@@ -17,16 +17,11 @@ from fedkube.local import (
     port_open,
     wait_for,
 )
+from fedkube.director.store import SqliteStore
+from tests.helpers import CertDir, envoys, start
 
+pytestmark = pytest.mark.slow  # every test starts fedkube processes
 PERIOD = 1.0
-
-
-def envoys(port: int) -> dict[str, EnvoyView]:
-    try:
-        with DirectorClient(f"localhost:{port}", timeout=2) as client:
-            return {e.name: e for e in client.envoys()}
-    except Exception:  # director not up (yet): no envoys to show
-        return {}
 
 
 def online(port: int, *names: str) -> bool:
@@ -44,11 +39,6 @@ def persisted_shards(work: Path) -> list[str]:
         return [record.name for record in store.shards()]
     finally:
         store.close()
-
-
-def start(processes: list[Process], process: Process) -> Process:
-    processes.append(process.start())
-    return process
 
 
 def test_director_restart_keeps_shards_without_restarting_envoys(
@@ -107,7 +97,7 @@ def test_thousands_of_envoys_registering_at_once_are_all_answered(
 
     async def register_all(count: int) -> list[str]:
         channels = [grpc.aio.insecure_channel(f"127.0.0.1:{port}") for _ in range(4)]
-        stubs = [director_pb2_grpc.DirectorStub(c) for c in channels]  # type: ignore[no-untyped-call]
+        stubs = [director_pb2_grpc.DirectorStub(c) for c in channels]
 
         async def register(i: int) -> str:
             name = f"envoy-{i:04d}"
@@ -198,7 +188,6 @@ def test_bad_config_files_get_clear_errors(tmp_path: Path) -> None:
 
 def test_shards_command_json_and_mtls(tmp_path: Path, processes: list[Process],
                                       cert_dir: object) -> None:
-    from tests.conftest import CertDir
 
     assert isinstance(cert_dir, CertDir)
     port = free_port()

@@ -6,15 +6,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import urllib.request
 from pathlib import Path
 
 import grpc
 import numpy as np
-from prometheus_client.parser import text_string_to_metric_families
+import pytest
 
 from fedkube.client import DirectorClient
-from fedkube.local import (
+from fedkube.dev.processes import (
     Process,
     director_process,
     envoy_process,
@@ -22,15 +21,7 @@ from fedkube.local import (
     port_open,
     wait_for,
 )
-from tests.test_fl_engine import submit
-
-
-def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """Every sample on /metrics, keyed by name and sorted labels."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+from tests.helpers import SLOW_TASK, current_round, scrape, start_federation, submit, submit_plan
 
 
 def plot(port: int, experiment: str, out: Path) -> subprocess.CompletedProcess[str]:
@@ -41,6 +32,7 @@ def plot(port: int, experiment: str, out: Path) -> subprocess.CompletedProcess[s
                           capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_director_metrics_move_and_the_plot_and_json_logs(
         tmp_path: Path, processes: list[Process]) -> None:
     port, metrics_port = free_port(), free_port()
@@ -99,6 +91,7 @@ def test_director_metrics_move_and_the_plot_and_json_logs(
     client.close()
 
 
+@pytest.mark.slow
 def test_unknown_experiment_plot_is_a_clear_error(tmp_path: Path,
                                                   processes: list[Process]) -> None:
     port = free_port()
@@ -122,6 +115,7 @@ def test_unknown_experiment_plot_is_a_clear_error(tmp_path: Path,
     assert not (tmp_path / "x.png").exists()
 
 
+@pytest.mark.slow
 def test_director_exports_the_gpus_its_envoys_report(tmp_path: Path,
                                                      processes: list[Process]) -> None:
     from fedkube.proto import director_pb2, director_pb2_grpc
@@ -139,7 +133,7 @@ def test_director_exports_the_gpus_its_envoys_report(tmp_path: Path,
     metadata = (("client_id", "ward-a"),)
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         grpc.channel_ready_future(channel).result(timeout=30)
-        stub = director_pb2_grpc.DirectorStub(channel)  # type: ignore[no-untyped-call]
+        stub = director_pb2_grpc.DirectorStub(channel)
         stub.UpdateShardInfo(director_pb2.UpdateShardInfoRequest(
             shard_info=director_pb2.ShardInfo(
                 node_info=director_pb2.NodeInfo(name="ward-a",
@@ -164,8 +158,11 @@ def test_grafana_dashboard_plots_only_series_we_export() -> None:
 
     from prometheus_client import REGISTRY
 
-    import fedkube.metrics  # registers the director's series
-    import fedkube.operator.metrics  # noqa: F401  (and the operator's)
+    # registering the director's, the aggregators' and the operator's series
+    import fedkube.aggregator.metrics
+    import fedkube.director.metrics
+    import fedkube.operator.metrics
+    import fedkube.transport.metrics  # noqa: F401
 
     dashboard = json.loads((Path(__file__).parents[1] / "deploy/grafana-dashboard.json")
                            .read_text())
@@ -180,12 +177,11 @@ def test_grafana_dashboard_plots_only_series_we_export() -> None:
     assert used <= exported, used - exported
 
 
+@pytest.mark.slow
 def test_plot_of_a_running_experiment_shows_the_rounds_so_far(
         tmp_path: Path, processes: list[Process]) -> None:
     from fedkube.api.plan import Plan
-    from fedkube.demo import PARAMS
-    from tests.conftest import start_federation
-    from tests.test_reliability import SLOW_TASK, current_round, submit_plan
+    from fedkube.dev.demo import PARAMS
 
     port, client, _ = start_federation(tmp_path, processes, 2, delays={0: 0.3, 1: 0.3})
     plan = Plan(task="archive:slow", rounds=50, params=PARAMS, round_timeout_s=60)

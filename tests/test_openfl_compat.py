@@ -6,11 +6,12 @@ import json
 import subprocess
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from fedkube.local import Process, envoy_process, free_port, port_open, wait_for
-from tests.test_local_processes import envoys, start
+from fedkube.dev.processes import Process, envoy_process, free_port, port_open, wait_for
+from tests.helpers import envoys, start
 
 pytestmark = pytest.mark.compat
 PERIOD = 2  # OpenFL reads whole seconds of the period
@@ -43,18 +44,14 @@ class OpenFLProcess(Process):
     """An `fx` command of the OpenFL virtualenv, run in its own workspace."""
 
     def __init__(self, name: str, fx: Path, args: list[str], workspace: Path) -> None:
-        super().__init__(name, args, workspace / f"{name}.log")
-        self.fx, self.workspace = fx, workspace
+        super().__init__(name, args, workspace / f"{name}.log", cwd=workspace)
+        self.fx = fx
 
-    def start(self) -> OpenFLProcess:
-        self._log = self.log_path.open("ab")
-        self.popen = subprocess.Popen([str(self.fx), *self.args], cwd=self.workspace,
-                                      stdout=self._log, stderr=subprocess.STDOUT,
-                                      start_new_session=True)
-        return self
+    def command(self) -> list[str]:
+        return [str(self.fx), *self.args]
 
 
-def openfl_client(openfl_python: Path, port: int, call: str) -> object:
+def openfl_client(openfl_python: Path, port: int, call: str) -> Any:
     """Runs OpenFL's own frontend DirectorClient against localhost:port; returns JSON."""
     script = textwrap.dedent(f"""
         import json
@@ -76,7 +73,7 @@ ENVOYS_JSON = ("print(json.dumps({n: e['is_online'] for n, e in "
 
 def test_openfl_envoy_registers_with_our_director(
         tmp_path: Path, processes: list[Process], openfl_python: Path) -> None:
-    from fedkube.local import director_process
+    from fedkube.dev.processes import director_process
 
     port = free_port()
     start(processes, director_process(tmp_path, port, period=PERIOD))
@@ -123,7 +120,7 @@ def test_our_envoy_registers_with_openfl_director(
     updated = ("e = client.get_envoys()['env1']; "
                "print(json.dumps([e['last_updated'], e['is_online']]))")
     for _ in range(2):
-        seen, is_online = openfl_client(openfl_python, port, updated)  # type: ignore[misc]
+        seen, is_online = openfl_client(openfl_python, port, updated)
         assert is_online
         wait_for(lambda: openfl_client(openfl_python, port, updated) != [seen, True],  # noqa: B023
                  timeout=3 * PERIOD, interval=0.5, message="a later health check")
@@ -133,7 +130,7 @@ def test_our_envoy_registers_with_openfl_director(
 
 def test_openfl_frontend_client_reads_our_director(
         tmp_path: Path, processes: list[Process], openfl_python: Path) -> None:
-    from fedkube.local import director_process
+    from fedkube.dev.processes import director_process
 
     port = free_port()
     start(processes, director_process(tmp_path, port, period=PERIOD))

@@ -18,8 +18,9 @@ from fedkube.api.resources import (
     FederationSpec,
     ShardSpec,
 )
-from fedkube.cli import build_parser, director_config
-from fedkube.client import EnvoyView, ExperimentStatus
+from fedkube.cli import build_parser
+from fedkube.cli.director import director_config
+from fedkube.client import EnvoyView, ExperimentView
 from fedkube.operator.conditions import set_condition
 from fedkube.operator.experiments import build_plan, build_status
 from fedkube.operator.manifests import (
@@ -28,6 +29,7 @@ from fedkube.operator.manifests import (
     build_envoy_config,
     build_envoy_daemonset,
     build_federation_workloads,
+    names,
 )
 from fedkube.operator.shards import build_shard_status
 from fedkube.tasks.archive import build_archive, read_plan
@@ -118,6 +120,21 @@ def test_the_director_service_carries_the_bulk_port_the_director_serves() -> Non
     assert bulk["port"] == config.bulk_port
 
 
+@pytest.mark.parametrize("tls", ["insecure", "mtls"])
+def test_the_director_readiness_probe_asks_the_plaintext_health_port(tls: str) -> None:
+    """The kubelet's grpc probe speaks plaintext only: it asks the port where the director
+    serves grpc.health.v1.Health alone, in both TLS modes (never the mTLS gRPC port)."""
+    spec = FED.model_copy(update={"tls": tls})
+    container = build_director_deployment("fed", "ns", spec)["spec"]["template"]["spec"][
+        "containers"][0]
+    args = build_parser().parse_args(container["args"])
+    assert container["readinessProbe"] == {"grpc": {"port": args.health_port}}
+    assert {"name": "health", "containerPort": args.health_port} in container["ports"]
+    assert args.health_port not in (args.port, args.bulk_port, args.metrics_port)
+    assert "health" not in {p["name"] for p in
+                            build_director_service("fed", "ns", spec)["spec"]["ports"]}
+
+
 def test_director_frontends_reach_the_director_command_line() -> None:
     spec = FED.model_copy(update={"director_frontends": 4, "tls": "insecure"})
     args = build_director_deployment("fed", "ns", spec)["spec"]["template"]["spec"][
@@ -194,6 +211,16 @@ def test_workloads_share_the_federation_labels() -> None:
         assert manifest["metadata"]["labels"]["fedkube.io/federation"] == "fed"
 
 
+def test_federation_names_name_the_objects_it_owns() -> None:
+    n = names("fed")
+    assert (n.director, n.envoy, n.ca_bundle, n.operator_tls) == (
+        "fed-director", "fed-envoy", "fed-ca-bundle", "fed-operator-tls")
+    owned = {m["metadata"]["name"] for m in build_federation_workloads("fed", "ns", FED)}
+    assert owned == {n.data, n.director, n.envoy, n.collaborator}
+    with pytest.raises(AttributeError):  # frozen
+        n.director = "other"  # type: ignore[misc]
+
+
 def test_condition_transition_time_moves_only_on_change() -> None:
     first = set_condition([], "Ready", False, "Queued", at="2026-01-01T00:00:00Z")
     same = set_condition(first, "Ready", False, "StillQueued", at="2026-01-02T00:00:00Z")
@@ -204,13 +231,13 @@ def test_condition_transition_time_moves_only_on_change() -> None:
     assert len(flipped) == 1
 
 
-def _report(status: str, **fields: object) -> ExperimentStatus:
+def _report(status: str, **fields: object) -> ExperimentView:
     values: dict[str, object] = dict(name="ns.e", status=status, round=2, total_rounds=5,
                                      metric="accuracy", last_metrics={"accuracy": 0.8},
                                      best_metrics={"accuracy": 0.9}, error="",
                                      queue_position=0, collaborators=["a"])
     values.update(fields)
-    return ExperimentStatus(**values)  # type: ignore[arg-type]
+    return ExperimentView(**values)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(("state", "phase", "conditions"), [
@@ -418,7 +445,9 @@ def test_a_burst_of_render_requests_shares_renders() -> None:
 
     from fedkube.operator.coalesce import Coalescer
 
-    coalescer, shards, renders = Coalescer(), [], []
+    coalescer = Coalescer()
+    shards: list[int] = []
+    renders: list[int] = []
     guard = threading.Lock()
 
     def render() -> None:
@@ -442,7 +471,7 @@ def test_a_burst_of_render_requests_shares_renders() -> None:
 
 
 def test_a_failed_render_is_retried() -> None:
-    from fedkube.local import wait_for
+    from fedkube.dev.processes import wait_for
     from fedkube.operator.coalesce import Coalescer
 
     coalescer, attempts = Coalescer(retry_after=0.01), []

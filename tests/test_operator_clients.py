@@ -6,9 +6,16 @@ import threading
 from typing import Any
 
 import grpc
+import kopf
 import pytest
+from kubernetes.client import ApiClient
 
-from fedkube.operator import handlers
+from fedkube.operator.state import OperatorState, close_state, open_state, state_of
+
+
+def _state() -> OperatorState:
+    """The operator's state on an ApiClient that is never asked anything."""
+    return OperatorState.create(ApiClient())
 
 
 def test_racing_handlers_share_one_client_and_none_is_closed() -> None:
@@ -18,12 +25,12 @@ def test_racing_handlers_share_one_client_and_none_is_closed() -> None:
     spec = {"sampleShape": ["8", "8"], "targetShape": ["1"], "tls": "insecure",
             "directorEndpoint": "localhost:1"}
     index: Any = {("race", "fed"): [spec]}
-    handlers._clients.pop(("race", "fed"), None)
+    state = _state()
     start, got = threading.Barrier(16), []
 
     def ask() -> None:
         start.wait()
-        got.append(handlers.director_for("race", "fed", index))
+        got.append(state.directors.get("race", "fed", index))
 
     threads = [threading.Thread(target=ask) for _ in range(16)]
     for thread in threads:
@@ -35,6 +42,29 @@ def test_racing_handlers_share_one_client_and_none_is_closed() -> None:
     # ValueError for a closed channel.
     with pytest.raises(grpc.RpcError) as error:
         got[0].envoys()
-    assert error.value.code() in (grpc.StatusCode.UNAVAILABLE,  # type: ignore[attr-defined]
+    assert error.value.code() in (grpc.StatusCode.UNAVAILABLE,
                                   grpc.StatusCode.DEADLINE_EXCEEDED)
-    handlers._clients.pop(("race", "fed"))[1].close()
+    state.close()
+
+
+def test_state_lives_in_the_memo_from_startup_to_cleanup() -> None:
+    """The startup handler puts the state in kopf's memo, which kopf copies (shallowly)
+    into each object's memo; the cleanup handler closes its clients and threads."""
+    memo = kopf.Memo()
+    with pytest.raises(RuntimeError, match="startup handler"):
+        state_of(memo)
+    state = open_state(memo, ApiClient())
+    per_object = kopf.Memo(memo)  # as kopf makes each object's memo
+    assert state_of(per_object) is state
+    index: Any = {("ns", "fed"): [{"sampleShape": ["8"], "targetShape": ["1"],
+                                   "tls": "insecure", "directorEndpoint": "localhost:1"}]}
+    director = state.directors.get("ns", "fed", index)
+    close_state(memo)
+    with pytest.raises(RuntimeError, match="startup handler"):
+        state_of(memo)
+    with pytest.raises(ValueError):  # the director client was closed
+        director.envoys()
+    with pytest.raises(RuntimeError):  # and the poll threads stopped
+        state.poll_workers.submit(lambda: None)
+    state.envoy_configs.request("fed", lambda: None)  # ignored once closed
+    close_state(memo)  # twice, or without a startup: nothing to close

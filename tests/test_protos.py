@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import TypedDict
 
 import pytest
 from google.protobuf import descriptor_pb2
@@ -29,7 +30,15 @@ json.dump(out, sys.stdout)
 """
 
 
-def _shape(file: descriptor_pb2.FileDescriptorProto) -> dict[str, object]:
+class Shape(TypedDict):
+    package: str
+    syntax: str
+    messages: dict[str, dict[str, object]]
+    enums: dict[str, list[tuple[str, int]]]
+    services: dict[str, list[tuple[str, str, str, bool, bool]]]
+
+
+def _shape(file: descriptor_pb2.FileDescriptorProto) -> Shape:
     """Everything that reaches the wire; file names and imports do not."""
 
     def message(m: descriptor_pb2.DescriptorProto) -> dict[str, object]:
@@ -64,8 +73,9 @@ def test_generated_code_is_fresh(tmp_path: Path) -> None:
     subprocess.run([sys.executable, str(ROOT / "tools/gen_protos.py"), str(tmp_path)],
                    check=True, capture_output=True)
     generated = sorted((tmp_path / "fedkube/proto").glob("*_pb2*.py*"))
-    # base, director, aggregator, the streaming extension and the director's own frontend API
-    assert len(generated) == 15
+    # base, director, aggregator, the streaming extension and the director's own frontend API:
+    # for each the messages (.py, .pyi) and the gRPC stubs (.py, .pyi)
+    assert len(generated) == 20
     for path in generated:
         committed = ROOT / "fedkube/proto" / path.name
         assert committed.read_text() == path.read_text(), (
@@ -93,6 +103,6 @@ def test_descriptors_match_openfl_field_by_field(openfl_python: Path) -> None:
         assert mine["package"] == reference["package"], key
         assert mine["services"] == reference["services"], key
         assert mine["enums"] == reference["enums"], key
-        assert mine["messages"].keys() == reference["messages"].keys(), key  # type: ignore[attr-defined]
-        for name, fields in reference["messages"].items():  # type: ignore[attr-defined]
-            assert mine["messages"][name] == fields, f"{key}: message {name} differs"  # type: ignore[index]
+        assert mine["messages"].keys() == reference["messages"].keys(), key
+        for name, fields in reference["messages"].items():
+            assert mine["messages"][name] == fields, f"{key}: message {name} differs"

@@ -10,30 +10,17 @@ import os
 import signal
 from pathlib import Path
 
-import grpc
 import numpy as np
 import pytest
 
 from fedkube.api.plan import Plan
-from fedkube.client import DirectorClient
-from fedkube.demo import PARAMS, centralized_accuracy
-from fedkube.local import Process, director_process, wait_for
+from fedkube.dev.demo import PARAMS, centralized_accuracy
+from fedkube.dev.processes import Process, director_process, wait_for
 from fedkube.tasks import digits
 from fedkube.tasks.models import BUILTIN_TASKS
-from tests.conftest import start_federation
-from tests.test_fl_engine import submit
+from tests.helpers import SLOW_TASK, current_round, start_federation, submit, submit_plan
 
-# Trains like digits-logreg, after an optional delay read from the envoy's environment:
-# the slow machine of a straggler, not a synchronisation.
-SLOW_TASK = b'''
-import os, time
-from fedkube.tasks.models import logreg_init as init_model, logreg_validate as validate
-from fedkube.tasks.models import logreg_train
-
-def train(model, data, params):
-    time.sleep(float(os.environ.get("FEDKUBE_TEST_TRAIN_DELAY_S", "0")))
-    return logreg_train(model, data, params)
-'''
+pytestmark = pytest.mark.slow  # every test starts fedkube processes
 
 
 def kill_envoy_and_collaborator(envoy: Process) -> None:
@@ -41,21 +28,6 @@ def kill_envoy_and_collaborator(envoy: Process) -> None:
     assert envoy.popen is not None
     os.killpg(envoy.popen.pid, signal.SIGKILL)
     envoy.popen.wait(timeout=30)
-
-
-def current_round(client: DirectorClient, name: str) -> int:
-    try:
-        return client.status(name).round
-    except grpc.RpcError:
-        return -1
-
-
-def submit_plan(client: DirectorClient, name: str, plan: Plan, collaborators: list[str],
-                files: dict[str, bytes] | None = None) -> None:
-    from fedkube.client import experiment_archive
-
-    archive, initial = experiment_archive(plan, files)
-    client.submit(name, archive, collaborators=collaborators, initial_model=initial)
 
 
 def test_director_sigkill_mid_experiment_resumes_from_the_last_closed_round(

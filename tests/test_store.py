@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from fedkube.api.experiment import ExperimentStatus
+from fedkube.api.experiment import ExperimentState
 from fedkube.director.store import (
     DirectorStore,
     ExperimentRecord,
@@ -25,7 +25,7 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> DirectorStore:
 
 def _experiment(name: str, created: float) -> ExperimentRecord:
     return ExperimentRecord(name=name, owner="alice", collaborators=("env1", "env2"),
-                            archive_path=f"/x/{name}.zip", status=ExperimentStatus.PENDING,
+                            archive_path=f"/x/{name}.zip", status=ExperimentState.PENDING,
                             created_at=created, updated_at=created, extra={"k": "v"})
 
 
@@ -50,7 +50,7 @@ def test_experiments_round_trip_oldest_first(store: DirectorStore) -> None:
     store.put_experiment(_experiment("b", 2.0))
     store.put_experiment(_experiment("a", 1.0))
     assert [e.name for e in store.experiments()] == ["a", "b"]
-    done = _experiment("a", 1.0).evolve(status=ExperimentStatus.FAILED, error="boom",
+    done = _experiment("a", 1.0).evolve(status=ExperimentState.FAILED, error="boom",
                                          current_round=3, total_rounds=5)
     store.put_experiment(done)
     assert store.experiments()[0] == done

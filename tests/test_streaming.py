@@ -11,7 +11,6 @@ import grpc
 import numpy as np
 import pytest
 
-from fedkube import metrics
 from fedkube.aggregator.runner import AggregatorRunner
 from fedkube.aggregator.servicer import AggregatorService, add_aggregator_to_server
 from fedkube.api.plan import Plan
@@ -20,6 +19,7 @@ from fedkube.collaborator.run import Collaborator
 from fedkube.proto import aggregator_pb2_grpc
 from fedkube.tasks.digits import DigitsShard
 from fedkube.tasks.models import BUILTIN_TASKS
+from fedkube.transport import metrics
 from fedkube.transport.tensors import model_to_proto
 
 
@@ -58,7 +58,7 @@ async def test_collaborator_fetches_the_model_streamed_or_as_openfl_sends_it(
     if streaming:  # as fedkube's director serves it
         add_aggregator_to_server(service, server)
     else:  # an OpenFL 1.6 director: the Aggregator service only
-        aggregator_pb2_grpc.add_AggregatorServicer_to_server(service, server)  # type: ignore[no-untyped-call]
+        aggregator_pb2_grpc.add_AggregatorServicer_to_server(service, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     sent = metrics.BYTES_SENT.labels("StreamAggregatedTensor")._value.get()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 
 import numpy as np
+import numpy.typing as npt
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -59,8 +60,9 @@ def test_encoded_results_are_the_bytes_protobuf_would_write(chunk_bytes: int) ->
         to_named_tensor,
     )
 
-    arrays = [("w", np.arange(30_000, dtype=np.float32).reshape(300, 100)),
-              ("b", np.float32(2.5)), ("empty", np.zeros(0, np.float32))]
+    arrays: list[tuple[str, npt.ArrayLike]] = [
+        ("w", np.arange(30_000, dtype=np.float32).reshape(300, 100)),
+        ("b", np.float32(2.5)), ("empty", np.zeros(0, np.float32))]
     header = aggregator_pb2.MessageHeader(sender="env1", federation_uuid="exp")
     small = list(metric_tensors({"loss": 0.25}, 3))
     expected = aggregator_pb2.TaskResults(

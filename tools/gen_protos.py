@@ -1,5 +1,8 @@
 """Regenerates fedkube/proto/*_pb2*.py(i) from protos/ with grpcio-tools and mypy-protobuf.
 
+It writes the messages (*_pb2.py, *_pb2.pyi) and the gRPC stubs and servicers (*_pb2_grpc.py,
+typed by *_pb2_grpc.pyi from mypy-protobuf's protoc-gen-mypy_grpc).
+
 Usage: python tools/gen_protos.py [OUT_DIR]   (default: the repository root)
 A test runs it into a temporary directory and fails when the committed files differ.
 """
@@ -26,6 +29,7 @@ def generate(out_dir: Path) -> list[Path]:
         f"--python_out={out_dir}",
         f"--grpc_python_out={out_dir}",
         f"--mypy_out={out_dir}",
+        f"--mypy_grpc_out={out_dir}",
         *(str(p.relative_to(PROTOS)) for p in sources),
     ]
     # protoc finds the mypy-protobuf plugin on PATH, beside this interpreter.

@@ -11,9 +11,10 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from fedkube.aggregator.servicer import AggregatorService
-from fedkube.api.errors import DirectorError
+from fedkube.api.errors import ServiceError
 from fedkube.proto import aggregator_pb2
 from fedkube.transport.bulk import BulkError, PeerContext, Segments
+from fedkube.transport.status import status_code
 
 T = TypeVar("T")
 
@@ -29,8 +30,8 @@ class AggregatorBulkHandler:
 
         try:
             return asyncio.run_coroutine_threadsafe(run(), self.loop).result()
-        except DirectorError as exc:
-            raise BulkError(exc.code, str(exc)) from exc
+        except ServiceError as exc:
+            raise BulkError(status_code(exc), str(exc)) from exc
 
     @staticmethod
     def _parse(message: Any, data: bytes) -> Any:

@@ -12,6 +12,12 @@ and its late results are refused. It rejoins when it next asks for tasks.
 A result sent again for a task already taken (this round's, or the round it closed) is
 acknowledged and ignored, as OpenFL's aggregator does: an upload whose reply was lost on
 the way is retried, and must not fail its collaborator or count twice.
+
+The current round is in one `RoundPhase` at a time, and moves only along
+`ROUND_TRANSITIONS`: open (tasks out, results in) -> closing (scored, averaged, saved;
+nothing in or out) -> open again for the next round, until the experiment is over
+(finished, failed, or stopped by the director), from either. What a result must carry to
+be taken is checked in fedkube.aggregator.results.
 """
 
 from __future__ import annotations
@@ -19,32 +25,33 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import math
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from enum import StrEnum
 from pathlib import Path
+from types import MappingProxyType
 from typing import Protocol, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 
-from fedkube import metrics
-from fedkube.aggregator.fedavg import Model, StreamingFedAvg, all_finite
-from fedkube.api.errors import InvalidArgumentError, NotFoundError, PermissionDeniedError
+from fedkube.aggregator import metrics
+from fedkube.aggregator.fedavg import Model, StreamingFedAvg
+from fedkube.aggregator.results import TRAIN, VALIDATE, check_task_results
+from fedkube.api.errors import (
+    InternalError,
+    InvalidArgumentError,
+    NotFoundError,
+    PermissionDeniedError,
+)
 from fedkube.api.plan import Plan
 from fedkube.proto import aggregator_pb2, base_pb2
-from fedkube.transport.tensors import (
-    TensorError,
-    encode_model,
-    from_named_tensor,
-    to_named_tensor,
-)
+from fedkube.transport.tensors import encode_model, to_named_tensor
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-TRAIN, VALIDATE = "train", "validate"
 AGGREGATOR = "aggregator"
 WAIT_SECONDS = 1
 # How long the collaborators of a (re)started experiment get to start up and ask for their
@@ -54,6 +61,23 @@ STARTUP_TIMEOUT_S = 900.0
 # on the event loop: a thread hop costs more than the work (profiled with py-spy at 32
 # collaborators, docs/benchmarks.md).
 INLINE_RESULT_BYTES = 256 << 10
+
+
+class RoundPhase(StrEnum):
+    """Where the current round stands."""
+
+    OPEN = "open"  # hands out tasks and takes results
+    CLOSING = "closing"  # scored, averaged and saved: takes no results, hands out no tasks
+    OVER = "over"  # the experiment has ended (finished, failed or stopped): no more rounds
+
+
+ROUND_TRANSITIONS: Mapping[RoundPhase, frozenset[RoundPhase]] = MappingProxyType({
+    # The last result in, or a timeout on quorum; a failure or the director's stop.
+    RoundPhase.OPEN: frozenset({RoundPhase.CLOSING, RoundPhase.OVER}),
+    # The next round opens; or the final validation is scored, a save fails, or a stop.
+    RoundPhase.CLOSING: frozenset({RoundPhase.OPEN, RoundPhase.OVER}),
+    RoundPhase.OVER: frozenset(),
+})
 
 
 @dataclass(frozen=True)
@@ -85,7 +109,7 @@ class ExperimentAggregator:
         self.model = initial
         self.round = start_round
         self.quorum = min(plan.min_collaborators or len(collaborators), len(collaborators))
-        self.done = False
+        self.phase = RoundPhase.OPEN
         self.error: str | None = None
         self.best_metric = best_metric
         self.events: list[MetricEvent] = []
@@ -102,7 +126,6 @@ class ExperimentAggregator:
         self._committing: set[str] = set()
         # Result adds after their replies, and round closes a timeout started.
         self._background: set[asyncio.Task[None]] = set()
-        self._closing = False  # the round takes no more results and hands out no tasks
         self._tensors: dict[str, base_pb2.NamedTensor] = {}
         # Who sent which task in the round last closed: its repeats are acknowledged.
         self._taken_last_round: dict[str, set[str]] = {}
@@ -131,7 +154,6 @@ class ExperimentAggregator:
     def _start_round(self, fedavg: StreamingFedAvg | None = None) -> None:
         self._tensors.clear()
         self._fedavg = fedavg or StreamingFedAvg(self.model)
-        self._closing = False
         self._trained: set[str] = set()
         self._validated: dict[str, tuple[float, float]] = {}  # collaborator -> (metric, weight)
         self._round_opened = self.clock()
@@ -140,11 +162,33 @@ class ExperimentAggregator:
         self._round_started: float | None = None
 
     @property
+    def done(self) -> bool:
+        """Whether the experiment has ended (finished, failed or stopped)."""
+        return self.phase is RoundPhase.OVER
+
+    def _enter(self, phase: RoundPhase) -> None:
+        """Moves the round along ROUND_TRANSITIONS; any other move is a bug."""
+        if phase not in ROUND_TRANSITIONS[self.phase]:
+            raise InternalError(f"experiment {self.name!r} round {self.round}: no move "
+                                f"from {self.phase.value} to {phase.value}")
+        self.phase = phase
+
+    def _begin_close(self) -> None:
+        """Open -> closing. A close that a timeout began finds the round closing already;
+        one that an experiment stopped meanwhile runs into leaves it over."""
+        if self.phase is RoundPhase.OPEN:
+            self._enter(RoundPhase.CLOSING)
+
+    def _signal(self) -> None:
+        changed, self.changed = self.changed, asyncio.Event()
+        changed.set()
+
+    @property
     def final_validation(self) -> bool:
         return self.round >= self.plan.rounds
 
     def tasks_for(self, collaborator: str) -> list[str]:
-        if self._closing:
+        if self.phase is not RoundPhase.OPEN:
             return []
         pending = [] if collaborator in self._validated else [VALIDATE]
         if (not self.final_validation and collaborator not in self._trained
@@ -156,8 +200,7 @@ class ExperimentAggregator:
         self.events.append(event)
         with (self.workdir / "metrics.jsonl").open("a") as sink:
             sink.write(json.dumps(asdict(event)) + "\n")
-        changed, self.changed = self.changed, asyncio.Event()
-        changed.set()
+        self._signal()
 
     def _better(self, value: float) -> bool:
         if self.best_metric is None:
@@ -204,7 +247,7 @@ class ExperimentAggregator:
         cores) runs in a thread for all but small models, so the director answers other
         calls meanwhile. Callers hold the receiving lock: no result is added and no
         timeout closes it twice."""
-        self._closing = True
+        self._begin_close()
         opened = self._round_started or self._round_opened
         metrics.ROUND_SECONDS.observe(self.clock() - opened)
         score, best = self._score_round()
@@ -238,11 +281,12 @@ class ExperimentAggregator:
                                   total_rounds=self.plan.rounds,
                                   summary=self._summary(score))
         self._start_round(next_fedavg)
+        self._enter(RoundPhase.OPEN)
 
     async def _end(self) -> None:
         """The final validation is in: scores the final model, saves it as best.pb if it
         is (off the loop, as a round's close), and ends the experiment."""
-        self._closing = True
+        self._begin_close()
         score, best = self._score_round()
         if best:
             model, round_number = self.model, self.round
@@ -279,14 +323,20 @@ class ExperimentAggregator:
         model's score."""
         if self.done:
             return
-        self.done, self.error = True, error
+        self._enter(RoundPhase.OVER)
+        self.error = error
         if error is None:
             self.outcome.round_closed(self.name, round_number=self.round,
                                       total_rounds=self.plan.rounds,
                                       summary=self._summary(score))
         self.outcome.experiment_done(self.name, error=error)
-        changed, self.changed = self.changed, asyncio.Event()
-        changed.set()
+        self._signal()
+
+    def stop(self) -> None:
+        """Ends the experiment without reporting it: its host (the director) ended it."""
+        if not self.done:
+            self._enter(RoundPhase.OVER)
+            self._signal()
 
     async def _advance(self) -> None:
         active = self.active()
@@ -303,7 +353,7 @@ class ExperimentAggregator:
 
     def tick(self) -> None:
         """Closes a round that ran past its timeout on quorum, or fails the experiment."""
-        if self.done or self._closing or self._receiving.locked():
+        if self.phase is not RoundPhase.OPEN or self._receiving.locked():
             return
         now = self.clock()
         if self._round_started is None:
@@ -316,7 +366,7 @@ class ExperimentAggregator:
         have = set(self._validated) if self.final_validation else self._trained
         if len(have) >= self.quorum:
             self._drop(self.active() - have)
-            self._closing = True  # from now, not when the lock is taken
+            self._enter(RoundPhase.CLOSING)  # from now, not when the lock is taken
             self._in_background(self._when_free(
                 self._end if self.final_validation else self._close_round))
         else:
@@ -393,50 +443,22 @@ class ExperimentAggregator:
     def _check_results(self, sender: str, results: aggregator_pb2.TaskResults,
                        payloads: Sequence[memoryview] | None = None
                        ) -> tuple[Model, dict[str, float]]:
-        """Every check happens before any result touches the model."""
+        """Every check happens before any result touches the model: here whether the
+        round takes it, in fedkube.aggregator.results what it carries."""
         self._check_sender(sender)
-        if self.done:
+        if self.phase is RoundPhase.OVER:
             raise InvalidArgumentError(f"experiment {self.name!r} is over")
         if results.round_number != self.round:
             raise InvalidArgumentError(f"round {results.round_number} is closed or not open; "
                                        f"the aggregator is at round {self.round}")
-        if self._closing:
+        if self.phase is RoundPhase.CLOSING:
             raise InvalidArgumentError(f"round {self.round} is closing: it takes no more "
                                        f"results")
         if results.task_name not in self.tasks_for(sender):
             raise InvalidArgumentError(f"{sender} has no pending {results.task_name!r} task in "
                                        f"round {self.round} (already sent, or unknown task)")
-        if results.data_size <= 0:
-            raise InvalidArgumentError("data_size must be positive")
-        update: Model = {}
-        figures: dict[str, float] = {}
-        for i, tensor in enumerate(results.tensors):
-            try:
-                value = from_named_tensor(tensor, None if payloads is None else payloads[i])
-            except TensorError as exc:
-                raise InvalidArgumentError(str(exc)) from exc
-            if not all_finite(value):
-                raise InvalidArgumentError(f"tensor {tensor.name!r} holds NaN or Inf")
-            if tensor.report:
-                if value.size != 1:
-                    raise InvalidArgumentError(f"metric {tensor.name!r} is not a scalar")
-                figures[tensor.name] = float(value.reshape(()))
-            else:
-                if tensor.name in update:
-                    raise InvalidArgumentError(f"tensor {tensor.name!r} sent twice")
-                update[tensor.name] = value
-        if results.task_name == TRAIN:
-            if set(update) != set(self.model):
-                raise InvalidArgumentError(
-                    f"expected tensors {sorted(self.model)}, got {sorted(update)}")
-            for name, value in update.items():
-                if value.shape != self.model[name].shape:
-                    raise InvalidArgumentError(f"tensor {name!r} has shape {value.shape}, "
-                                               f"expected {self.model[name].shape}")
-        elif self.plan.metric not in figures or not math.isfinite(figures[self.plan.metric]):
-            raise InvalidArgumentError(f"validation results lack the metric "
-                                       f"{self.plan.metric!r}")
-        return update, figures
+        return check_task_results(results, model=self.model, metric=self.plan.metric,
+                                  payloads=payloads)
 
     def _weight(self, results: aggregator_pb2.TaskResults) -> float:
         return float(results.data_size) if self.plan.weighting == "samples" else 1.0

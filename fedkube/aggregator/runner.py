@@ -108,10 +108,8 @@ class AggregatorRunner:
 
     def stop(self, name: str) -> None:
         aggregator = self._retire(name)
-        if aggregator is not None and not aggregator.done:
-            aggregator.done = True
-            changed, aggregator.changed = aggregator.changed, asyncio.Event()
-            changed.set()
+        if aggregator is not None:
+            aggregator.stop()
 
     # -- rounds --------------------------------------------------------------------------
 

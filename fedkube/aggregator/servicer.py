@@ -12,7 +12,6 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
-from fedkube import metrics
 from fedkube.aggregator.experiment import expected_result_bytes
 from fedkube.aggregator.runner import AggregatorRunner
 from fedkube.api.errors import (
@@ -22,6 +21,7 @@ from fedkube.api.errors import (
     ResourceExhaustedError,
 )
 from fedkube.proto import aggregator_pb2, aggregator_pb2_grpc, streaming_pb2
+from fedkube.transport import metrics as transfer_metrics
 from fedkube.transport.guard import add_guarded_service, generated_handlers
 from fedkube.transport.identity import acting_for_another, caller_identity
 from fedkube.transport.limits import CHUNK_BYTES
@@ -79,7 +79,7 @@ class AggregatorService(aggregator_pb2_grpc.AggregatorServicer):
         sender = self._sender(request.header, context)
         aggregator = self.runner.aggregator(request.header.federation_uuid)
         tensor = aggregator.get_tensor(sender, request.tensor_name, request.round_number)
-        metrics.BYTES_SENT.labels("GetAggregatedTensor").inc(tensor.ByteSize())  # no copy
+        transfer_metrics.BYTES_SENT.labels("GetAggregatedTensor").inc(tensor.ByteSize())  # no copy
         return aggregator_pb2.GetAggregatedTensorResponse(
             header=self._reply_header(request.header), round_number=aggregator.round,
             tensor=tensor)
@@ -96,7 +96,7 @@ class AggregatorService(aggregator_pb2_grpc.AggregatorServicer):
         try:
             async for frame in request_iterator:  # DataStream wire bytes, parsed here
                 assembler.add_frame(frame)
-                metrics.BYTES_RECEIVED.labels("SendLocalTaskResults").inc(len(frame))
+                transfer_metrics.BYTES_RECEIVED.labels("SendLocalTaskResults").inc(len(frame))
             results, payloads = assembler.parse()
         except OverflowError as exc:
             raise ResourceExhaustedError(str(exc)) from exc
@@ -119,7 +119,7 @@ class AggregatorService(aggregator_pb2_grpc.AggregatorServicer):
         """fedkube.streaming.TensorStream: GetAggregatedTensor's reply in chunks, read
         straight from the global model's memory, as DataStream wire bytes."""
         for frame in chunk_frames(self._tensor_segments(request, context), CHUNK_BYTES):
-            metrics.BYTES_SENT.labels("StreamAggregatedTensor").inc(len(frame))
+            transfer_metrics.BYTES_SENT.labels("StreamAggregatedTensor").inc(len(frame))
             yield frame
 
     def _tensor_segments(self, request: aggregator_pb2.GetAggregatedTensorRequest,
@@ -141,7 +141,7 @@ class AggregatorService(aggregator_pb2_grpc.AggregatorServicer):
                             context: Context) -> list[bytes | memoryview]:
         self._admit(STREAM_METHOD, context)
         segments = self._tensor_segments(request, context)
-        metrics.BYTES_SENT.labels("BulkDownload").inc(sum(memoryview(s).nbytes
+        transfer_metrics.BYTES_SENT.labels("BulkDownload").inc(sum(memoryview(s).nbytes
                                                           for s in segments))
         return segments
 
@@ -163,7 +163,7 @@ class AggregatorService(aggregator_pb2_grpc.AggregatorServicer):
                 header.sender, header.federation_uuid):
             raise InvalidArgumentError("the results' header names another sender or "
                                        "experiment than the upload's")
-        metrics.BYTES_RECEIVED.labels("BulkUpload").inc(len(body))
+        transfer_metrics.BYTES_RECEIVED.labels("BulkUpload").inc(len(body))
         return await self._take_results(results, payloads, context)
 
     def _admit(self, method: str, context: Context) -> None:

@@ -12,16 +12,14 @@ from typing import Annotated, Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from fedkube.api.errors import ConfigError
+
 DEFAULT_PORT = 50051
 DEFAULT_HEALTH_CHECK_PERIOD = 60.0
 
 Port = Annotated[int, Field(ge=0, le=65535, description="0 picks a free port")]
 NAME_PATTERN = r"^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$"
 Name = Annotated[str, Field(min_length=1, max_length=253, pattern=NAME_PATTERN)]
-
-
-class ConfigError(ValueError):
-    """A configuration file or flag is invalid; the message names the field."""
 
 
 def parse_shape(value: str | list[Any] | tuple[Any, ...]) -> list[str]:
@@ -73,18 +71,25 @@ class TLSSettings(_Strict):
 
 
 class DirectorConfig(_Strict):
-    host: str = "127.0.0.1"
-    port: Port = DEFAULT_PORT
-    data_dir: Path = Path("fedkube-data")
-    sample_shape: list[str] = Field(default_factory=lambda: ["8", "8"])
-    target_shape: list[str] = Field(default_factory=lambda: ["1"])
-    health_check_period: float = Field(default=DEFAULT_HEALTH_CHECK_PERIOD, gt=0, le=3600)
+    host: str = Field(default="127.0.0.1", description="address to listen on")
+    port: Port = Field(default=DEFAULT_PORT, description="gRPC port (0: any free port)")
+    data_dir: Path = Field(default=Path("fedkube-data"), description=(
+        "where the store, the experiments' archives and their models live"))
+    sample_shape: list[str] = Field(default_factory=lambda: ["8", "8"], description=(
+        "the shape of one sample that every shard must have"))
+    target_shape: list[str] = Field(default_factory=lambda: ["1"], description=(
+        "the shape of one target that every shard must have"))
+    health_check_period: float = Field(default=DEFAULT_HEALTH_CHECK_PERIOD, gt=0, le=3600,
+                                       description="seconds between an envoy's health checks")
     tls: TLSSettings
     metrics_port: int | None = Field(default=None, ge=0, le=65535,
                                      description="serve Prometheus /metrics (0: any port)")
     bulk_port: int | None = Field(default=0, ge=0, le=65535, description=(
         "port for model-sized transfers over a plain (or TLS) socket, faster than gRPC "
         "streams; 0: any free port (collaborators ask where); null: none"))
+    health_port: int | None = Field(default=None, ge=0, le=65535, description=(
+        "also serve grpc.health.v1.Health alone, in plaintext, on this port of host "
+        "(0: any free one): for a kubelet's grpc probe, which cannot do mTLS"))
     frontends: int = Field(default=0, ge=0, le=64, description=(
         "processes beside the director that share its port and answer health checks, "
         "each on a core of its own: for federations past a few thousand envoys"))
@@ -120,13 +125,15 @@ class PodSettings(_Strict):
 
 
 class EnvoyConfig(_Strict):
-    name: Name
+    name: Name = Field(description="the shard's name (under mTLS, its certificate's CN)")
     director: str = Field(pattern=r"^[^:\s]+:\d{1,5}$", description="host:port of the director")
     shard: ShardSettings = Field(default_factory=ShardSettings)
-    cuda_devices: list[Annotated[int, Field(ge=0)]] = Field(default_factory=list)
+    cuda_devices: list[Annotated[int, Field(ge=0)]] = Field(default_factory=list, description=(
+        "GPU indices this envoy owns (default: every GPU its environment shows)"))
     runtime: Literal["process", "pod"] = "process"
     pod: PodSettings = Field(default_factory=PodSettings)
-    work_dir: Path = Path("fedkube-envoy")
+    work_dir: Path = Field(default=Path("fedkube-envoy"), description=(
+        "where the envoy keeps experiments' archives and collaborator logs"))
     tls: TLSSettings
     max_backoff: float = Field(default=30.0, gt=0, description="cap of the reconnect delay, s")
 

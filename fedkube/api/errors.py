@@ -1,35 +1,56 @@
-"""The error taxonomy of the services; servicers map each class to one gRPC status code."""
+"""fedkube's error catalog: one root, `FedkubeError`, and a class per kind of refusal.
+
+Each class says what went wrong, never how it travels: the gRPC status a service error
+becomes is chosen in one place (fedkube.transport.status), the exit code a command ends
+with in another (fedkube.cli.exits). This module imports no gRPC, so the API models and
+every role can use it.
+"""
 
 from __future__ import annotations
 
-import grpc
+
+class FedkubeError(Exception):
+    """Root of fedkube's own errors; the message is one line that a user can act on."""
 
 
-class DirectorError(Exception):
-    """Base class: a request the service refuses, with the status code that says why."""
-
-    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+class ConfigError(FedkubeError, ValueError):
+    """A configuration file or flag is invalid; the message names the field."""
 
 
-class NotFoundError(DirectorError):
-    code = grpc.StatusCode.NOT_FOUND
+class RefusedError(FedkubeError):
+    """The federation refused this party (a shard the director does not accept, a
+    certificate the operator denies): retrying the same thing will not help."""
 
 
-class AlreadyExistsError(DirectorError):
-    code = grpc.StatusCode.ALREADY_EXISTS
+# -- errors a service answers a request with ---------------------------------------------
+
+class ServiceError(FedkubeError):
+    """A request a service (director, aggregator) refuses, and why."""
 
 
-class InvalidArgumentError(DirectorError):
-    code = grpc.StatusCode.INVALID_ARGUMENT
+class NotFoundError(ServiceError):
+    """What the request names does not exist (or is not the caller's to see)."""
 
 
-class PermissionDeniedError(DirectorError):
-    code = grpc.StatusCode.PERMISSION_DENIED
+class AlreadyExistsError(ServiceError):
+    """What the request would create exists already."""
 
 
-class FailedPreconditionError(DirectorError):
-    code = grpc.StatusCode.FAILED_PRECONDITION
+class InvalidArgumentError(ServiceError):
+    """The request itself is malformed or out of range."""
 
 
-class ResourceExhaustedError(DirectorError):
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+class PermissionDeniedError(ServiceError):
+    """The caller's role or identity does not allow the request."""
+
+
+class FailedPreconditionError(ServiceError):
+    """The request is well formed but does not fit the current state."""
+
+
+class ResourceExhaustedError(ServiceError):
+    """The request is larger than the service can take now (memory, disk, limits)."""
+
+
+class InternalError(ServiceError):
+    """A fault of the service itself, reported with what it was doing."""

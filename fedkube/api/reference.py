@@ -27,14 +27,16 @@ def _type(node: dict[str, Any]) -> str:
 
 
 def _rules(node: dict[str, Any]) -> str:
-    found = [f"{key} {json.dumps(node[key])}" for key in _RULES if key in node]
+    # Values in code spans: a pattern such as [a-z]([-a-z]*) would otherwise read as a link.
+    found = [f"{key} `{json.dumps(node[key])}`" for key in _RULES if key in node]
     values = node.get("additionalProperties", {})
     if isinstance(values, dict):
-        found += [f"values {key} {json.dumps(values[key])}" for key in _RULES if key in values]
+        found += [f"values {key} `{json.dumps(values[key])}`"
+                  for key in _RULES if key in values]
     if "maxProperties" in node:
         found.append(f"maxProperties {node['maxProperties']}")
     items = node.get("items", {})
-    found += [f"items {key} {json.dumps(items[key])}" for key in _RULES if key in items]
+    found += [f"items {key} `{json.dumps(items[key])}`" for key in _RULES if key in items]
     found += [f"CEL: `{rule['rule']}`" for rule in node.get("x-kubernetes-validations", [])]
     return "; ".join(found)
 

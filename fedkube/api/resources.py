@@ -77,8 +77,11 @@ class FederationSpec(_Model):
     image: str = Field(default=DEFAULT_IMAGE, min_length=1, max_length=512,
                        description="the image that runs director, envoy and collaborator")
     tls: Literal["mtls", "insecure"] = Field(
-        default="mtls", description="mtls (default): certificates from Secrets the operator "
-                                    "creates; insecure: for local development only")
+        default="mtls", description=(
+            "mtls (default): the operator makes the CA and the director's certificate, and "
+            "signs each envoy's and collaborator's request for its own shard's certificate "
+            "(a CertificateSigningRequest from a Pod on that shard's node); insecure: for "
+            "local development only"))
     storage: str = Field(default="1Gi", pattern=QUANTITY,
                          description="size of the director's volume (state and models)")
     sample_shape: list[str] = Field(min_length=1, max_length=8,

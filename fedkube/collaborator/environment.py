@@ -13,7 +13,9 @@ import sysconfig
 import venv
 from pathlib import Path
 
+from fedkube.api.errors import FedkubeError
 from fedkube.api.plan import REQUIREMENTS_FILE
+from fedkube.startup import exec_fedkube
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +23,7 @@ ACTIVE_VENV_ENV = "FEDKUBE_EXPERIMENT_VENV"
 INSTALL_TIMEOUT_S = 1800
 
 
-class RequirementsError(RuntimeError):
+class RequirementsError(FedkubeError, RuntimeError):
     """Installing an experiment's requirements failed; the message says why."""
 
 
@@ -70,8 +72,6 @@ def install_requirements(workspace: Path, venv_dir: Path) -> Path:
 
 def reexec_in(python: Path, venv_dir: Path, argv: list[str]) -> None:
     """Replaces this process with the collaborator running in the experiment's venv."""
-    from fedkube.local import exec_fedkube
-
     exec_fedkube(python, argv, {**os.environ, ACTIVE_VENV_ENV: str(venv_dir.resolve())})
 
 

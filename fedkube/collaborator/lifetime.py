@@ -12,7 +12,8 @@ import os
 import signal
 import sys
 
-ENVOY_PID = "FEDKUBE_ENVOY_PID"
+from fedkube.api.environment import ENVOY_PID
+
 _PR_SET_PDEATHSIG = 1
 
 

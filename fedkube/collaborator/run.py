@@ -27,6 +27,7 @@ from fedkube.tasks.archive import read_plan, safe_extract
 from fedkube.tasks.models import Model, Task
 from fedkube.tasks.shard import ShardDescriptor
 from fedkube.transport.bulk import BulkClient, target_host
+from fedkube.transport.certs import renewal_delay
 from fedkube.transport.channel import (
     open_sync_channel,
     raw_results_call,
@@ -34,7 +35,7 @@ from fedkube.transport.channel import (
     raw_tensor_stream,
 )
 from fedkube.transport.limits import CHUNK_BYTES
-from fedkube.transport.shard_certificate import renewal_delay
+from fedkube.transport.status import is_transient
 from fedkube.transport.tensors import (
     StreamReceiver,
     chunk_frames,
@@ -46,15 +47,10 @@ from fedkube.transport.tls import TLSFiles
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
 RECONNECT_PATIENCE_S = 600.0
 POLL_S = 0.1
 BULK_RETRY_S = 60.0  # after a bulk transfer could not connect, gRPC streams this long
 CERTIFICATE_CHECK_S = 30.0  # how often, at most, between rounds, the files are read again
-
-
-def _transient(exc: BaseException) -> bool:
-    return isinstance(exc, grpc.RpcError) and exc.code() in TRANSIENT  # type: ignore[attr-defined]
 
 
 @dataclass
@@ -70,9 +66,12 @@ class Collaborator:
     # this collaborator requested itself, how to request the next.
     certificate_files: TLSSettings | None = None
     renew_certificate: Callable[[], None] | None = None
+    certificate_check_s: float = CERTIFICATE_CHECK_S  # at most this often between rounds
+    # The bulk port's client, where it is known beforehand; otherwise the director is asked.
+    bulk: BulkClient | None = None
 
     def __post_init__(self) -> None:
-        self._connect()
+        self._connect(self.bulk)
         self._streaming = True  # until a director (OpenFL's) answers UNIMPLEMENTED
         self._received = StreamReceiver()
         self._certificate_check_at = 0.0
@@ -80,31 +79,33 @@ class Collaborator:
                                                     federation_uuid=self.experiment)
         self._names = list(self.task.init_model(self.plan.params))
 
-    def _connect(self) -> None:
-        """A channel (and a bulk client, when next asked for) with the current TLS files."""
+    def _connect(self, bulk: BulkClient | None = None) -> None:
+        """A channel (and a bulk client, when next asked for, unless given) with the current
+        TLS files."""
         self._channel = open_sync_channel(self.target, tls=self.tls,
                                           options=[("grpc.max_reconnect_backoff_ms", 2000)])
-        self._stub = aggregator_pb2_grpc.AggregatorStub(self._channel)  # type: ignore[no-untyped-call]
+        self._stub = aggregator_pb2_grpc.AggregatorStub(self._channel)
         self._get_tensor = raw_tensor_call(self._channel)
         self._stream_tensor = raw_tensor_stream(self._channel)
         self._send_frames = raw_results_call(self._channel)
-        self._tensor_stream_stub = streaming_pb2_grpc.TensorStreamStub(self._channel)  # type: ignore[no-untyped-call]
-        self._bulk: BulkClient | None = None
-        self._bulk_ask_at = 0.0  # when to ask the director where its bulk port is
+        self._tensor_stream_stub = streaming_pb2_grpc.TensorStreamStub(self._channel)
+        self._bulk: BulkClient | None = bulk
+        # When to ask the director where its bulk port is.
+        self._bulk_ask_at = 0.0 if bulk is None else float("inf")
 
     def refresh_certificate(self) -> bool:
         """Between rounds: renews a due certificate this collaborator requested, reads the
         files again, and reconnects if they changed. Whether it reconnected."""
         if self.certificate_files is None or time.monotonic() < self._certificate_check_at:
             return False
-        self._certificate_check_at = time.monotonic() + CERTIFICATE_CHECK_S
+        self._certificate_check_at = time.monotonic() + self.certificate_check_s
         if (self.renew_certificate is not None and self.tls is not None
                 and renewal_delay(self.tls.cert) == 0):
             try:
                 self.renew_certificate()
             except Exception as exc:  # the operator away, a denial: keep the current one
                 log.error("could not renew the certificate of %s (%s); trying again in "
-                          "%.0f s", self.name, exc, CERTIFICATE_CHECK_S)
+                          "%.0f s", self.name, exc, self.certificate_check_s)
         current = TLSFiles.load(self.certificate_files)
         if current == self.tls:
             return False
@@ -121,7 +122,7 @@ class Collaborator:
 
     def _call(self, fn: Any, request: Any) -> Any:
         """Calls the aggregator, riding out a director restart."""
-        for attempt in Retrying(retry=retry_if_exception(_transient), reraise=True,
+        for attempt in Retrying(retry=retry_if_exception(is_transient), reraise=True,
                                 wait=wait_exponential_jitter(multiplier=0.2, max=2.0),
                                 stop=stop_after_delay(RECONNECT_PATIENCE_S)):
             with attempt:
@@ -138,7 +139,7 @@ class Collaborator:
                 port = self._call(self._tensor_stream_stub.BulkEndpoint,
                                   streaming_pb2.BulkEndpointRequest()).port
             except grpc.RpcError as exc:
-                if exc.code() != grpc.StatusCode.UNIMPLEMENTED:  # type: ignore[attr-defined]
+                if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
                     raise
                 port = 0  # an OpenFL director, or an older fedkube one
             self._bulk = BulkClient(target_host(self.target), port, tls=self.tls) if port \
@@ -174,7 +175,7 @@ class Collaborator:
                     model[name] = parse_tensor_response(view)[1]
                     continue
                 except grpc.RpcError as exc:
-                    if exc.code() != grpc.StatusCode.UNIMPLEMENTED:  # type: ignore[attr-defined]
+                    if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
                         raise
                     log.info("the director does not stream tensors; using "
                              "GetAggregatedTensor")
@@ -224,14 +225,14 @@ class Collaborator:
                 if not self._round_moved_on(r, exc):
                     raise
                 log.warning("round %d closed without this collaborator (%s); moving on",
-                            r, exc.details(),  # type: ignore[attr-defined]
+                            r, exc.details(),
                             extra={"experiment": self.experiment, "round": r,
                                    "collaborator": self.name})
 
     def _round_moved_on(self, r: int, exc: grpc.RpcError) -> bool:
         """Whether a refusal means we were too late for round r (a straggler), which is
         no failure: the next round goes on with us."""
-        if exc.code() != grpc.StatusCode.INVALID_ARGUMENT:  # type: ignore[attr-defined]
+        if exc.code() != grpc.StatusCode.INVALID_ARGUMENT:
             return False
         response = self._call(self._stub.GetTasks,
                               aggregator_pb2.GetTasksRequest(header=self._header))
@@ -271,7 +272,7 @@ def fetch_archive(target: str, tls: TLSFiles | None, experiment: str, name: str,
 
     channel = open_sync_channel(target, tls=tls)
     try:
-        stub = director_pb2_grpc.DirectorStub(channel)  # type: ignore[no-untyped-call]
+        stub = director_pb2_grpc.DirectorStub(channel)
         dest.parent.mkdir(parents=True, exist_ok=True)
         with dest.open("wb") as sink:
             for chunk in stub.GetExperimentData(

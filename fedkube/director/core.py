@@ -19,11 +19,12 @@ from typing import Protocol
 from fedkube.api.errors import (
     AlreadyExistsError,
     FailedPreconditionError,
+    InternalError,
     InvalidArgumentError,
     NotFoundError,
     PermissionDeniedError,
 )
-from fedkube.api.experiment import ExperimentStatus
+from fedkube.api.experiment import ExperimentState, check_transition
 from fedkube.director.store import DirectorStore, ExperimentRecord, ShardRecord
 from fedkube.proto import director_pb2
 
@@ -54,7 +55,7 @@ class ExperimentRunner(Protocol):
     """Runs an experiment once its collaborators are dispatched (the aggregator's side)."""
 
     def inspect(self, archive: Path) -> int:
-        """Validates an uploaded archive (raising DirectorError); returns its rounds."""
+        """Validates an uploaded archive (raising ServiceError); returns its rounds."""
 
     def start(self, experiment: ExperimentRecord) -> None: ...
 
@@ -98,7 +99,7 @@ class Director:
             )
         for experiment in self.store.experiments():
             self._experiments[experiment.name] = experiment
-            if experiment.status is ExperimentStatus.IN_PROGRESS:
+            if experiment.status is ExperimentState.IN_PROGRESS:
                 self._assign(experiment)
         if self._envoys or self._experiments:
             log.info("restored %d shards and %d experiments from the store",
@@ -106,12 +107,12 @@ class Director:
 
     def resumable(self) -> list[ExperimentRecord]:
         """Experiments that were running when the director stopped."""
-        return [e for e in self._experiments.values() if e.status is ExperimentStatus.IN_PROGRESS]
+        return [e for e in self._experiments.values() if e.status is ExperimentState.IN_PROGRESS]
 
     def ran_and_ended(self) -> list[ExperimentRecord]:
         """Experiments that ran and have ended (finished or failed), as the store has them."""
         return [e for e in self._experiments.values()
-                if e.status in (ExperimentStatus.FINISHED, ExperimentStatus.FAILED)]
+                if e.status in (ExperimentState.FINISHED, ExperimentState.FAILED)]
 
     def flush(self) -> int:
         """Writes the registrations and health timestamps since the last flush, each kind
@@ -229,7 +230,7 @@ class Director:
         now = self.clock()
         record = ExperimentRecord(
             name=name, owner=owner, collaborators=tuple(collaborators),
-            archive_path=str(archive_path), status=ExperimentStatus.PENDING,
+            archive_path=str(archive_path), status=ExperimentState.PENDING,
             created_at=now, updated_at=now, total_rounds=total_rounds, extra=extra or {},
         )
         self._save(record)
@@ -242,12 +243,24 @@ class Director:
         self.store.put_experiment(record)
 
     def update_experiment(self, name: str, **changes: object) -> ExperimentRecord:
+        """Changes what an experiment reports (its round, summary), never its status."""
+        if "status" in changes:
+            raise InternalError(f"the status of experiment {name!r} changes through move()")
+        return self._update(name, **changes)
+
+    def move(self, name: str, status: ExperimentState, **changes: object) -> ExperimentRecord:
+        """The one way an experiment's status changes: along fedkube.api.experiment's
+        TRANSITIONS, or FailedPreconditionError."""
+        check_transition(self.experiment(name).status, status, f"experiment {name!r}")
+        return self._update(name, status=status, **changes)
+
+    def _update(self, name: str, **changes: object) -> ExperimentRecord:
         record = self.experiment(name).evolve(updated_at=self.clock(), **changes)
         self._save(record)
         return record
 
     def busy_shards(self) -> set[str]:
-        return {c for e in self._experiments.values() if e.status is ExperimentStatus.IN_PROGRESS
+        return {c for e in self._experiments.values() if e.status is ExperimentState.IN_PROGRESS
                 for c in e.collaborators}
 
     def schedule(self) -> list[str]:
@@ -255,12 +268,12 @@ class Director:
         started = []
         busy = self.busy_shards()
         for experiment in list(self._experiments.values()):
-            if experiment.status is not ExperimentStatus.PENDING:
+            if experiment.status is not ExperimentState.PENDING:
                 continue
             if busy.intersection(experiment.collaborators):
                 continue
             busy.update(experiment.collaborators)
-            record = self.update_experiment(experiment.name, status=ExperimentStatus.IN_PROGRESS)
+            record = self.move(experiment.name, ExperimentState.IN_PROGRESS)
             self._assign(record)
             if self.runner is not None:
                 self.runner.start(record)
@@ -272,10 +285,10 @@ class Director:
     def queue_position(self, name: str) -> int:
         """0 when running or done; otherwise 1 + the pending experiments ahead of it."""
         experiment = self.experiment(name)
-        if experiment.status is not ExperimentStatus.PENDING:
+        if experiment.status is not ExperimentState.PENDING:
             return 0
         pending = [e.name for e in self._experiments.values()
-                   if e.status is ExperimentStatus.PENDING]
+                   if e.status is ExperimentState.PENDING]
         return pending.index(name) + 1
 
     def _assign(self, experiment: ExperimentRecord) -> None:
@@ -294,7 +307,7 @@ class Director:
         if state is None or state.current_experiment is None:
             return None
         experiment = self._experiments.get(state.current_experiment)
-        if experiment is None or experiment.status is not ExperimentStatus.IN_PROGRESS:
+        if experiment is None or experiment.status is not ExperimentState.IN_PROGRESS:
             return None
         return experiment.name
 
@@ -316,12 +329,13 @@ class Director:
                 f"{collaborator!r} is not a collaborator of experiment {name!r}")
         return Path(experiment.archive_path)
 
-    def finish_experiment(self, name: str, status: ExperimentStatus, error: str = "") -> None:
-        """Marks an experiment done and frees its shards for the next in the queue."""
+    def finish_experiment(self, name: str, status: ExperimentState, error: str = "") -> None:
+        """Marks an experiment done and frees its shards for the next in the queue; once it
+        has ended, a second end (the aggregator's after a collaborator's) is ignored."""
         experiment = self.experiment(name)
         if experiment.status.is_final:
             return
-        self.update_experiment(name, status=status, error=error)
+        self.move(name, status, error=error)
         for collaborator in experiment.collaborators:
             state = self._envoys.get(collaborator)
             if state is not None and state.current_experiment == name:
@@ -341,8 +355,8 @@ class Director:
 
     def experiment_done(self, name: str, *, error: str | None) -> None:
         if name in self._experiments:
-            self.finish_experiment(name, ExperimentStatus.FAILED if error
-                                   else ExperimentStatus.FINISHED, error or "")
+            self.finish_experiment(name, ExperimentState.FAILED if error
+                                   else ExperimentState.FINISHED, error or "")
 
     def set_experiment_failed(self, name: str, collaborator: str, code: int,
                               description: str) -> None:
@@ -355,7 +369,7 @@ class Director:
         if self.runner is not None:
             self.runner.stop(name)
         self.finish_experiment(
-            name, ExperimentStatus.FAILED,
+            name, ExperimentState.FAILED,
             f"collaborator {collaborator} failed (code {code}): {description}")
 
     def get_experiments_list(self, caller: str, admin: bool = False) -> list[ExperimentRecord]:
@@ -368,10 +382,10 @@ class Director:
 
     def remove_experiment_data(self, caller: str, name: str, admin: bool = False) -> None:
         experiment = self._owned(caller, name, admin)
-        if experiment.status is ExperimentStatus.IN_PROGRESS:
+        if experiment.status is ExperimentState.IN_PROGRESS:
             if self.runner is not None:
                 self.runner.stop(name)
-            self.finish_experiment(name, ExperimentStatus.FAILED, "removed by its owner")
+            self.finish_experiment(name, ExperimentState.FAILED, "removed by its owner")
         del self._experiments[name]
         self.store.delete_experiment(name)
         shutil.rmtree(self.experiment_dir(name), ignore_errors=True)
@@ -379,7 +393,7 @@ class Director:
 
     def require_running(self, name: str) -> ExperimentRecord:
         experiment = self.experiment(name)
-        if experiment.status is not ExperimentStatus.IN_PROGRESS:
+        if experiment.status is not ExperimentState.IN_PROGRESS:
             raise FailedPreconditionError(
                 f"experiment {name!r} is {experiment.status.value}, not in progress")
         return experiment

@@ -1,8 +1,8 @@
 """Serving a director's Prometheus metrics (`fedkube director start --metrics-port P`).
 
-The counters and histograms live in fedkube.metrics; the gauges of current state (envoys
-online, experiments by state, the shards' GPUs) are read from the director at scrape
-time, so they cost nothing between scrapes.
+The aggregators' counters live in fedkube.aggregator.metrics and the director's below;
+the gauges of current state (envoys online, experiments by state, the shards' GPUs) are
+read from the director at scrape time, so they cost nothing between scrapes.
 """
 
 from __future__ import annotations
@@ -11,14 +11,26 @@ from collections import Counter as Tally
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client import REGISTRY, start_http_server
+from prometheus_client import REGISTRY, Counter, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from fedkube.api.experiment import ExperimentStatus
+from fedkube.api.experiment import ExperimentState
 
 if TYPE_CHECKING:
     from fedkube.director.core import Director, EnvoyState
+
+HEALTH_CHECKS = Counter("fedkube_health_checks_total", "UpdateEnvoyStatus calls served")
+FRONTEND_HEALTH_CHECKS = Counter("fedkube_frontend_health_checks_total",
+                                 "UpdateEnvoyStatus calls served by the director's frontends "
+                                 "(also counted in fedkube_health_checks_total)")
+FRONTEND_REGISTRATIONS = Counter("fedkube_frontend_registrations_total",
+                                 "Shard registrations handed over by the director's frontends")
+FRONTEND_REGISTRATION_BATCHES = Counter("fedkube_frontend_registration_batches_total",
+                                        "Calls that handed them over (many per call)")
+FRONTEND_RESTARTS = Counter("fedkube_frontend_restarts_total",
+                            "Director frontends started again after they exited")
+
 
 class DirectorCollector(Collector):
     """Gauges read from the director's state when Prometheus scrapes."""
@@ -38,7 +50,7 @@ class DirectorCollector(Collector):
         states = Tally(e.status for e in self.director.experiment_records())
         experiments = GaugeMetricFamily("fedkube_experiments", "Experiments, by state",
                                         labels=["state"])
-        for state in ExperimentStatus:
+        for state in ExperimentState:
             experiments.add_metric([state.value], states.get(state, 0))
         yield experiments
 

@@ -1,19 +1,37 @@
-"""Runs a director: the core, its store, the gRPC service, and the health flusher."""
+"""Runs a director: the core, its store, the gRPC service, and the health flusher.
+
+It also serves the standard gRPC health protocol (grpc.health.v1.Health, from
+grpcio-health-checking), for a kubelet's `grpc` probe: overall ("") and per service,
+NOT_SERVING until the store is open and the experiments' aggregators run, SERVING then, and
+NOT_SERVING again from the moment it starts to stop.
+
+Under mTLS a kubelet cannot make that probe on the director's port: kubelet gRPC probes
+speak plaintext (no TLS, let alone a client certificate), and that port requires a client
+certificate signed by the federation's CA (fedkube.transport.tls, `require_client_auth`).
+Opening the TLS handshake to certificate-less clients would weaken every other RPC to the
+role table alone, and still not help a plaintext probe. So `health_port` is a second,
+plaintext gRPC port that serves Health and nothing else: it tells only whether the director
+is up. On the director's own port Health is served as well (to every role, under mTLS: see
+fedkube.transport.roles), and its frontends relay it here, so a check that the kernel gives
+a frontend gets the director's answer.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+from typing import Any
 
 import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from fedkube.aggregator.bulk import AggregatorBulkHandler
 from fedkube.aggregator.runner import AggregatorRunner
 from fedkube.aggregator.servicer import AggregatorService, add_aggregator_to_server
 from fedkube.api.config import DirectorConfig
 from fedkube.director.core import Director
-from fedkube.director.frontends import FrontendReports, Frontends
+from fedkube.director.frontend_pool import FrontendReports, Frontends
 from fedkube.director.metrics import serve_metrics
 from fedkube.director.servicer import DirectorService
 from fedkube.director.store import open_store
@@ -27,10 +45,22 @@ log = logging.getLogger(__name__)
 
 # Health timestamps reach the store at most this often (and at shutdown).
 FLUSH_INTERVAL_S = 2.0
+HEALTH_SERVICE: str = health.SERVICE_NAME  # grpc.health.v1.Health
+# What the director's port serves, each reported by Health beside the overall status ("").
+SERVED = ("openfl.director.Director", "openfl.aggregator.Aggregator",
+          "fedkube.streaming.TensorStream")
+
+
+def health_handlers(servicer: Any) -> Any:
+    """Health's method handlers, to register behind fedkube.transport.guard."""
+    return generated_handlers(health_pb2_grpc.add_HealthServicer_to_server, servicer)
 
 
 class DirectorServer:
     def __init__(self, config: DirectorConfig) -> None:
+        """config.health_port: also serve Health alone on this plaintext port of
+        config.host (0: any free one), for probes that cannot do mTLS; see the module's
+        docstring."""
         self.config = config
         tls = TLSFiles.load(config.tls)
         config.data_dir.mkdir(parents=True, exist_ok=True)
@@ -51,6 +81,19 @@ class DirectorServer:
                             check_roles=secure)
         # Collaborators reach their aggregators on the director's own port.
         add_aggregator_to_server(aggregator, self.server, check_roles=secure)
+        # (grpc-stubs 1.53, which types grpc_health, predates its grpc.aio servicer.)
+        self.health: Any = health.aio.HealthServicer()  # type: ignore[attr-defined]
+        add_guarded_service(self.server, HEALTH_SERVICE, health_handlers(self.health),
+                            check_roles=secure)
+        self.health_server: grpc.aio.Server | None = None
+        self.health_port: int | None = None
+        if config.health_port is not None:
+            # Plaintext, with no role table: it serves nothing but Health.
+            self.health_server, self.health_port = create_server(config.host,
+                                                                 config.health_port,
+                                                                 tls=None)
+            add_guarded_service(self.health_server, HEALTH_SERVICE,
+                                health_handlers(self.health), check_roles=False)
         self._aggregator_service = aggregator
         self._tls = tls
         self.bulk: BulkServer | None = None
@@ -62,12 +105,23 @@ class DirectorServer:
             add_guarded_service(private, "openfl.director.Director", director_handlers,
                                 check_roles=secure, forwarded=True)
             add_aggregator_to_server(aggregator, private, check_roles=secure, forwarded=True)
-            frontend_pb2_grpc.add_FrontendServicer_to_server(  # type: ignore[no-untyped-call]
+            add_guarded_service(private, HEALTH_SERVICE, health_handlers(self.health),
+                                check_roles=secure, forwarded=True)
+            frontend_pb2_grpc.add_FrontendServicer_to_server(
                 FrontendReports(self.director), private)
         self._flusher: asyncio.Task[None] | None = None
         self.metrics_port: int | None = None
 
+    async def _set_health(self, status: Any) -> None:
+        for service in ("", *SERVED):
+            await self.health.set(service, status)
+
     async def start(self) -> None:
+        # Whatever answers Health before the end of start() says NOT_SERVING (the
+        # servicer starts out SERVING); the health port answers from now on.
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.health_server is not None:
+            await self.health_server.start()
         # Aggregators first: a collaborator calling back right after a restart must find
         # its experiment, resumed from the last closed round.
         for experiment in self.director.resumable():
@@ -95,6 +149,9 @@ class DirectorServer:
                  mode, self.config.data_dir)
         if self.bulk is not None:
             log.info("bulk model transfers on port %d", self.bulk.port)
+        if self.health_port is not None:
+            log.info("gRPC health (plaintext) on port %d", self.health_port)
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
 
     async def _flush_loop(self) -> None:
         interval = min(FLUSH_INTERVAL_S, self.director.health_check_period / 2)
@@ -106,6 +163,9 @@ class DirectorServer:
                 log.exception("could not persist registrations and health checks")
 
     async def stop(self, grace: float | None = 1.0) -> None:
+        """Safe after a start() that did not finish (a SIGTERM while starting)."""
+        # NOT_SERVING for good (its later set() calls are ignored), on every port, first.
+        await self.health.enter_graceful_shutdown()
         if self._flusher is not None:
             self._flusher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -116,10 +176,13 @@ class DirectorServer:
             await asyncio.to_thread(self.bulk.stop)
         await self.server.stop(grace)
         self.director.close()
+        if self.health_server is not None:  # last: probes see NOT_SERVING while it drains
+            await self.health_server.stop(None)
 
     async def serve_forever(self) -> None:
-        await self.start()
+        """Serves until cancelled (SIGTERM, Ctrl-C: fedkube.cli.director), then stops."""
         try:
+            await self.start()
             await self.server.wait_for_termination()
         finally:
             await self.stop()

@@ -1,31 +1,33 @@
-"""`openfl.director.Director` over grpc.aio: translates messages, checks who is calling,
-and maps the core's errors to gRPC status codes. No state and no rules live here."""
+"""`openfl.director.Director` over grpc.aio: parses each request, calls the director's
+core (fedkube.director.core) or the upload of a new experiment (fedkube.director.upload),
+and builds the reply; `unary_errors` and `stream_errors` map the errors they raise to
+gRPC status codes.
+
+The experiments, the shards and the rules on them (validation, scheduling, statuses, who
+may see what) live in the core. What this module decides itself is who the caller is: its
+certificate's identity under mTLS, with which an envoy acts only for its own shard, and
+whether it is an admin, who sees every owner's experiments. Its only state is the
+`ExperimentUploads` under way; it also counts health checks and the archive bytes sent.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import shutil
 from collections.abc import AsyncIterator
-from pathlib import Path
 
-from fedkube import metrics
 from fedkube.aggregator.runner import AggregatorRunner
-from fedkube.api.errors import (
-    FailedPreconditionError,
-    InvalidArgumentError,
-    PermissionDeniedError,
-    ResourceExhaustedError,
-)
+from fedkube.api.errors import FailedPreconditionError, PermissionDeniedError
+from fedkube.director import metrics
 from fedkube.director.core import Director
 from fedkube.director.store import ExperimentRecord
+from fedkube.director.upload import ExperimentUploads
 from fedkube.proto import base_pb2, director_pb2, director_pb2_grpc
+from fedkube.transport import metrics as transfer_metrics
 from fedkube.transport.identity import REASON_HEADER, acting_for_another, caller_identity
-from fedkube.transport.limits import CHUNK_BYTES, MAX_ARCHIVE_BYTES, MAX_MODEL_BYTES
+from fedkube.transport.limits import CHUNK_BYTES
 from fedkube.transport.roles import is_admin
 from fedkube.transport.status import Context, stream_errors, unary_errors
-from fedkube.transport.tensors import ModelAssembler, TensorError
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +50,7 @@ class DirectorService(director_pb2_grpc.DirectorServicer):
     def __init__(self, director: Director, *, tls: bool) -> None:
         self.director = director
         self.tls = tls
-        self._uploading: set[str] = set()
+        self.uploads = ExperimentUploads(director)
 
     def _caller(self, context: Context) -> str:
         return caller_identity(context, tls=self.tls)
@@ -103,7 +105,7 @@ class DirectorService(director_pb2_grpc.DirectorServicer):
                                                  request.collaborator_name)
         with path.open("rb") as archive:
             while chunk := archive.read(CHUNK_BYTES):
-                metrics.BYTES_SENT.labels("GetExperimentData").inc(len(chunk))
+                transfer_metrics.BYTES_SENT.labels("GetExperimentData").inc(len(chunk))
                 yield director_pb2.ExperimentData(size=len(chunk), npbytes=chunk)
 
     @unary_errors
@@ -119,66 +121,7 @@ class DirectorService(director_pb2_grpc.DirectorServicer):
     @unary_errors
     async def SetNewExperiment(self, request_iterator: AsyncIterator[director_pb2.ExperimentInfo],
                                context: Context) -> director_pb2.SetNewExperimentResponse:
-        owner = self._caller(context)
-        first: director_pb2.ExperimentInfo | None = None
-        tmp: Path | None = None
-        model = ModelAssembler(MAX_MODEL_BYTES)
-        try:
-            async for message in request_iterator:
-                if first is None:
-                    first = message
-                    if message.name in self._uploading:
-                        raise InvalidArgumentError(f"experiment {message.name!r} is uploading")
-                    self.director.validate_new_experiment(message.name,
-                                                          list(message.collaborator_names))
-                    self._uploading.add(message.name)
-                    directory = self.director.experiment_dir(message.name)
-                    directory.mkdir(parents=True, exist_ok=True)
-                    tmp = directory / "archive.zip.part"
-                    sink = tmp.open("wb")
-                elif message.name != first.name:
-                    raise InvalidArgumentError("experiment name changed within the stream")
-                data = message.experiment_data
-                payload = data.npbytes  # each access of a bytes field copies it: once only
-                if data.size != len(payload):
-                    raise InvalidArgumentError(
-                        f"chunk says {data.size} bytes but carries {len(payload)}")
-                if sink.tell() + len(payload) > MAX_ARCHIVE_BYTES:
-                    raise ResourceExhaustedError(
-                        f"experiment archive exceeds {MAX_ARCHIVE_BYTES} bytes")
-                sink.write(payload)
-                metrics.BYTES_RECEIVED.labels("SetNewExperiment").inc(
-                    len(payload) + message.model_proto.ByteSize())
-                try:
-                    model.add(message.model_proto)
-                except OverflowError as exc:
-                    raise ResourceExhaustedError(str(exc)) from exc
-            if first is None:
-                raise InvalidArgumentError("empty SetNewExperiment stream")
-            sink.close()
-            assert tmp is not None
-            archive = tmp.with_name("archive.zip")
-            os.replace(tmp, archive)
-            try:
-                initial = model.model()
-            except TensorError as exc:
-                raise InvalidArgumentError(f"invalid initial model: {exc}") from exc
-            if initial.tensors:
-                (archive.parent / "initial_model.pb").write_bytes(initial.SerializeToString())
-            rounds = self.director.runner.inspect(archive) if self.director.runner else 0
-            self.director.set_new_experiment(
-                name=first.name, owner=owner, collaborators=list(first.collaborator_names),
-                archive_path=archive, total_rounds=rounds)
-        except BaseException:
-            if tmp is not None:
-                sink.close()
-                if first is not None and first.name not in {
-                        e.name for e in self.director.get_experiments_list(owner)}:
-                    shutil.rmtree(tmp.parent, ignore_errors=True)
-            raise
-        finally:
-            if first is not None:
-                self._uploading.discard(first.name)
+        await self.uploads.receive(self._caller(context), request_iterator)
         return director_pb2.SetNewExperimentResponse(accepted=True)
 
     @unary_errors

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from fedkube.api.experiment import ExperimentStatus
+from fedkube.api.experiment import ExperimentState
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,7 @@ class ExperimentRecord:
     owner: str
     collaborators: tuple[str, ...]
     archive_path: str
-    status: ExperimentStatus
+    status: ExperimentState
     created_at: float
     updated_at: float
     error: str = ""
@@ -184,7 +184,7 @@ class SqliteStore(DirectorStore):
         return [
             ExperimentRecord(
                 name=row[0], owner=row[1], collaborators=tuple(json.loads(row[2])),
-                archive_path=row[3], status=ExperimentStatus(row[4]), created_at=row[5],
+                archive_path=row[3], status=ExperimentState(row[4]), created_at=row[5],
                 updated_at=row[6], error=row[7], current_round=row[8], total_rounds=row[9],
                 extra=json.loads(row[10]),
             )

@@ -18,14 +18,16 @@ import grpc
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_exponential_jitter
 
 from fedkube.api.config import EnvoyConfig
+from fedkube.api.errors import RefusedError
 from fedkube.envoy_agent.nvml import NvmlMonitor
 from fedkube.envoy_agent.runtime import CollaboratorFailed, CollaboratorJob, Runtime
 from fedkube.proto import director_pb2, director_pb2_grpc
 from fedkube.tasks.archive import read_plan
 from fedkube.tasks.shard import ShardDescriptor
+from fedkube.transport.certs import renewal_delay
 from fedkube.transport.channel import open_channel
 from fedkube.transport.identity import REASON_HEADER
-from fedkube.transport.shard_certificate import renewal_delay
+from fedkube.transport.status import is_transient
 from fedkube.transport.tls import TLSFiles
 
 log = logging.getLogger(__name__)
@@ -35,17 +37,10 @@ CALL_TIMEOUT_S = 15.0
 # Between certificate renewals at least this long, whatever renew_before_s says.
 MIN_RENEWAL_INTERVAL_S = 1.0
 RENEWAL_RETRY_S = 30.0
-TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
-             grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN,
-             grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INTERNAL}
 
 
-class ShardRefused(Exception):
+class ShardRefused(RefusedError):
     """The director does not accept this shard (wrong shapes); retrying will not help."""
-
-
-def _transient(exc: BaseException) -> bool:
-    return isinstance(exc, grpc.aio.AioRpcError) and exc.code() in TRANSIENT
 
 
 class EnvoyAgent:
@@ -67,7 +62,7 @@ class EnvoyAgent:
         self._channel, self._stub = self._connect()
         self.registered = asyncio.Event()
 
-    def _connect(self) -> tuple[grpc.aio.Channel, director_pb2_grpc.DirectorStub]:
+    def _connect(self) -> tuple[grpc.aio.Channel, director_pb2_grpc.DirectorAsyncStub]:
         """A channel with the certificate now in the configured files, and its stub."""
         # Our own backoff decides when to retry; gRPC's reconnect backoff (up to 120 s by
         # default) must not hold a returning director at bay for longer.
@@ -77,7 +72,7 @@ class EnvoyAgent:
             options=[("grpc.initial_reconnect_backoff_ms", 100),
                      ("grpc.min_reconnect_backoff_ms", 100),
                      ("grpc.max_reconnect_backoff_ms", 1000)])
-        return channel, director_pb2_grpc.DirectorStub(channel)  # type: ignore[no-untyped-call]
+        return channel, director_pb2_grpc.DirectorStub(channel)
 
     # -- retries ------------------------------------------------------------------------
 
@@ -92,7 +87,7 @@ class EnvoyAgent:
     async def _call(self, fn: Callable[[], Awaitable[T]]) -> T:
         """Calls fn until it succeeds or fails with a non-transient error."""
         async for attempt in AsyncRetrying(
-            retry=retry_if_exception(_transient),
+            retry=retry_if_exception(is_transient),
             wait=wait_exponential_jitter(multiplier=0.2, max=min(self.config.max_backoff,
                                                               self.period)),
             before_sleep=self._log_retry, reraise=True,

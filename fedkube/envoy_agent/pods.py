@@ -25,7 +25,7 @@ class PodPlacement:
     options: dict[str, str]
     tls_secret: str | None = None
     # Instead of a Secret: the CA from this ConfigMap, and a certificate the Pod requests
-    # for its shard as this service account (fedkube.transport.shard_certificate).
+    # for its shard as this service account (fedkube.kube.csr).
     ca_config_map: str | None = None
     certificate_account: str | None = None
     owner_pod: str | None = None

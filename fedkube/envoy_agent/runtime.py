@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from fedkube.api.errors import FedkubeError
 from fedkube.api.resources import ComputeResources
 
 
@@ -20,7 +21,7 @@ class CollaboratorJob:
     resources: ComputeResources | None = None  # the Pod's other requests and limits
 
 
-class CollaboratorFailed(Exception):
+class CollaboratorFailed(FedkubeError):
     """The collaborator ended badly; the message goes to the director's SetExperimentFailed."""
 
     def __init__(self, message: str, code: int = 1) -> None:

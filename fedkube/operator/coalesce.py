@@ -26,16 +26,19 @@ class Coalescer:
         self._jobs: dict[Hashable, Callable[[], None]] = {}
         self._scheduled: set[Hashable] = set()
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="fedkube-render")
+        self._closed = False
         self.runs = 0
 
     def request(self, key: Hashable, job: Callable[[], None]) -> None:
         """Runs job (the latest one given for `key`) soon, on the worker thread."""
         with self._guard:
+            if self._closed:
+                return
             self._jobs[key] = job
             if key in self._scheduled:
                 return  # a run that has not started yet will see this request
             self._scheduled.add(key)
-        self._worker.submit(self._run, key)
+            self._worker.submit(self._run, key)  # under the guard: never after close()
 
     def _run(self, key: Hashable) -> None:
         with self._guard:
@@ -49,6 +52,13 @@ class Coalescer:
             timer = threading.Timer(self.retry_after, self.request, (key, job))
             timer.daemon = True
             timer.start()
+
+    def close(self) -> None:
+        """Drops the runs not started yet and ignores later requests (retries included);
+        a run under way finishes on its own."""
+        with self._guard:
+            self._closed = True
+        self._worker.shutdown(wait=False, cancel_futures=True)
 
     def drain(self, timeout: float = 30.0) -> None:
         """Waits until every run requested so far has finished (for tests)."""

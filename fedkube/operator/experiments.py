@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from fedkube.api.experiment import ExperimentStatus as DirectorState
+from fedkube.api.experiment import ExperimentState as DirectorState
 from fedkube.api.plan import Plan
 from fedkube.api.resources import ExperimentSpec
-from fedkube.client import ExperimentStatus
+from fedkube.client import ExperimentView
 from fedkube.operator.conditions import Conditions, now, set_condition
 
 
@@ -40,7 +40,7 @@ PHASES = {DirectorState.PENDING: "Queued", DirectorState.IN_PROGRESS: "Running",
           DirectorState.REJECTED: "Failed"}
 
 
-def build_status(current: dict[str, Any], report: ExperimentStatus, generation: int
+def build_status(current: dict[str, Any], report: ExperimentView, generation: int
                  ) -> Transition:
     """Maps the director's report onto status fields, conditions and events."""
     conditions: Conditions = list(current.get("conditions", []))

@@ -1,22 +1,27 @@
-"""kopf handlers: read the resource, call the pure builders, write back. Nothing else."""
+"""kopf handlers: read the resource, call the pure builders, write back.
+
+Besides the handlers of Federations, Shards, Experiments and shard certificate requests:
+the startup and cleanup handlers, which set up kopf and make and close the operator's
+state in its memo (clients, caches, threads: fedkube.operator.state); the indexes kopf
+keeps of every Federation, Shard and followed Experiment; and the timers through which
+each Federation polls its director for all of its Shards and Experiments.
+"""
 
 from __future__ import annotations
 
 import contextvars
 import logging
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 import grpc
 import kopf
 
 from fedkube.api.resources import GROUP, VERSION, ExperimentSpec, FederationSpec, ShardSpec
 from fedkube.client import DirectorClient, EnvoyView
-from fedkube.operator import kube
-from fedkube.operator.coalesce import Coalescer
+from fedkube.kube.csr import SIGNER
 from fedkube.operator.conditions import is_true, set_condition
 from fedkube.operator.experiments import build_plan, build_status, director_name
 from fedkube.operator.manifests import (
@@ -35,19 +40,25 @@ from fedkube.operator.signer import (
     is_decided,
     review_request,
 )
+from fedkube.operator.state import (
+    OPERATOR_IDENTITY,
+    FederationIndex,
+    FederationMissing,
+    OperatorState,
+    close_state,
+    open_state,
+    state_of,
+)
 from fedkube.transport import certs
-from fedkube.transport.shard_certificate import SIGNER
-from fedkube.transport.tls import TLSFiles
 
 log = logging.getLogger(__name__)
-OPERATOR_IDENTITY = "fedkube-operator"
 EXPERIMENT_POLL_S = 1.0
 SHARD_POLL_S = 5.0
 FINAL_PHASES = ("Succeeded", "Failed")
 
 
 @kopf.on.startup()
-def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     # Our CRD schemas prune unknown status fields: keep kopf's bookkeeping in annotations.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
@@ -57,30 +68,36 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.watching.server_timeout = 300
     # Handlers mostly wait on the apiserver and the director: more of them at once.
     settings.execution.max_workers = 32
-    kube.api_client()
+    open_state(memo)
+
+
+@kopf.on.cleanup()
+def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    close_state(memo)  # the state's clients and threads
 
 
 # -- Federation ---------------------------------------------------------------------------
 
-def _issue_secrets(name: str, namespace: str, owner: kopf.Body) -> None:
+def _issue_secrets(state: OperatorState, name: str, namespace: str, owner: kopf.Body
+                   ) -> None:
     """A CA and certificates for the director and the operator, issued once, and the CA
     certificate for everyone. Envoys request a certificate for their own shard
     (sign_shard_certificate below)."""
-    n = names(name)
-    existing = kube.read_secret(namespace, n["ca"])
+    kube, n = state.kube, names(name)
+    existing = kube.read_secret(namespace, n.ca)
     if existing is None:
         ca = certs.create_ca(f"{name}-ca")
-        kube.create_if_absent(build_tls_secret(n["ca"], namespace, name, ca_pem=ca.cert_pem,
+        kube.create_if_absent(build_tls_secret(n.ca, namespace, name, ca_pem=ca.cert_pem,
                                                cert_pem=ca.cert_pem, key_pem=ca.key_pem))
-        existing = kube.read_secret(namespace, n["ca"])
+        existing = kube.read_secret(namespace, n.ca)
     assert existing is not None
     ca = certs.KeyPair(cert_pem=existing["tls.crt"], key_pem=existing["tls.key"])
-    director_host = n["director"]
+    director_host = n.director
     wanted = {
-        n["director_tls"]: certs.issue(ca, director_host, hosts=[
+        n.director_tls: certs.issue(ca, director_host, hosts=[
             director_host, f"{director_host}.{namespace}", f"{director_host}.{namespace}.svc",
             "localhost", "127.0.0.1"], role="director"),
-        n["operator_tls"]: certs.issue(ca, OPERATOR_IDENTITY, role="admin"),
+        n.operator_tls: certs.issue(ca, OPERATOR_IDENTITY, role="admin"),
     }
     for secret, pair in wanted.items():
         kube.create_if_absent(build_tls_secret(secret, namespace, name, ca_pem=ca.cert_pem,
@@ -90,13 +107,12 @@ def _issue_secrets(name: str, namespace: str, owner: kopf.Body) -> None:
     kube.apply(bundle)
 
 
-_ENVOY_CONFIGS = Coalescer()
-
-
-def _render_envoy_config(federation: str, namespace: str) -> None:
+def _render_envoy_config(state: OperatorState, federation: str, namespace: str) -> None:
     """Renders the federation's envoy ConfigMap from its current spec and all its Shards,
     soon and off this handler's thread; a burst of Shard changes shares renders, and
     their reads (fedkube.operator.coalesce)."""
+    kube = state.kube
+
     def render() -> None:
         owner = kube.get_custom("federations", namespace, federation)
         if owner is None:  # deleted since: its ConfigMap goes with it
@@ -109,7 +125,7 @@ def _render_envoy_config(federation: str, namespace: str) -> None:
         kopf.adopt(manifest, owner=kopf.Body(owner))  # type: ignore[arg-type]
         kube.apply(manifest)
 
-    _ENVOY_CONFIGS.request((namespace, federation), render)
+    state.envoy_configs.request((namespace, federation), render)
 
 
 @kopf.on.resume(GROUP, VERSION, "federations")
@@ -118,15 +134,15 @@ def _render_envoy_config(federation: str, namespace: str) -> None:
 @observed("Federation")
 def reconcile_federation(name: str, namespace: str | None, spec: kopf.Spec, body: kopf.Body,
                          status: kopf.Status, meta: kopf.Meta, patch: kopf.Patch,
-                         **_: Any) -> None:
-    namespace = namespace or "default"
+                         memo: kopf.Memo, **_: Any) -> None:
+    namespace, state = namespace or "default", state_of(memo)
     fed = FederationSpec.model_validate(dict(spec))
     if fed.tls == "mtls":
-        _issue_secrets(name, namespace, body)
+        _issue_secrets(state, name, namespace, body)
     for manifest in build_federation_workloads(name, namespace, fed):
         kopf.adopt(manifest, owner=body)
-        kube.apply(manifest)
-    _render_envoy_config(name, namespace)
+        state.kube.apply(manifest)
+    _render_envoy_config(state, name, namespace)
     generation = int(meta.get("generation", 0))
     patch.status["directorEndpoint"] = director_endpoint(name, namespace, fed)
     patch.status["observedGeneration"] = generation
@@ -137,11 +153,6 @@ def reconcile_federation(name: str, namespace: str | None, spec: kopf.Spec, body
 
 # -- talking to a federation's director ----------------------------------------------------
 
-class FederationMissing(Exception):
-    pass
-
-
-FederationIndex = kopf.Index[tuple[str, str], dict[str, Any]]
 INDEX = "federations"  # kopf passes the index below to handlers under its function name
 
 
@@ -153,73 +164,10 @@ def federations(namespace: str | None, name: str, spec: kopf.Spec, **_: Any
     return {(namespace or "default", name): dict(spec)}
 
 
-_clients: dict[tuple[str, str], tuple[tuple[str, str], DirectorClient]] = {}
-_clients_lock = threading.Lock()
-
-
-def director_for(namespace: str, federation: str, index: FederationIndex) -> DirectorClient:
-    """A client of the federation's director, kept open across polls and replaced when
-    the federation's endpoint or TLS mode changes."""
-    specs = index.get((namespace, federation))
-    spec = next(iter(specs), None) if specs else None
-    if spec is None:
-        raise FederationMissing(f"Federation {federation!r} does not exist in {namespace!r}")
-    fed = FederationSpec.model_validate(spec)
-    key, wanted = (namespace, federation), (director_endpoint(federation, namespace, fed),
-                                            fed.tls)
-    # Made under the lock: two handlers racing here must not each make one and close the
-    # other's mid-call.
-    with _clients_lock:
-        cached = _clients.get(key)
-        if cached is not None and cached[0] == wanted:
-            return cached[1]
-        tls = None
-        if fed.tls == "mtls":
-            secret = kube.read_secret(namespace, names(federation)["operator_tls"])
-            if secret is None:
-                raise kopf.TemporaryError(f"waiting for the certificates of {federation!r}",
-                                          delay=5)
-            tls = TLSFiles(ca=secret["ca.crt"], cert=secret["tls.crt"], key=secret["tls.key"])
-        client = DirectorClient(wanted[0], tls=tls, client_id=OPERATOR_IDENTITY, timeout=10)
-        _clients[key] = (wanted, client)
-    if cached is not None:  # the federation's endpoint or TLS mode changed
-        cached[1].close()
-    return client
-
-
-T = TypeVar("T")
-
-
-class SharedListing(Generic[T]):
-    """A director listing per federation (the shard registry), shared by the Shards' poll
-    and every Experiment's submission for up to `ttl` seconds: with N Experiments
-    submitted at once, the director answers one listing per federation per `ttl`, not N."""
-
-    def __init__(self, ttl: float = 1.0) -> None:
-        self.ttl = ttl
-        self._entries: dict[tuple[str, str], tuple[float, T]] = {}
-        self._locks: dict[tuple[str, str], threading.Lock] = {}
-        self._guard = threading.Lock()
-
-    def get(self, key: tuple[str, str], fetch: Callable[[], T]) -> T:
-        with self._guard:
-            lock = self._locks.setdefault(key, threading.Lock())
-        with lock:  # one listing in flight per federation; the others wait for it
-            cached = self._entries.get(key)
-            if cached is not None and time.monotonic() - cached[0] < self.ttl:
-                return cached[1]
-            value = fetch()
-            self._entries[key] = (time.monotonic(), value)
-            return value
-
-
-REGISTRY: SharedListing[dict[str, EnvoyView]] = SharedListing()
-
-
-def _registry(namespace: str, federation: str, director: DirectorClient
-              ) -> dict[str, EnvoyView]:
-    return REGISTRY.get((namespace, federation),
-                        lambda: {envoy.name: envoy for envoy in director.envoys()})
+def _registry(state: OperatorState, namespace: str, federation: str,
+              director: DirectorClient) -> dict[str, EnvoyView]:
+    return state.registry.get((namespace, federation),
+                              lambda: {envoy.name: envoy for envoy in director.envoys()})
 
 
 # -- Shard --------------------------------------------------------------------------------
@@ -229,7 +177,7 @@ def _registry(namespace: str, federation: str, director: DirectorClient
 @kopf.on.update(GROUP, VERSION, "shards", field="spec")
 @observed("Shard")
 def place_shard(spec: kopf.Spec, namespace: str | None, status: kopf.Status, patch: kopf.Patch,
-                **kwargs: Any) -> None:
+                memo: kopf.Memo, **kwargs: Any) -> None:
     namespace = namespace or "default"
     shard = ShardSpec.model_validate(dict(spec))
     # From the index, not the apiserver: 1,000 Shards at once made 1,000 reads.
@@ -238,7 +186,7 @@ def place_shard(spec: kopf.Spec, namespace: str | None, status: kopf.Status, pat
             list(status.get("conditions", [])), "Ready", False, "FederationNotFound",
             f"Federation {shard.federation!r} does not exist in {namespace!r}")
         return
-    _render_envoy_config(shard.federation, namespace)
+    _render_envoy_config(state_of(memo), shard.federation, namespace)
 
 
 # -- shard certificates -------------------------------------------------------------------
@@ -249,7 +197,7 @@ def _for_our_signer(spec: kopf.Spec, **_: Any) -> bool:
 
 @kopf.on.event("certificates.k8s.io", "v1", "certificatesigningrequests", when=_for_our_signer)
 @observed("CertificateSigningRequest")
-def sign_shard_certificate(name: str, spec: kopf.Spec, status: kopf.Status,
+def sign_shard_certificate(name: str, spec: kopf.Spec, status: kopf.Status, memo: kopf.Memo,
                            **kwargs: Any) -> None:
     """Signs an envoy's or collaborator's request for its shard's certificate after
     checking, from its Pod's token, that it runs on the shard's node (fedkube.operator.
@@ -262,6 +210,7 @@ def sign_shard_certificate(name: str, spec: kopf.Spec, status: kopf.Status,
     requester = find_requester(username, list(index))
     if requester is None and account_namespace(username) not in {ns for ns, _ in index}:
         return
+    kube = state_of(memo).kube
     shards = ({} if requester is None else
               {s["metadata"]["name"]: ShardSpec.model_validate(s["spec"])
                for s in kube.list_custom("shards", requester.namespace)})
@@ -271,7 +220,7 @@ def sign_shard_certificate(name: str, spec: kopf.Spec, status: kopf.Status,
         kube.decide_certificate_request(name, approved=False, reason=review.reason,
                                         message=review.message)
         return
-    secret = kube.read_secret(requester.namespace, names(requester.federation)["ca"])
+    secret = kube.read_secret(requester.namespace, names(requester.federation).ca)
     if secret is None:  # the requester gives up at its timeout and asks again
         log.warning("certificate request %s: no CA yet for federation %r", name,
                     requester.federation)
@@ -299,12 +248,12 @@ def _refuse(patch: kopf.Patch, status: kopf.Status, body: kopf.Body, reason: str
 @observed("Experiment")
 def submit_experiment(name: str, namespace: str | None, spec: kopf.Spec, status: kopf.Status,
                       meta: kopf.Meta, body: kopf.Body, patch: kopf.Patch,
-                      retry: int, **kwargs: Any) -> None:
-    namespace = namespace or "default"
+                      retry: int, memo: kopf.Memo, **kwargs: Any) -> None:
+    namespace, state = namespace or "default", state_of(memo)
     experiment = ExperimentSpec.model_validate(dict(spec))
     generation = int(meta.get("generation", 0))
     try:
-        director = director_for(namespace, experiment.federation, kwargs[INDEX])
+        director = state.directors.get(namespace, experiment.federation, kwargs[INDEX])
     except FederationMissing as exc:
         _refuse(patch, status, body, "FederationNotFound", str(exc), generation)
         raise kopf.TemporaryError(str(exc), delay=min(30, 2 + 2 * retry)) from exc
@@ -314,7 +263,7 @@ def submit_experiment(name: str, namespace: str | None, spec: kopf.Spec, status:
     archive, model = experiment_archive(plan)
     try:
         registered = {shard: envoy.online for shard, envoy in
-                      _registry(namespace, experiment.federation, director).items()}
+                      _registry(state, namespace, experiment.federation, director).items()}
         collaborators = experiment.shards or sorted(n for n, on in registered.items() if on)
         if not collaborators:
             _refuse(patch, status, body, "NoShardsOnline",
@@ -330,7 +279,7 @@ def submit_experiment(name: str, namespace: str | None, spec: kopf.Spec, status:
         director.submit(director_name(namespace, name), archive,
                         collaborators=collaborators, initial_model=model)
     except grpc.RpcError as exc:
-        code, details = exc.code(), exc.details()  # type: ignore[attr-defined]
+        code, details = exc.code(), exc.details()
         if code == grpc.StatusCode.ALREADY_EXISTS:
             return  # submitted before an operator restart
         if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
@@ -352,17 +301,18 @@ def submit_experiment(name: str, namespace: str | None, spec: kopf.Spec, status:
 
 @kopf.on.delete(GROUP, VERSION, "experiments")
 @observed("Experiment")
-def remove_experiment(name: str, namespace: str | None, spec: kopf.Spec, **kwargs: Any
-                      ) -> None:
+def remove_experiment(name: str, namespace: str | None, spec: kopf.Spec, memo: kopf.Memo,
+                      **kwargs: Any) -> None:
     """The finalizer's work: the director forgets the experiment and its models."""
     namespace = namespace or "default"
     try:
-        director = director_for(namespace, str(spec.get("federation", "")), kwargs[INDEX])
+        director = state_of(memo).directors.get(namespace, str(spec.get("federation", "")),
+                                                kwargs[INDEX])
         director.remove(director_name(namespace, name))
     except FederationMissing:
         return
     except grpc.RpcError as exc:
-        if exc.code() not in (grpc.StatusCode.NOT_FOUND,):  # type: ignore[attr-defined]
+        if exc.code() not in (grpc.StatusCode.NOT_FOUND,):
             raise kopf.TemporaryError(f"removing from the director: {exc}", delay=5) from exc
 
 
@@ -397,14 +347,12 @@ def followed_experiments(name: str, namespace: str | None, spec: kopf.Spec,
                 "metadata": {"name": name, "namespace": namespace, "uid": meta.get("uid")}}}}
 
 
-# The per-object API calls of one poll run on these threads: one at a time, 1,000 status
-# patches to a busy apiserver took minutes. Each carries the handler's context (kopf's
-# event posting lives there).
-_POLL_WORKERS = ThreadPoolExecutor(16, thread_name_prefix="fedkube-poll")
-
-
-def _for_each(fn: Callable[[dict[str, Any]], None], objects: list[dict[str, Any]]) -> None:
-    futures = [_POLL_WORKERS.submit(contextvars.copy_context().run, fn, obj)
+def _for_each(workers: ThreadPoolExecutor, fn: Callable[[dict[str, Any]], None],
+              objects: list[dict[str, Any]]) -> None:
+    """fn on each object, on the state's poll threads (one at a time, 1,000 status patches
+    to a busy apiserver took minutes). Each carries the handler's context (kopf's event
+    posting lives there)."""
+    futures = [workers.submit(contextvars.copy_context().run, fn, obj)
                for obj in objects]
     for future in futures:
         future.result()
@@ -412,14 +360,16 @@ def _for_each(fn: Callable[[dict[str, Any]], None], objects: list[dict[str, Any]
 
 @kopf.timer(GROUP, VERSION, "federations", interval=SHARD_POLL_S, idle=0)
 @observed("Federation")
-def mirror_shards(name: str, namespace: str | None, **kwargs: Any) -> None:
+def mirror_shards(name: str, namespace: str | None, memo: kopf.Memo, **kwargs: Any) -> None:
     """Each Shard's status from the director's registry: one listing for all of them."""
-    namespace = namespace or "default"
+    namespace, state = namespace or "default", state_of(memo)
+    kube = state.kube
     shards = list(kwargs["shard_states"].get((namespace, name), []))
     if not shards:
         return
     try:
-        registry = _registry(namespace, name, director_for(namespace, name, kwargs[INDEX]))
+        registry = _registry(state, namespace, name,
+                             state.directors.get(namespace, name, kwargs[INDEX]))
     except FederationMissing:  # being deleted
         return
     except grpc.RpcError as exc:
@@ -439,46 +389,46 @@ def mirror_shards(name: str, namespace: str | None, **kwargs: Any) -> None:
         if changes:
             kube.patch_status("shards", namespace, shard["name"], changes)
 
-    _for_each(mirror, shards)
+    _for_each(state.poll_workers, mirror, shards)
 
 
-# Per followed experiment: the director's list entry (state, progress) when its details
-# were last fetched, and when.
-_detailed: dict[tuple[str, str, str], tuple[tuple[str, float], float]] = {}
 DETAIL_REFRESH_S = 10.0
 
 
 @kopf.timer(GROUP, VERSION, "federations", interval=EXPERIMENT_POLL_S, idle=0)
 @observed("Federation")
-def follow_experiments(name: str, namespace: str | None, **kwargs: Any) -> None:
+def follow_experiments(name: str, namespace: str | None, memo: kopf.Memo, **kwargs: Any
+                       ) -> None:
     """The director's progress of each accepted Experiment into its status and Events.
     The director's experiment list (one call) says which moved; only those are asked for
     details and patched (and the others every DETAIL_REFRESH_S, for what the list does
     not show, such as the queue position)."""
-    namespace = namespace or "default"
+    namespace, state = namespace or "default", state_of(memo)
     followed = list(kwargs["followed_experiments"].get((namespace, name), []))
     following = {e["name"] for e in followed}
-    for key in [k for k in _detailed if k[:2] == (namespace, name) and k[2] not in following]:
-        _detailed.pop(key, None)
+    detailed = state.detailed
+    for key in [k for k in detailed if k[:2] == (namespace, name) and k[2] not in following]:
+        detailed.pop(key, None)
     if not followed:
         return
     try:
-        director = director_for(namespace, name, kwargs[INDEX])
-        listed = {entry: (state, progress) for entry, state, progress in director.experiments()}
+        director = state.directors.get(namespace, name, kwargs[INDEX])
+        listed = {entry: (phase, progress) for entry, phase, progress in director.experiments()}
     except FederationMissing:  # being deleted
         return
     except grpc.RpcError as exc:
         log.warning("federation %s/%s: %s", namespace, name, exc)
         return
-    _for_each(lambda experiment: _follow(namespace, name, experiment, director, listed),
+    _for_each(state.poll_workers,
+              lambda experiment: _follow(state, namespace, name, experiment, director, listed),
               followed)
 
 
-def _follow(namespace: str, federation: str, experiment: dict[str, Any],
+def _follow(state: OperatorState, namespace: str, federation: str, experiment: dict[str, Any],
             director: DirectorClient, listed: dict[str, tuple[str, float]]) -> None:
     key = (namespace, federation, experiment["name"])
     seen = listed.get(director_name(namespace, experiment["name"]))
-    last = _detailed.get(key)
+    last = state.detailed.get(key)
     if (seen is not None and last is not None and last[0] == seen
             and time.monotonic() - last[1] < DETAIL_REFRESH_S):
         return
@@ -488,13 +438,13 @@ def _follow(namespace: str, federation: str, experiment: dict[str, Any],
         log.warning("experiment %s/%s: %s", namespace, experiment["name"], exc)
         return
     if seen is not None:
-        _detailed[key] = (seen, time.monotonic())
+        state.detailed[key] = (seen, time.monotonic())
     status = experiment["status"]
     transition = build_status(status, report, experiment["generation"])
     # Only what changed: a queued experiment patches nothing.
     changes = {k: v for k, v in transition.status.items() if status.get(k) != v}
     if changes:
-        kube.patch_status("experiments", namespace, experiment["name"], changes)
+        state.kube.patch_status("experiments", namespace, experiment["name"], changes)
     if transition.status["phase"] != status.get("phase"):
         EXPERIMENT_PHASES.labels(transition.status["phase"]).inc()
     for kind, reason, message in transition.events:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import yaml
@@ -32,6 +33,10 @@ _RESTRICTED_CONTAINER = {
 }
 METRICS_PORT = 9090
 BULK_PORT = DEFAULT_PORT + 1  # the director's model transfers beside gRPC
+# The director's plaintext port that serves grpc.health.v1.Health alone, for the kubelet's
+# grpc probe: that probe cannot do TLS, so under mTLS it cannot use the gRPC port
+# (fedkube.director.server). Probed on the pod's IP only; the Service does not carry it.
+HEALTH_PORT = DEFAULT_PORT + 2
 # Read by the scrape config in the chart's values (no Prometheus Operator needed).
 SCRAPE_ANNOTATIONS = {"prometheus.io/scrape": "true", "prometheus.io/port": str(METRICS_PORT),
                       "prometheus.io/path": "/metrics"}
@@ -58,14 +63,29 @@ def director_resources(spec: FederationSpec) -> dict[str, Any]:
                        "memory": DIRECTOR_MEMORY_REQUEST})
 
 
-def names(federation: str) -> dict[str, str]:
-    return {"director": f"{federation}-director", "envoy": f"{federation}-envoy",
-            "data": f"{federation}-director-data", "ca": f"{federation}-ca",
-            "director_tls": f"{federation}-director-tls",
-            "ca_bundle": f"{federation}-ca-bundle",
-            "collaborator": f"{federation}-collaborator",
-            "operator_tls": f"{federation}-operator-tls",
-            "envoy_config": f"{federation}-envoy-config"}
+@dataclass(frozen=True)
+class FederationNames:
+    """The names of the objects a Federation owns, all made from its own name."""
+
+    director: str  # the director's Deployment and Service
+    envoy: str  # the envoys' DaemonSet, ServiceAccount, Role and RoleBinding
+    data: str  # the director's PersistentVolumeClaim
+    ca: str  # the Secret of the federation's CA (key included)
+    director_tls: str  # the Secret of the director's certificate
+    ca_bundle: str  # the ConfigMap of the CA certificate alone
+    collaborator: str  # the collaborator Pods' ServiceAccount
+    operator_tls: str  # the Secret of the operator's client certificate
+    envoy_config: str  # the ConfigMap of every node's envoy settings
+
+
+def names(federation: str) -> FederationNames:
+    return FederationNames(
+        director=f"{federation}-director", envoy=f"{federation}-envoy",
+        data=f"{federation}-director-data", ca=f"{federation}-ca",
+        director_tls=f"{federation}-director-tls", ca_bundle=f"{federation}-ca-bundle",
+        collaborator=f"{federation}-collaborator",
+        operator_tls=f"{federation}-operator-tls",
+        envoy_config=f"{federation}-envoy-config")
 
 
 def labels(federation: str, component: str) -> dict[str, str]:
@@ -74,7 +94,7 @@ def labels(federation: str, component: str) -> dict[str, str]:
 
 
 def service_endpoint(federation: str, namespace: str) -> str:
-    return f"{names(federation)['director']}.{namespace}.svc:{DEFAULT_PORT}"
+    return f"{names(federation).director}.{namespace}.svc:{DEFAULT_PORT}"
 
 
 def director_endpoint(federation: str, namespace: str, spec: FederationSpec) -> str:
@@ -99,14 +119,14 @@ def _ca_volume(federation: str, spec: FederationSpec) -> tuple[list[Manifest], l
     """The federation's CA certificate alone (public): envoys request their own key pair."""
     if spec.tls == "insecure":
         return [], []
-    return ([{"name": "ca", "configMap": {"name": names(federation)["ca_bundle"]}}],
+    return ([{"name": "ca", "configMap": {"name": names(federation).ca_bundle}}],
             [{"name": "ca", "mountPath": CA_DIR, "readOnly": True}])
 
 
 def build_director_pvc(name: str, namespace: str, spec: FederationSpec) -> Manifest:
     return {
         "apiVersion": "v1", "kind": "PersistentVolumeClaim",
-        "metadata": {"name": names(name)["data"], "namespace": namespace,
+        "metadata": {"name": names(name).data, "namespace": namespace,
                      "labels": labels(name, "director")},
         "spec": {"accessModes": ["ReadWriteOnce"],
                  "resources": {"requests": {"storage": spec.storage}}},
@@ -116,7 +136,7 @@ def build_director_pvc(name: str, namespace: str, spec: FederationSpec) -> Manif
 def build_director_service(name: str, namespace: str, spec: FederationSpec) -> Manifest:
     return {
         "apiVersion": "v1", "kind": "Service",
-        "metadata": {"name": names(name)["director"], "namespace": namespace,
+        "metadata": {"name": names(name).director, "namespace": namespace,
                      "labels": labels(name, "director")},
         "spec": {"selector": labels(name, "director"),
                  "ports": [{"name": "grpc", "port": DEFAULT_PORT, "targetPort": "grpc",
@@ -129,7 +149,7 @@ def build_director_service(name: str, namespace: str, spec: FederationSpec) -> M
 
 
 def build_director_deployment(name: str, namespace: str, spec: FederationSpec) -> Manifest:
-    volumes, mounts = _tls_volume(spec, names(name)["director_tls"])
+    volumes, mounts = _tls_volume(spec, names(name).director_tls)
     # Global options before the command: `fedkube director start --log-format` is refused.
     args = ["--log-format", "json", "director", "start", "--host", "0.0.0.0",
             "--port", str(DEFAULT_PORT),
@@ -137,10 +157,11 @@ def build_director_deployment(name: str, namespace: str, spec: FederationSpec) -
             "--target-shape", ",".join(spec.target_shape),
             "--health-check-period", str(spec.health_check_period_seconds),
             "--metrics-port", str(METRICS_PORT), "--bulk-port", str(BULK_PORT),
+            "--health-port", str(HEALTH_PORT),
             "--frontends", str(spec.director_frontends), *_tls_flags(spec)]
     return {
         "apiVersion": "apps/v1", "kind": "Deployment",
-        "metadata": {"name": names(name)["director"], "namespace": namespace,
+        "metadata": {"name": names(name).director, "namespace": namespace,
                      "labels": labels(name, "director")},
         "spec": {
             "replicas": 1,
@@ -159,14 +180,17 @@ def build_director_deployment(name: str, namespace: str, spec: FederationSpec) -
                         "resources": director_resources(spec),
                         "ports": [{"name": "grpc", "containerPort": DEFAULT_PORT},
                                   {"name": "bulk", "containerPort": BULK_PORT},
-                                  {"name": "metrics", "containerPort": METRICS_PORT}],
-                        "readinessProbe": {"grpc": {"port": DEFAULT_PORT}},
+                                  {"name": "metrics", "containerPort": METRICS_PORT},
+                                  {"name": "health", "containerPort": HEALTH_PORT}],
+                        # SERVING once the store is open and the aggregators run, in either
+                        # TLS mode; NOT_SERVING from SIGTERM on (it exits within seconds).
+                        "readinessProbe": {"grpc": {"port": HEALTH_PORT}},
                         "securityContext": _RESTRICTED_CONTAINER,
                         "volumeMounts": [{"name": "data", "mountPath": DATA_DIR},
                                          {"name": "tmp", "mountPath": "/tmp"}, *mounts],
                     }],
                     "volumes": [{"name": "data", "persistentVolumeClaim": {
-                                    "claimName": names(name)["data"]}},
+                                    "claimName": names(name).data}},
                                 {"name": "tmp", "emptyDir": {}}, *volumes],
                 },
             },
@@ -187,15 +211,15 @@ def build_envoy_config(federation: str, namespace: str, spec: FederationSpec,
             "shard": {"loader": shard.loader, "options": shard.options},
             "runtime": "pod", "work_dir": f"{DATA_DIR}/work",
             "pod": ({} if spec.tls == "insecure" else
-                    {"ca_config_map": names(federation)["ca_bundle"],
-                     "certificate_account": names(federation)["collaborator"]}),
+                    {"ca_config_map": names(federation).ca_bundle,
+                     "certificate_account": names(federation).collaborator}),
             "tls": ({"insecure": True} if spec.tls == "insecure" else
                     {"ca": f"{CA_DIR}/ca.crt", "cert": f"{ENVOY_TLS_DIR}/tls.crt",
                      "key": f"{ENVOY_TLS_DIR}/tls.key", "request_certificate": True,
                      "certificate_lifetime_s": ENVOY_CERTIFICATE_LIFETIME_S})}
         data[f"{shard.node_name}.yaml"] = yaml.safe_dump(config, sort_keys=False)
     return {"apiVersion": "v1", "kind": "ConfigMap",
-            "metadata": {"name": names(federation)["envoy_config"], "namespace": namespace,
+            "metadata": {"name": names(federation).envoy_config, "namespace": namespace,
                          "labels": labels(federation, "envoy")},
             "data": data}
 
@@ -205,7 +229,7 @@ def build_envoy_daemonset(name: str, namespace: str, spec: FederationSpec) -> Ma
     config = f"{ENVOY_CONFIG_DIR}/$(NODE_NAME).yaml"
     return {
         "apiVersion": "apps/v1", "kind": "DaemonSet",
-        "metadata": {"name": names(name)["envoy"], "namespace": namespace,
+        "metadata": {"name": names(name).envoy, "namespace": namespace,
                      "labels": labels(name, "envoy")},
         "spec": {
             "selector": {"matchLabels": labels(name, "envoy")},
@@ -215,7 +239,7 @@ def build_envoy_daemonset(name: str, namespace: str, spec: FederationSpec) -> Ma
                 "spec": {
                     "nodeSelector": dict(spec.envoy_node_selector),
                     "tolerations": [GPU_TOLERATION],
-                    "serviceAccountName": names(name)["envoy"],
+                    "serviceAccountName": names(name).envoy,
                     "securityContext": _POD_SECURITY,
                     "containers": [{
                         "name": "envoy", "image": spec.image,
@@ -239,7 +263,7 @@ def build_envoy_daemonset(name: str, namespace: str, spec: FederationSpec) -> Ma
                             {"name": "work", "mountPath": DATA_DIR}, *mounts],
                     }],
                     "volumes": [{"name": "config", "configMap": {
-                                    "name": names(name)["envoy_config"], "optional": True}},
+                                    "name": names(name).envoy_config, "optional": True}},
                                 {"name": "work", "emptyDir": {}}, *volumes],
                 },
             },
@@ -251,9 +275,9 @@ def build_envoy_rbac(name: str, namespace: str) -> list[Manifest]:
     """The envoy may create, watch and delete collaborator Pods in its namespace: nothing
     else. Collaborator Pods get an account of their own with no Role at all: its token only
     proves their node when they request their shard's certificate."""
-    account = names(name)["envoy"]
+    account = names(name).envoy
     meta = {"name": account, "namespace": namespace, "labels": labels(name, "envoy")}
-    collaborator = {"name": names(name)["collaborator"], "namespace": namespace,
+    collaborator = {"name": names(name).collaborator, "namespace": namespace,
                     "labels": labels(name, "collaborator")}
     return [
         {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta},
@@ -284,7 +308,7 @@ def build_tls_secret(name: str, namespace: str, federation: str, *, ca_pem: byte
 
 def build_ca_bundle(federation: str, namespace: str, ca_pem: bytes) -> Manifest:
     return {"apiVersion": "v1", "kind": "ConfigMap",
-            "metadata": {"name": names(federation)["ca_bundle"], "namespace": namespace,
+            "metadata": {"name": names(federation).ca_bundle, "namespace": namespace,
                          "labels": labels(federation, "tls")},
             "data": {"ca.crt": ca_pem.decode()}}
 

@@ -17,5 +17,8 @@ def run_operator(namespaces: Sequence[str] = (), *, liveness_port: int | None = 
         serve_metrics(metrics_port)
 
     liveness = f"http://0.0.0.0:{liveness_port}/healthz" if liveness_port else None
+    # SIGTERM and SIGINT are kopf's own: run in the main thread, kopf.operator adds loop
+    # signal handlers that stop it gracefully (kopf._core.reactor.running.spawn_tasks), and
+    # it returns, so the command exits 0. No handler of ours, lest the two disagree.
     asyncio.run(kopf.operator(standalone=True, clusterwide=not namespaces,
                               namespaces=list(namespaces), liveness_endpoint=liveness))

@@ -34,7 +34,7 @@ MIN_VALIDITY = dt.timedelta(minutes=10)
 def service_accounts(federation: str) -> dict[str, str]:
     """The role each of a federation's service accounts may request."""
     accounts = names(federation)
-    return {accounts["envoy"]: "envoy", accounts["collaborator"]: "collaborator"}
+    return {accounts.envoy: "envoy", accounts.collaborator: "collaborator"}
 
 
 @dataclass(frozen=True)

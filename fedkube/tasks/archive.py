@@ -23,6 +23,7 @@ from pathlib import Path, PurePosixPath
 import yaml
 from pydantic import ValidationError
 
+from fedkube.api.errors import FedkubeError
 from fedkube.api.plan import PLAN_FILE, USER_TASK_PREFIX, Plan
 from fedkube.tasks.models import BUILTIN_TASKS, Task
 
@@ -31,7 +32,7 @@ MAX_MEMBER_BYTES = 256 << 20
 MAX_TOTAL_BYTES = 512 << 20
 
 
-class ArchiveError(ValueError):
+class ArchiveError(FedkubeError, ValueError):
     """The archive is unsafe or incomplete; the message says which member and why."""
 
 

@@ -13,6 +13,8 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
+from fedkube.api.errors import FedkubeError
+
 Split = Literal["train", "val"]
 Arrays = tuple[npt.NDArray[Any], npt.NDArray[Any]]
 
@@ -42,7 +44,7 @@ class ShardDescriptor(ABC):
         return int(self.get_dataset("train")[0].shape[0])
 
 
-class ShardLoaderError(ValueError):
+class ShardLoaderError(FedkubeError, ValueError):
     """The configured loader cannot be found or refuses its options."""
 
 

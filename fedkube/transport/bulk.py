@@ -191,6 +191,8 @@ class BulkServer:
         self._pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="bulk")
         self._gate = threading.Thread(target=self._admit, name="bulk-gate", daemon=True)
         self._stopping = threading.Event()
+        # Written by stop(): the gate's select returns at once, not at its next timeout.
+        self._wake, self._waker = socket.socketpair()
         self._open: set[socket.socket] = set()
         self._lock = threading.Lock()
 
@@ -199,7 +201,10 @@ class BulkServer:
 
     def stop(self) -> None:
         self._stopping.set()
+        with contextlib.suppress(OSError):
+            self._waker.send(b"\0")
         self._gate.join(timeout=5)
+        self._waker.close()
         with self._lock:
             for conn in self._open:
                 with contextlib.suppress(OSError):
@@ -211,6 +216,7 @@ class BulkServer:
     def _admit(self) -> None:
         selector = selectors.DefaultSelector()
         selector.register(self._listener, selectors.EVENT_READ)
+        selector.register(self._wake, selectors.EVENT_READ, self._wake)
         arrivals: dict[socket.socket, _Arrival] = {}  # oldest first
 
         def drop(arrival: _Arrival) -> None:
@@ -221,6 +227,8 @@ class BulkServer:
         try:
             while not self._stopping.is_set():
                 for key, _ in selector.select(timeout=0.25):
+                    if key.data is self._wake:  # stopping
+                        break
                     if key.data is None:  # the listener
                         self._arrive(selector, arrivals, drop)
                     elif key.data.conn in arrivals:  # not dropped in this round
@@ -239,6 +247,7 @@ class BulkServer:
                 drop(arrival)
             selector.close()
             self._listener.close()
+            self._wake.close()
 
     def _arrive(self, selector: selectors.BaseSelector, arrivals: dict[socket.socket, _Arrival],
                 drop: Callable[[_Arrival], None]) -> None:

@@ -170,3 +170,26 @@ def load_or_create_ca(directory: Path) -> KeyPair:
     ca = create_ca()
     write_pair(directory, "ca", ca)
     return ca
+
+def renewal_delay(certificate: bytes, *, renew_before_s: float | None = None,
+                  now: dt.datetime | None = None) -> float:
+    """Seconds until a certificate (PEM) is due for renewal: renew_before_s before it
+    expires, or by default once two thirds of its lifetime have passed; 0 when due."""
+    cert = x509.load_pem_x509_certificate(certificate)
+    start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
+    before = (dt.timedelta(seconds=renew_before_s) if renew_before_s is not None
+              else (end - start) / 3)
+    now = now or dt.datetime.now(dt.UTC)
+    return max(0.0, (end - before - now).total_seconds())
+
+
+def write_pair_files(cert_path: Path, key_path: Path, certificate: bytes, key_pem: bytes) -> None:
+    """Writes a key (mode 0600) and its certificate, each by rename over the old file."""
+    key_path.parent.mkdir(parents=True, exist_ok=True)
+    cert_path.parent.mkdir(parents=True, exist_ok=True)
+    for path, data in ((key_path, key_pem), (cert_path, certificate)):
+        staged = path.with_name(f".{path.name}.new")
+        staged.unlink(missing_ok=True)
+        staged.touch(mode=0o600)
+        staged.write_bytes(data)
+        staged.replace(path)

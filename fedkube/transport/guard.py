@@ -10,6 +10,7 @@ CPU (benchmarks/health_checks.py at 2,000 calls/s).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -130,6 +131,18 @@ def _guarded(handler: Any, method: str, check_roles: bool, forwarded: bool) -> A
         return grpc.stream_unary_rpc_method_handler(guarded_stream_unary, **codec)
     if handler.unary_stream is not None:
         unary_stream = handler.unary_stream
+        if inspect.iscoroutinefunction(unary_stream):
+            # A handler that writes its replies (context.write), as grpc_health's Watch
+            # does, rather than yields them: grpc.aio tells the two apart by their kind.
+            async def guarded_writer(request: Any, context: Any) -> None:
+                context = context_of(context)
+                if check_roles:
+                    await admit(context)
+                if isinstance(request, Malformed):
+                    await _abort_malformed(request, method, context)
+                await unary_stream(request, context)
+
+            return grpc.unary_stream_rpc_method_handler(guarded_writer, **codec)
 
         async def guarded_unary_stream(request: Any, context: Any) -> AsyncIterator[Any]:
             context = context_of(context)

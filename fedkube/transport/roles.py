@@ -25,7 +25,7 @@ class Role(enum.StrEnum):
     OWNER = "owner"  # a model owner: submits experiments and reads its own
     ENVOY = "envoy"  # a shard's agent: registers, checks in, runs collaborators
     COLLABORATOR = "collaborator"  # a collaborator Pod: trains for its shard only
-    DIRECTOR = "director"  # the server's own certificate; calls nothing
+    DIRECTOR = "director"  # the server's own certificate; calls nothing but Health
 
 
 _OWNERS = frozenset({Role.OWNER, Role.ADMIN})
@@ -54,6 +54,11 @@ ROLE_TABLE: dict[str, frozenset[Role]] = {
     _AGGREGATOR + "SendLocalTaskResults": _TRAINING,
     "/fedkube.streaming.TensorStream/StreamAggregatedTensor": _TRAINING,
     "/fedkube.streaming.TensorStream/BulkEndpoint": _TRAINING,
+    # The standard health protocol tells only whether the director serves: open to every
+    # role. (A kubelet's probe has no certificate at all; it uses the director's plaintext
+    # health port, which serves nothing else: fedkube.director.server.)
+    **{f"/grpc.health.v1.Health/{method}": frozenset(Role)
+       for method in ("Check", "Watch", "List")},
 }
 
 

@@ -11,13 +11,14 @@ from collections.abc import Iterable, Iterator, Sequence
 import numpy as np
 import numpy.typing as npt
 
+from fedkube.api.errors import FedkubeError
 from fedkube.proto import aggregator_pb2, base_pb2
 
 Model = dict[str, npt.NDArray[np.float32]]
 DTYPE = np.dtype("<f4")
 
 
-class TensorError(ValueError):
+class TensorError(FedkubeError, ValueError):
     """A tensor whose bytes and declared shape disagree."""
 
 

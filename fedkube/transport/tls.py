@@ -29,7 +29,7 @@ class TLSFiles:
 
     def key_matches_certificate(self) -> bool:
         """False for a key and certificate read while a renewal was between its two
-        renames (fedkube.transport.shard_certificate.write_pair)."""
+        renames (fedkube.kube.csr.write_pair)."""
         from cryptography import x509
         from cryptography.hazmat.primitives import serialization
 

@@ -1,15 +1,12 @@
-"""A real control plane for the session (see fedkube/devcluster.py)."""
+"""A real control plane for the session (see fedkube/dev/cluster.py)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-from fedkube.devcluster import ControlPlane
-
-ROOT = Path(__file__).resolve().parents[2]
+from fedkube.dev.cluster import ControlPlane
 
 
 @pytest.fixture(scope="session")
@@ -34,13 +31,3 @@ def _show_component_logs_on_failure(request: pytest.FixtureRequest,
         print(cluster.logs())
 
 
-def restricted_namespace(cluster: ControlPlane, namespace: str) -> None:
-    """Our CRDs, established, and a namespace enforcing Pod Security "restricted": every
-    Pod the operator and envoys make (director, envoys, collaborators) must be admitted
-    under it, or the tests find none."""
-    cluster.kubectl("apply", "-f", str(ROOT / "crds"))
-    cluster.kubectl("wait", "--for=condition=Established", "crd", "--all", "--timeout=60s")
-    cluster.kubectl("create", "namespace", namespace)
-    cluster.kubectl("label", "namespace", namespace,
-                    "pod-security.kubernetes.io/enforce=restricted",
-                    "pod-security.kubernetes.io/enforce-version=latest")

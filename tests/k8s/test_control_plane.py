@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 
-from fedkube.devcluster import ControlPlane
-from fedkube.local import wait_for
+from fedkube.dev.cluster import ControlPlane
+from fedkube.dev.processes import wait_for
 
 pytestmark = pytest.mark.k8s
 
 
-def get(cluster: ControlPlane, *args: str) -> dict:  # type: ignore[type-arg]
+def get(cluster: ControlPlane, *args: str) -> dict[str, Any]:
     return dict(json.loads(cluster.kubectl("get", *args, "-o", "json").stdout))
 
 

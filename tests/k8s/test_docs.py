@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from fedkube.devcluster import ControlPlane
-from tests.test_docs import QUICKSTART, ROOT, bash_blocks, run_script
+from fedkube.dev.cluster import ControlPlane
+from tests.helpers import QUICKSTART, ROOT, bash_blocks, run_script
 
 pytestmark = pytest.mark.k8s
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fedkube.devcluster import ControlPlane
+from fedkube.dev.cluster import ControlPlane
 
 pytestmark = pytest.mark.k8s
 CHART = Path(__file__).resolve().parents[2] / "charts" / "fedkube"

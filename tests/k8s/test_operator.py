@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 import yaml
 
-from fedkube.devcluster import ControlPlane
-from fedkube.local import Process, director_process, envoy_process, free_port, wait_for
-from tests.k8s.conftest import restricted_namespace
+from fedkube.dev.cluster import ControlPlane
+from fedkube.dev.processes import Process, director_process, envoy_process, free_port, wait_for
+from tests.helpers import restricted_namespace, scrape
 
 pytestmark = pytest.mark.k8s
 ROOT = Path(__file__).resolve().parents[2]
@@ -355,7 +355,6 @@ def test_unschedulable_collaborator_pod_fails_the_experiment(operated: Operated,
 
 def test_operator_metrics_move(operated: Operated) -> None:
     """Runs last: the tests above reconciled federations, shards and experiments."""
-    from tests.test_observability import scrape
 
     samples = scrape(operated.metrics_port)
 

@@ -6,15 +6,17 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from kubernetes import client, config
 
 from fedkube.api.config import EnvoyConfig, PodSettings, TLSSettings
-from fedkube.devcluster import ControlPlane
+from fedkube.dev.cluster import ControlPlane
+from fedkube.dev.processes import wait_for
+from fedkube.envoy_agent.main import make_runtime
+from fedkube.envoy_agent.pod_runtime import PodRuntime
 from fedkube.envoy_agent.runtime import CollaboratorFailed, CollaboratorJob
-from fedkube.envoy_agent.runtimes import PodRuntime, make_runtime
-from fedkube.local import wait_for
 
 pytestmark = pytest.mark.k8s
 # Collaborator Pods must pass Pod Security "restricted", so they run in such a namespace.
@@ -53,7 +55,7 @@ async def test_collaborator_pod_gets_its_gpus_on_the_envoys_node(
     runtime = _runtime(cluster, "gpu-node-2")
     task = asyncio.create_task(runtime.run(_job(tmp_path, gpus=2)))
 
-    def pod() -> dict:  # type: ignore[type-arg]
+    def pod() -> dict[str, Any]:
         out = cluster.kubectl("get", "pod", "collab-default-digits-hospital-b", "-n", NAMESPACE,
                               "-o", "json",
                               check=False)

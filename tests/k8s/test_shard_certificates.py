@@ -24,12 +24,12 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 from kubernetes import config as kube_config
 
-from fedkube.devcluster import ControlPlane
+from fedkube.dev.cluster import ControlPlane
+from fedkube.dev.processes import Process, director_process, free_port, wait_for
 from fedkube.envoy_agent.pods import PodPlacement, build_collaborator_pod
 from fedkube.envoy_agent.runtime import CollaboratorJob
-from fedkube.local import Process, director_process, free_port, wait_for
-from fedkube.transport.shard_certificate import CertificateRefused, request_certificate
-from tests.k8s.conftest import restricted_namespace
+from fedkube.kube.csr import CertificateRefused, request_certificate
+from tests.helpers import restricted_namespace
 
 pytestmark = pytest.mark.k8s
 ROOT = Path(__file__).resolve().parents[2]

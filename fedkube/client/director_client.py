@@ -1,8 +1,13 @@
 """A model owner's client of the director (blocking; fit for scripts and notebooks).
 
     from fedkube.client import DirectorClient
-    with DirectorClient("localhost:50051", insecure=True, client_id="alice") as client:
+    certs = Path("certs")
+    with DirectorClient.from_files("director.example:50051", ca=certs / "ca.crt",
+                                   cert=certs / "alice.crt", key=certs / "alice.key") as client:
         print(client.envoys())
+
+`DirectorClient(target, insecure=True, client_id="alice")` is for local development only:
+the director then believes whatever name the caller sends.
 """
 
 from __future__ import annotations
@@ -61,7 +66,7 @@ class EnvoyView:
 
 
 @dataclass(frozen=True)
-class ExperimentStatus:
+class ExperimentView:
     """An experiment as `fedkube experiment status --output json` prints it."""
 
     name: str
@@ -95,7 +100,7 @@ class DirectorClient:
     def __init__(self, target: str, *, tls: TLSFiles | None = None, client_id: str = "owner",
                  timeout: float = 30.0) -> None:
         self._channel = open_sync_channel(target, tls=tls)
-        self._stub = director_pb2_grpc.DirectorStub(self._channel)  # type: ignore[no-untyped-call]
+        self._stub = director_pb2_grpc.DirectorStub(self._channel)
         self._metadata = ((CLIENT_ID_HEADER, client_id),)
         self.timeout = timeout
 
@@ -132,7 +137,7 @@ class DirectorClient:
             try:
                 envoys = self.envoys()
             except grpc.RpcError as exc:
-                if exc.code() != grpc.StatusCode.UNAVAILABLE:  # type: ignore[attr-defined]
+                if exc.code() != grpc.StatusCode.UNAVAILABLE:
                     raise
             else:
                 online = sum(e.online for e in envoys)
@@ -171,20 +176,20 @@ class DirectorClient:
                                                  metadata=self._metadata, timeout=self.timeout)
         return [(e.name, e.status, e.progress) for e in response.experiments]
 
-    def status(self, name: str) -> ExperimentStatus:
+    def status(self, name: str) -> ExperimentView:
         response, call = self._stub.GetExperimentDescription.with_call(
             director_pb2.GetExperimentDescriptionRequest(name=name), metadata=self._metadata,
             timeout=self.timeout)
         extra = {key.removeprefix("fedkube-"): value
                  for key, value in (call.trailing_metadata() or ())
-                 if key.startswith("fedkube-")}
+                 if key.startswith("fedkube-") and isinstance(value, str)}  # not *-bin
         metric = extra.get("metric", "")
 
         def figure(key: str) -> dict[str, float]:
             return {metric: float(extra[key])} if metric and extra.get(key) else {}
 
         experiment = response.experiment
-        return ExperimentStatus(
+        return ExperimentView(
             name=experiment.name, status=experiment.status, round=experiment.current_round,
             total_rounds=experiment.total_rounds, metric=metric,
             last_metrics=figure("last-metric"), best_metrics=figure("best-metric"),
@@ -193,14 +198,14 @@ class DirectorClient:
             dropped=[d for d in extra.get("dropped", "").split(",") if d])
 
     def wait(self, name: str, *, timeout: float = 3600, interval: float = 0.5,
-             on_update: Callable[[ExperimentStatus], None] | None = None) -> ExperimentStatus:
+             on_update: Callable[[ExperimentView], None] | None = None) -> ExperimentView:
         """Polls the status until the experiment ends, riding out director restarts."""
         deadline = time.monotonic() + timeout
         while True:
             try:
                 status = self.status(name)
             except grpc.RpcError as exc:
-                if exc.code() != grpc.StatusCode.UNAVAILABLE:  # type: ignore[attr-defined]
+                if exc.code() != grpc.StatusCode.UNAVAILABLE:
                     raise
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"director unreachable for {timeout}s") from exc
@@ -229,7 +234,7 @@ class DirectorClient:
                 metrics.append(Metric(m.metric_origin, m.task_name, m.metric_name,
                                       m.metric_value, m.round))
         except grpc.RpcError as exc:
-            if follow or exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED:  # type: ignore[attr-defined]
+            if follow or exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
                 raise
         return metrics
 

@@ -1,4 +1,4 @@
-"""The director's side of its frontend processes (fedkube.director.frontend): starting and
+"""The director's side of its frontend processes (fedkube.director.frontend_process): starting and
 stopping them, and the private server they relay calls and report health checks to."""
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ from pathlib import Path
 
 import grpc
 
-from fedkube import metrics
 from fedkube.api.config import DirectorConfig
 from fedkube.api.errors import NotFoundError
+from fedkube.director import metrics
 from fedkube.director.core import Director
-from fedkube.director.frontend import READY
+from fedkube.director.frontend_process import READY
 from fedkube.proto import frontend_pb2, frontend_pb2_grpc
 from fedkube.transport.forwarding import PRIVATE_OPTIONS, Context
 from fedkube.transport.limits import SERVER_OPTIONS
@@ -119,7 +119,7 @@ class Frontends:
         """One frontend on `port`, once it serves it. (Tests also give one a port of its
         own, to reach the director only through it.)"""
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "fedkube.director.frontend",
+            sys.executable, "-m", "fedkube.director.frontend_process",
             "--config-json", self.config.model_dump_json(), "--port", str(port),
             "--socket", self.socket,
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)

@@ -17,13 +17,6 @@ from pathlib import Path
 from typing import IO
 
 
-def exec_fedkube(python: str | Path, argv: Sequence[str], env: dict[str, str]) -> None:
-    """Replaces this process with `python -m fedkube.cli argv` (same output streams)."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execve(python, [str(python), "-m", "fedkube.cli", *argv], env)
-
-
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -71,15 +64,21 @@ class Process:
     env: dict[str, str] = field(default_factory=dict)
     log_format: str = "plain"
     popen: subprocess.Popen[bytes] | None = None
+    cwd: Path | None = None  # where it runs (None: here)
     _log: IO[bytes] | None = None
+
+    def command(self) -> list[str]:
+        """What start() runs: the fedkube command line with these arguments."""
+        return [sys.executable, "-m", "fedkube.cli", "--log-format", self.log_format,
+                *self.args]
 
     def start(self) -> Process:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = self.log_path.open("ab")
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         self.popen = subprocess.Popen(
-            [sys.executable, "-m", "fedkube.cli", "--log-format", self.log_format, *self.args],
-            stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            self.command(), cwd=self.cwd, stdout=self._log, stderr=subprocess.STDOUT, env=env,
+            start_new_session=True)
         return self
 
     @property

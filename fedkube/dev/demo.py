@@ -21,11 +21,11 @@ from rich.table import Table
 
 from fedkube.api.plan import Plan
 from fedkube.client import DirectorClient, EnvoyView, experiment_archive
-from fedkube.local import Process, director_process, envoy_process, free_port, wait_for
-from fedkube.plot import plot_metrics
+from fedkube.client.plot import plot_metrics
+from fedkube.client.ui import shards_table, wait_with_progress
+from fedkube.dev.processes import Process, director_process, envoy_process, free_port, wait_for
 from fedkube.tasks import digits
 from fedkube.tasks.models import BUILTIN_TASKS
-from fedkube.ui import shards_table, wait_with_progress
 
 console = Console(stderr=True)
 TASK = "digits-logreg"

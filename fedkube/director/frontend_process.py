@@ -9,7 +9,7 @@ seen the director accept, and hands those checks to the director in batches
 (`ReportHealth`); every other call it relays, as bytes, to the director over its private
 Unix socket (fedkube.transport.forwarding). The director stays the only holder of state.
 
-Run by the director (fedkube.director.frontends), never by hand; it exits when its stdin
+Run by the director (fedkube.director.frontend_pool), never by hand; it exits when its stdin
 closes, that is when the director stops or dies.
 """
 
@@ -22,18 +22,19 @@ import logging
 import sys
 import threading
 import time
-from typing import Any
 
 import grpc
+from google.protobuf.descriptor import ServiceDescriptor
+from grpc_health.v1 import health_pb2
 
 from fedkube.api.config import DirectorConfig
 from fedkube.proto import (
-    aggregator_pb2_grpc,
+    aggregator_pb2,
     director_pb2,
     director_pb2_grpc,
     frontend_pb2,
     frontend_pb2_grpc,
-    streaming_pb2_grpc,
+    streaming_pb2,
 )
 from fedkube.transport.forwarding import PRIVATE_OPTIONS, Context, Relay, UnaryRelay
 from fedkube.transport.guard import Handlers, generated_handlers, guarded_handlers
@@ -44,15 +45,15 @@ from fedkube.transport.tls import TLSFiles
 log = logging.getLogger(__name__)
 
 READY = "ready"  # the line a frontend prints once it serves the public port
-# The services of the public port, with what their generated code registers.
-SERVICES: dict[str, tuple[Any, Any]] = {
-    "openfl.director.Director": (director_pb2_grpc.add_DirectorServicer_to_server,
-                                 director_pb2_grpc.DirectorServicer()),
-    "openfl.aggregator.Aggregator": (aggregator_pb2_grpc.add_AggregatorServicer_to_server,
-                                     aggregator_pb2_grpc.AggregatorServicer()),
-    "fedkube.streaming.TensorStream": (streaming_pb2_grpc.add_TensorStreamServicer_to_server,
-                                       streaming_pb2_grpc.TensorStreamServicer()),
-}
+# The services of the public port, with the methods their descriptors declare.
+SERVICES: tuple[ServiceDescriptor, ...] = (
+    director_pb2.DESCRIPTOR.services_by_name["Director"],
+    aggregator_pb2.DESCRIPTOR.services_by_name["Aggregator"],
+    streaming_pb2.DESCRIPTOR.services_by_name["TensorStream"],
+    # Relayed too: a health check that the kernel hands this process gets the director's
+    # own answer (NOT_SERVING while it starts or stops), as on the director's connections.
+    health_pb2.DESCRIPTOR.services_by_name["Health"],
+)
 HEALTH_METHOD = "UpdateEnvoyStatus"
 ANSWERED_HERE = (HEALTH_METHOD, "UpdateShardInfo")  # the rest is relayed
 MAX_BATCH = 1024  # registrations per call to the director
@@ -68,7 +69,7 @@ class RegistrationBatches:
     """Hands registrations to the director many per call: those that arrive while one
     batch is on its way go in the next."""
 
-    def __init__(self, reports: frontend_pb2_grpc.FrontendStub) -> None:
+    def __init__(self, reports: frontend_pb2_grpc.FrontendAsyncStub) -> None:
         self._reports = reports
         self._waiting: list[tuple[director_pb2.UpdateShardInfoRequest,
                                   asyncio.Future[frontend_pb2.ShardAcknowledgement]]] = []
@@ -108,7 +109,7 @@ class EnvoyAnswers(director_pb2_grpc.DirectorServicer):
     knows the shard go to the director, which answers NOT_FOUND where due. Registrations
     go to the director in batches."""
 
-    def __init__(self, relay: UnaryRelay, reports: frontend_pb2_grpc.FrontendStub,
+    def __init__(self, relay: UnaryRelay, reports: frontend_pb2_grpc.FrontendAsyncStub,
                  *, period: float, tls: bool) -> None:
         self._relay = relay
         self._reports = reports
@@ -178,13 +179,13 @@ def public_handlers(relay: Relay, health: EnvoyAnswers, *, tls: bool) -> dict[st
     """Per service: every method relayed, but health checks answered here and
     registrations batched from here."""
     services: dict[str, Handlers] = {}
-    for service, (add_to_server, servicer) in SERVICES.items():
-        generated = generated_handlers(add_to_server, servicer)
+    for descriptor in SERVICES:
+        service = descriptor.full_name
         services[service] = {
-            name: relay.handler(f"/{service}/{name}",
-                                request_streaming=handler.request_streaming,
-                                response_streaming=handler.response_streaming)
-            for name, handler in generated.items()}
+            method.name: relay.handler(f"/{service}/{method.name}",
+                                       request_streaming=method.client_streaming,
+                                       response_streaming=method.server_streaming)
+            for method in descriptor.methods}
     director = "openfl.director.Director"
     generated = generated_handlers(director_pb2_grpc.add_DirectorServicer_to_server, health)
     answered = {name: generated[name] for name in ANSWERED_HERE}
@@ -198,9 +199,11 @@ async def serve(config: DirectorConfig, port: int, socket: str) -> None:
     tls = TLSFiles.load(config.tls)
     channel = grpc.aio.insecure_channel(f"unix:{socket}", options=PRIVATE_OPTIONS)
     relay = Relay(channel)
-    health = EnvoyAnswers(
+    # The generated base answers UNIMPLEMENTED for the methods EnvoyAnswers leaves out (its
+    # stub calls them abstract); public_handlers relays those instead.
+    health = EnvoyAnswers(  # type: ignore[abstract]
         relay.unary(f"/openfl.director.Director/{HEALTH_METHOD}"),
-        frontend_pb2_grpc.FrontendStub(channel),  # type: ignore[no-untyped-call]
+        frontend_pb2_grpc.FrontendStub(channel),
         period=config.health_check_period, tls=tls is not None)
     server, _ = create_server(config.host, port, tls=tls)
     for service, handlers in public_handlers(relay, health, tls=tls is not None).items():

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from rich.table import Table
 
-from fedkube.client import DirectorClient, EnvoyView, ExperimentStatus
+from fedkube.client import DirectorClient, EnvoyView, ExperimentView
 
 
 def _ago(stamp: float) -> str:
@@ -33,7 +33,7 @@ def shards_table(envoys: Sequence[EnvoyView]) -> Table:
 
 
 def wait_with_progress(client: DirectorClient, name: str, *, timeout: float
-                       ) -> ExperimentStatus:
+                       ) -> ExperimentView:
     """Waits for an experiment with a rich progress bar by round."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
@@ -42,7 +42,7 @@ def wait_with_progress(client: DirectorClient, name: str, *, timeout: float
                   TextColumn("{task.fields[detail]}"), console=Console(stderr=True)) as bar:
         task = bar.add_task(name, total=None, detail="")
 
-        def update(status: ExperimentStatus) -> None:
+        def update(status: ExperimentView) -> None:
             detail = status.status
             if status.queue_position:
                 detail += f" (queued, position {status.queue_position})"

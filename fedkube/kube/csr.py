@@ -9,22 +9,21 @@ when that node is the shard's (fedkube.operator.signer).
 from __future__ import annotations
 
 import base64
-import datetime as dt
 import logging
 import secrets
 from pathlib import Path
 from typing import Any
 
-from cryptography import x509
-
+from fedkube.api.errors import RefusedError
 from fedkube.transport import certs
+from fedkube.transport.certs import write_pair_files
 
 log = logging.getLogger(__name__)
 SIGNER = "fedkube.io/shard"  # the operator signs requests for this signer name only
 REQUEST_TIMEOUT_S = 120.0
 
 
-class CertificateRefused(Exception):
+class CertificateRefused(RefusedError):
     """The operator denied the request (the message says why) or never answered."""
 
 
@@ -38,17 +37,6 @@ def _decision(status: dict[str, Any]) -> tuple[bytes | None, str | None]:
     return None, None
 
 
-def renewal_delay(certificate: bytes, *, renew_before_s: float | None = None,
-                  now: dt.datetime | None = None) -> float:
-    """Seconds until a certificate (PEM) is due for renewal: renew_before_s before it
-    expires, or by default once two thirds of its lifetime have passed; 0 when due."""
-    cert = x509.load_pem_x509_certificate(certificate)
-    start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
-    before = (dt.timedelta(seconds=renew_before_s) if renew_before_s is not None
-              else (end - start) / 3)
-    now = now or dt.datetime.now(dt.UTC)
-    return max(0.0, (end - before - now).total_seconds())
-
 
 def request_certificate(shard: str, role: str, *, cert_path: Path, key_path: Path,
                         timeout: float = REQUEST_TIMEOUT_S, api_client: Any = None,
@@ -59,7 +47,7 @@ def request_certificate(shard: str, role: str, *, cert_path: Path, key_path: Pat
     reader sees one half written."""
     from kubernetes import client, watch
 
-    from fedkube.kubeconfig import load_api_client
+    from fedkube.kube.config import load_api_client
 
     api = client.CertificatesV1Api(api_client or load_api_client())
     request_pem, key_pem = certs.make_request(shard, role=role)
@@ -86,17 +74,5 @@ def request_certificate(shard: str, role: str, *, cert_path: Path, key_path: Pat
     if certificate is None:
         raise CertificateRefused(f"certificate request {name} not answered in {timeout:.0f} s: "
                                  "is the fedkube operator running?")
-    write_pair(cert_path, key_path, certificate, key_pem)
+    write_pair_files(cert_path, key_path, certificate, key_pem)
     log.info("certificate for %s of shard %s received", role, shard)
-
-
-def write_pair(cert_path: Path, key_path: Path, certificate: bytes, key_pem: bytes) -> None:
-    """Writes a key (mode 0600) and its certificate, each by rename over the old file."""
-    key_path.parent.mkdir(parents=True, exist_ok=True)
-    cert_path.parent.mkdir(parents=True, exist_ok=True)
-    for path, data in ((key_path, key_pem), (cert_path, certificate)):
-        staged = path.with_name(f".{path.name}.new")
-        staged.unlink(missing_ok=True)
-        staged.touch(mode=0o600)
-        staged.write_bytes(data)
-        staged.replace(path)

@@ -24,7 +24,7 @@ import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from fedkube.local import free_port, wait_for
+from fedkube.dev.processes import free_port, wait_for
 from fedkube.transport import certs
 
 REPO = Path(__file__).resolve().parent.parent

@@ -1,0 +1,56 @@
+"""`fedkube envoy start`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any
+
+from fedkube.api.config import EnvoyConfig, build_config
+from fedkube.cli.exits import ExitCode
+from fedkube.cli.options import (
+    add_field_flags,
+    add_tls_flags,
+    field_values,
+    int_list,
+    key_values,
+    tls_overrides,
+)
+
+log = logging.getLogger("fedkube")
+FIELDS = ("name", "director", "cuda_devices", "work_dir")
+
+
+def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    envoy = commands.add_parser("envoy", help="run an envoy").add_subparsers(
+        dest="action", required=True)
+    start = envoy.add_parser("start", help="start an envoy")
+    add_field_flags(start, EnvoyConfig, FIELDS, types={"cuda_devices": int_list},
+                    metavars={"director": "HOST:PORT", "cuda_devices": "I,J"})
+    start.add_argument("--shard", help="shard loader: 'digits' or package.module:Class")
+    start.add_argument("--shard-option", action="append", default=[], metavar="KEY=VALUE")
+    start.add_argument("--config", type=Path, help="envoy.yaml (the same fields)")
+    add_tls_flags(start)
+    start.set_defaults(func=start_envoy)
+
+
+def envoy_config(args: argparse.Namespace) -> EnvoyConfig:
+    shard: dict[str, Any] | None = None
+    if args.shard is not None or args.shard_option:
+        shard = {"loader": args.shard or "digits",
+                 "options": key_values(args.shard_option, flag="--shard-option")}
+    return build_config(EnvoyConfig, args.config, {
+        **field_values(args, FIELDS), "shard": shard, "tls": tls_overrides(args)})
+
+
+def start_envoy(args: argparse.Namespace) -> int:
+    from fedkube.envoy_agent.agent import ShardRefused
+    from fedkube.envoy_agent.main import run_envoy
+
+    try:
+        run_envoy(envoy_config(args))
+    except ShardRefused as exc:
+        log.error("shard not accepted: %s", exc)
+        return ExitCode.REFUSED
+    return ExitCode.OK
