@@ -177,6 +177,20 @@ class _Arrival:
         return magic == MAGIC and op in (DOWNLOAD, UPLOAD) and length <= MAX_HEADER_BYTES
 
 
+def _close_half_made(exc: BaseException) -> None:
+    """A reset between _arrive's getpeername check and wrap_socket makes ssl raise from inside
+    the SSLSocket it had made, which then holds the descriptor (taken from the raw socket):
+    closes it now, from the frames of the error, rather than leave it to the garbage
+    collector (a ResourceWarning, and a descriptor held until then)."""
+    frame = exc.__traceback__
+    while frame is not None:
+        made = frame.tb_frame.f_locals.get("self")
+        if isinstance(made, ssl.SSLSocket):
+            with contextlib.suppress(OSError):
+                made.close()
+        frame = frame.tb_next
+
+
 class BulkServer:
     """Serves downloads and uploads on threads (the socket calls release the GIL), once
     one gate thread has read each connection's handshake and header without blocking."""
@@ -270,6 +284,7 @@ class BulkServer:
                         if self._context else raw)
             except OSError as exc:  # gone already
                 log.debug("bulk connection failed on arrival: %s", exc)
+                _close_half_made(exc)
                 raw.close()
                 continue
             if len(arrivals) >= MAX_ARRIVALS:
