@@ -4,12 +4,13 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 CACHE ?= $(HOME)/.cache/fedkube
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 # Reinstall only when the dependency list changes.
 INSTALL_STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
 OPENFL_VENV := $(CACHE)/openfl-1.6-venv
 OPENFL_STAMP := $(OPENFL_VENV)/.installed
 
-.PHONY: install demo test lint typecheck unit testenv openfl protos crds clean bench bench-full plots dev-cluster
+.PHONY: install demo test lint typecheck unit testenv nodeenv openfl protos crds clean bench bench-full plots dev-cluster image
 
 install: $(INSTALL_STAMP)
 
@@ -38,6 +39,16 @@ $(OPENFL_STAMP):
 testenv:
 	bash tools/k8s-testenv/build.sh
 
+# The fedkube image: `docker build` where Docker runs; else buildah, with no registry
+# (tools/image/build.sh: also the Pod sandbox's pause, both cached as tars for containerd).
+image:
+	@if command -v docker >/dev/null && docker info >/dev/null 2>&1; then \
+		echo docker build -f deploy/Dockerfile -t fedkube:$(VERSION) .; \
+		docker build -f deploy/Dockerfile -t fedkube:$(VERSION) .; \
+	else \
+		$(MAKE) install && bash tools/image/build.sh; \
+	fi
+
 # The tests' control plane by hand (etcd, apiserver, controller-manager, scheduler, kwok).
 dev-cluster: install testenv
 	$(VENV)/bin/fedkube dev cluster up --dir .fedkube-cluster
@@ -54,7 +65,15 @@ typecheck: install
 unit: install
 	$(VENV)/bin/pytest -m "not k8s and not compat and not slow" -q
 
-test: install openfl testenv lint typecheck
+# A real kubelet node for tests/k8s_node: its Debian packages (containerd, runc, CNI
+# plugins, iptables, buildah, mmdebstrap), kubelet, kube-proxy and CoreDNS from Go modules,
+# and the pause and fedkube images; each cached under $(CACHE), keyed on its inputs.
+nodeenv: install testenv
+	bash tools/k8s-testenv/host-packages.sh
+	bash tools/k8s-testenv/build-node.sh
+	bash tools/image/build.sh
+
+test: install openfl testenv nodeenv lint typecheck
 	FEDKUBE_OPENFL_PYTHON=$(OPENFL_VENV)/bin/python \
 	KUBEBUILDER_ASSETS=$${KUBEBUILDER_ASSETS:-$$(bash tools/k8s-testenv/build.sh)/bin} \
 	$(VENV)/bin/pytest -q

@@ -15,7 +15,10 @@ DNS_NAME = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 QUANTITY = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|k|M|G|T)?$"
 # A resource quantity as a Pod's requests and limits take it (cpu in millicores too).
 RESOURCE_QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|Ki|Mi|Gi|Ti|Pi|k|M|G|T|P)?$"
-DEFAULT_IMAGE = "ghcr.io/fedkube/fedkube:0.1.0"
+# What `make image` builds (no registry publishes fedkube's image): load it into the
+# cluster's nodes (`kind load docker-image fedkube:0.1.0`, `minikube image load ...`) or
+# push it to a registry of your own and set Federation.spec.image / the chart's image.
+DEFAULT_IMAGE = "fedkube:0.1.0"
 
 
 class _Model(BaseModel):

@@ -27,12 +27,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from fedkube.dev.processes import free_port, wait_for
 from fedkube.transport import certs
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]  # the repository (fedkube/dev/cluster.py)
 BUILD_SCRIPT = REPO / "tools" / "k8s-testenv" / "build.sh"
 BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl",
             "kwok")
 KWOK_ANNOTATION = "kwok.x-k8s.io/node"
 GPU_RESOURCE = "nvidia.com/gpu"
+SERVICE_CIDR = "10.0.0.0/24"  # ClusterIPs; a real node routes this range to a blackhole
 
 
 @dataclass(frozen=True)
@@ -110,9 +111,15 @@ class ControlPlane:
     work: Path
     bin_dir: Path = field(default_factory=binaries_dir)
     nodes: tuple[FakeNode, ...] = DEFAULT_NODES
+    # Where the apiserver listens and what it advertises: loopback for KWOK nodes; for a
+    # real node (fedkube.dev.node) the node's bridge address, which its Pods can reach.
+    # The `kubernetes` Service then gets that endpoint, and the apiserver reaches
+    # kubelets by their InternalIP (a node's name does not resolve here).
+    address: str = "127.0.0.1"
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     kubeconfig: Path = Path()
     server: str = ""
+    ca: certs.KeyPair | None = None
 
     def _spawn(self, name: str, args: list[str]) -> None:
         with (self.work / "logs" / f"{name}.log").open("ab") as log:  # the child keeps its copy
@@ -131,11 +138,13 @@ class ControlPlane:
         for sub in ("logs", "pki", "etcd"):
             (self.work / sub).mkdir(parents=True, exist_ok=True)
         pki = self.work / "pki"
-        ca = certs.create_ca("fedkube-test-ca")
+        ca = self.ca = certs.create_ca("fedkube-test-ca")
         certs.write_pair(pki, "ca", ca)
         certs.write_pair(pki, "apiserver", certs.issue(
-            ca, "kube-apiserver", hosts=["127.0.0.1", "localhost", "10.0.0.1", "kubernetes",
-                                         "kubernetes.default", "kubernetes.default.svc"]))
+            ca, "kube-apiserver", hosts=sorted({
+                "127.0.0.1", self.address, "localhost", "10.0.0.1", "kubernetes",
+                "kubernetes.default", "kubernetes.default.svc",
+                "kubernetes.default.svc.cluster.local"})))
         sa_key = ec.generate_private_key(ec.SECP256R1())
         (pki / "sa.key").write_bytes(sa_key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
@@ -144,7 +153,12 @@ class ControlPlane:
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
 
         etcd_port, peer_port, api_port = free_port(), free_port(), free_port()
-        self.server = f"https://127.0.0.1:{api_port}"
+        self.server = f"https://{self.address}:{api_port}"
+        real_node = self.address != "127.0.0.1"
+        node_flags = (["--endpoint-reconciler-type=lease",
+                       "--kubelet-preferred-address-types=InternalIP,Hostname",
+                       "--authorization-mode=Node,RBAC"] if real_node else
+                      ["--endpoint-reconciler-type=none", "--authorization-mode=RBAC"])
         self._spawn("etcd", [
             "--data-dir", str(self.work / "etcd"), "--unsafe-no-fsync",
             "--listen-client-urls", f"http://127.0.0.1:{etcd_port}",
@@ -155,16 +169,15 @@ class ControlPlane:
             "--log-level", "warn"])
         self._spawn("kube-apiserver", [
             f"--etcd-servers=http://127.0.0.1:{etcd_port}", f"--secure-port={api_port}",
-            "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1",
+            f"--bind-address={self.address}", f"--advertise-address={self.address}",
             f"--tls-cert-file={pki / 'apiserver.crt'}",
             f"--tls-private-key-file={pki / 'apiserver.key'}",
             f"--client-ca-file={pki / 'ca.crt'}", f"--cert-dir={pki}",
             "--service-account-issuer=https://kubernetes.default.svc",
             f"--service-account-key-file={pki / 'sa.pub'}",
             f"--service-account-signing-key-file={pki / 'sa.key'}",
-            "--service-cluster-ip-range=10.0.0.0/24", "--authorization-mode=RBAC",
-            "--allow-privileged=true", "--enable-priority-and-fairness=false",
-            "--endpoint-reconciler-type=none", "-v=1"])
+            f"--service-cluster-ip-range={SERVICE_CIDR}", *node_flags,
+            "--allow-privileged=true", "--enable-priority-and-fairness=false", "-v=1"])
 
         admin = certs.issue(ca, "fedkube-admin", organization="system:masters")
         self.kubeconfig = _kubeconfig(self.work / "kubeconfig", self.server, ca.cert_pem, admin)
@@ -189,7 +202,8 @@ class ControlPlane:
             f"--manage-nodes-with-annotation-selector={KWOK_ANNOTATION}=fake",
             f"--server-address=127.0.0.1:{free_port()}", "--node-ip=127.0.0.1",
             *[arg for stage in kwok_stages(self.bin_dir) for arg in ("-c", str(stage))]])
-        self.apply([node.manifest() for node in self.nodes])
+        if self.nodes:
+            self.apply([node.manifest() for node in self.nodes])
         wait_for(self._nodes_ready, timeout=timeout, interval=0.5, message="fake nodes Ready")
         wait_for(self._default_service_account, timeout=timeout, interval=0.5,
                  message="the default service account")

@@ -44,7 +44,7 @@ def test_chart_lints_and_renders(cluster: ControlPlane) -> None:
     assert annotations["prometheus.io/port"] == port
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     assert values["metrics"]["scrapeConfig"]["kubernetes_sd_configs"] == [{"role": "pod"}]
-    assert docs[("Federation", "default")]["spec"]["image"] == "ghcr.io/fedkube/fedkube:0.1.0"
+    assert docs[("Federation", "default")]["spec"]["image"] == "fedkube:0.1.0"
     assert "directorResources" not in docs[("Federation", "default")]["spec"]  # defaults
     sized = cluster.helm("template", RELEASE, str(CHART), "--namespace", NAMESPACE,
                          "--set", "federation.enabled=true",
@@ -95,3 +95,17 @@ def test_install_creates_crds_and_an_available_operator(cluster: ControlPlane) -
 def test_operator_rbac_is_least_privilege(cluster: ControlPlane, verb: str, resource: str,
                                           allowed: bool) -> None:
     assert cluster.can_i(verb, resource, user=OPERATOR, namespace="team-a") is allowed
+
+
+@pytest.mark.parametrize(("value", "complaint"), [
+    ("image.pullPolicy=Sometimes", "pullPolicy"),
+    ("federation.tls=plain", "tls"),
+    ("operator.livenessPort=0", "livenessPort"),
+    ("federation.directorFrontend=2", "directorFrontend"),  # a typo: unknown keys refused
+])
+def test_values_outside_the_schema_are_refused(cluster: ControlPlane, value: str,
+                                               complaint: str) -> None:
+    result = cluster.helm("template", RELEASE, str(CHART), "--set", value, check=False)
+    assert result.returncode != 0, result.stdout[:500]
+    assert "values don't meet the specifications of the schema" in result.stderr
+    assert complaint in result.stderr
