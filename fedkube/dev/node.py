@@ -447,15 +447,22 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
             process.wait()
 
     def _kill_pods(self) -> list[str]:
-        """SIGKILL to every process in the Pods' cgroups, then the cgroups removed."""
+        """SIGKILL to every process in the Pods' cgroups, then the cgroups removed. The
+        tree changes as it is read (runc removes a container's own), so it is walked with
+        os.walk, which skips what vanished."""
         problems = []
         for controller in sorted(CGROUP_ROOT.iterdir()):
             top = controller / "kubepods"
             if not top.is_dir():
                 continue
+
             def killed_all(top: Path = top) -> bool:  # a dying process may still fork
-                pids = [int(pid) for procs in top.rglob("cgroup.procs")
-                        for pid in procs.read_text().split()]
+                pids = []
+                for directory, _, files in os.walk(top):
+                    if "cgroup.procs" in files:
+                        with contextlib.suppress(OSError):
+                            pids += [int(pid) for pid in
+                                     Path(directory, "cgroup.procs").read_text().split()]
                 for pid in pids:
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGKILL)
@@ -465,15 +472,13 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
                 wait_for(killed_all, timeout=30, interval=0.1, message="the Pods' processes gone")
             except TimeoutError as exc:
                 problems.append(str(exc))
-            groups = sorted((p for p in top.rglob("*") if p.is_dir()),
-                            key=lambda p: len(p.parts), reverse=True)
-            for group in [*groups, top]:
+            for directory, _, _ in os.walk(top, topdown=False):  # the deepest first
                 try:
-                    group.rmdir()
-                except FileNotFoundError:  # removed meanwhile (runc cleans up after itself)
+                    Path(directory).rmdir()
+                except FileNotFoundError:  # removed meanwhile
                     pass
                 except OSError as exc:
-                    problems.append(f"cgroup {group}: {exc}")
+                    problems.append(f"cgroup {directory}: {exc}")
         return problems
 
     def clean(self) -> None:

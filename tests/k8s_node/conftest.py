@@ -12,7 +12,8 @@ from fedkube.dev.cluster import SERVICE_CIDR, ControlPlane
 from fedkube.dev.node import NODE_IP, RealNode, _run, node_binaries, node_images
 
 
-@pytest.fixture(scope="session")
+# Package scope: the node and its Pods are gone before the rest of the suite runs.
+@pytest.fixture(scope="package")
 def real_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealNode]:
     bin_dir, images = node_binaries(), node_images()
     work = tmp_path_factory.mktemp("k8s-node")
@@ -32,10 +33,15 @@ def real_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealNode]:
         changes.restore()
         raise
     yield node
-    problems = node.stop()
-    plane.stop()
-    problems += changes.restore()
-    node.clean()
+    problems: list[str] = []
+    try:
+        problems += node.stop()
+    finally:
+        try:
+            plane.stop()
+        finally:
+            problems += changes.restore()
+            node.clean()
     assert not problems, f"the host was not restored: {problems}"
 
 

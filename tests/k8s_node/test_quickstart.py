@@ -53,6 +53,19 @@ def test_quickstart_runs_as_written_on_a_real_node(real_node: RealNode) -> None:
     assert "round" in director, director[-2000:]
     envoy = logs("app.kubernetes.io/component=envoy")
     assert "digits-logreg" in envoy, envoy[-2000:]
+    # The director became Ready through its gRPC health probe (on the plaintext port).
+    pod = json.loads(plane.kubectl("-n", "fl", "get", "pods", "-l",
+                                   "app.kubernetes.io/component=director", "-o",
+                                   "json").stdout)["items"][0]
+    probe = pod["spec"]["containers"][0]["readinessProbe"]
+    assert "grpc" in probe, probe
+    ready = {c["type"]: c["status"] for c in pod["status"]["conditions"]}
+    assert ready["Ready"] == "True", pod["status"]
+    # The envoy Pod asked for its shard's certificate, and the operator signed it.
+    csrs = json.loads(plane.kubectl("get", "csr", "-l", "fedkube.io/shard=hospital-a", "-o",
+                                    "json").stdout)["items"]
+    assert any(c["spec"]["username"].startswith("system:serviceaccount:fl:")
+               and c["status"].get("certificate") for c in csrs), csrs
     shard = json.loads(plane.kubectl("-n", "fl", "get", "shard", "hospital-a", "-o",
                                      "json").stdout)
     online = {c["type"]: c["status"] for c in shard["status"]["conditions"]}

@@ -18,6 +18,9 @@ wanted=(
     buildah:buildah
     mmdebstrap:mmdebstrap
     busybox-static:
+    iproute2:ip
+    gcc:gcc
+    libc6-dev:
 )
 
 is_installed() { dpkg-query -W -f='${db:Status-Status}' "$1" 2>/dev/null | grep -qx installed; }
