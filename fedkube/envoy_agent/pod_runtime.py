@@ -4,6 +4,7 @@ builds it), watched to its end."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -15,6 +16,7 @@ from fedkube.envoy_agent.pods import PodPlacement, build_collaborator_pod
 from fedkube.envoy_agent.runtime import CollaboratorFailed, CollaboratorJob
 
 log = logging.getLogger(__name__)
+LOG_TAIL_LINES = 200  # of a collaborator Pod's log, kept in the envoy's when it ends
 
 
 class PodRuntime:
@@ -35,6 +37,7 @@ class PodRuntime:
             raise ValueError("the pod runtime needs a namespace, node name and image (pod: "
                              "settings, or POD_NAMESPACE, NODE_NAME, FEDKUBE_IMAGE)")
         self.settings = settings
+        self.work_dir = config.work_dir
         self.placement = PodPlacement(
             namespace=namespace, node_name=node, image=image, director=config.director,
             loader=config.shard.loader,
@@ -84,7 +87,26 @@ class PodRuntime:
                     unschedulable_since = None
                 await asyncio.sleep(self.POLL_S)
         finally:
+            await asyncio.to_thread(self._keep_logs, name, job)
             await asyncio.to_thread(_delete_quietly, self.core, name, namespace)
+
+    def _keep_logs(self, name: str, job: CollaboratorJob) -> None:
+        """The Pod's last lines into the envoy's own log (and, as the process runtime
+        keeps them, a file): deleting the Pod would lose them, and with them the rounds
+        `kubectl logs` of the envoy then shows. Best effort: never fails the run."""
+        try:
+            text = self.core.read_namespaced_pod_log(name, self.placement.namespace,
+                                                     tail_lines=LOG_TAIL_LINES)
+        except Exception as exc:  # a Pod that never ran, a node that serves no logs
+            log.warning("could not keep the logs of collaborator pod %s: %s", name, exc)
+            return
+        lines = [line for line in str(text).splitlines() if line.strip()]
+        for line in lines:
+            log.info("collaborator %s: %s", name, line)
+        with contextlib.suppress(OSError):
+            self.work_dir.mkdir(parents=True, exist_ok=True)
+            (self.work_dir / f"{job.experiment}.collaborator.log").write_text(
+                "\n".join(lines) + "\n")
 
 
 def _pod_failure(pod: Any) -> str:

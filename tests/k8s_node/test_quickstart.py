@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -46,6 +47,10 @@ def test_quickstart_runs_as_written_on_a_real_node(real_node: RealNode) -> None:
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "condition met" in result.stdout
 
+    # The experiment succeeds with its last round; its collaborator Pod ends just after.
+    wait_for(lambda: plane.kubectl("-n", "fl", "get", "pods", "-o", "name", check=False)
+             .stdout.count("collab") == 0, timeout=60, message="the collaborator Pod removed")
+
     def logs(selector: str) -> str:
         return plane.kubectl("-n", "fl", "logs", "-l", selector, "--tail=-1").stdout
 
@@ -53,6 +58,8 @@ def test_quickstart_runs_as_written_on_a_real_node(real_node: RealNode) -> None:
     assert "round" in director, director[-2000:]
     envoy = logs("app.kubernetes.io/component=envoy")
     assert "digits-logreg" in envoy, envoy[-2000:]
+    # The collaborator Pod is gone, and its rounds are in its envoy's log.
+    assert re.search(r"collaborator \S+: .*round \d+: \S+ done", envoy), envoy[-3000:]
     # The director became Ready through its gRPC health probe (on the plaintext port).
     pod = json.loads(plane.kubectl("-n", "fl", "get", "pods", "-l",
                                    "app.kubernetes.io/component=director", "-o",
@@ -70,5 +77,3 @@ def test_quickstart_runs_as_written_on_a_real_node(real_node: RealNode) -> None:
                                      "json").stdout)
     online = {c["type"]: c["status"] for c in shard["status"]["conditions"]}
     assert online.get("Online") == "True", shard["status"]
-    wait_for(lambda: plane.kubectl("-n", "fl", "get", "pods", "-o", "name", check=False)
-             .stdout.count("collab") == 0, timeout=60, message="the collaborator Pod removed")
