@@ -129,6 +129,12 @@ def test_the_director_readiness_probe_asks_the_plaintext_health_port(tls: str) -
         "containers"][0]
     args = build_parser().parse_args(container["args"])
     assert container["readinessProbe"] == {"grpc": {"port": args.health_port}}
+    for probe in ("startupProbe", "livenessProbe"):  # the same port, with patience
+        assert container[probe]["grpc"] == {"port": args.health_port}
+    assert (container["startupProbe"]["periodSeconds"]
+            * container["startupProbe"]["failureThreshold"]) >= 600
+    assert (container["livenessProbe"]["periodSeconds"]
+            * container["livenessProbe"]["failureThreshold"]) >= 60
     assert {"name": "health", "containerPort": args.health_port} in container["ports"]
     assert args.health_port not in (args.port, args.bulk_port, args.metrics_port)
     assert "health" not in {p["name"] for p in

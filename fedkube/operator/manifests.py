@@ -185,6 +185,13 @@ def build_director_deployment(name: str, namespace: str, spec: FederationSpec) -
                         # SERVING once the store is open and the aggregators run, in either
                         # TLS mode; NOT_SERVING from SIGTERM on (it exits within seconds).
                         "readinessProbe": {"grpc": {"port": HEALTH_PORT}},
+                        # Resuming many large experiments may take minutes: liveness counts
+                        # only once started. Then a director that answers no health check
+                        # for a minute (its event loop stuck) is restarted.
+                        "startupProbe": {"grpc": {"port": HEALTH_PORT}, "periodSeconds": 2,
+                                         "failureThreshold": 300},
+                        "livenessProbe": {"grpc": {"port": HEALTH_PORT}, "periodSeconds": 10,
+                                          "timeoutSeconds": 5, "failureThreshold": 6},
                         "securityContext": _RESTRICTED_CONTAINER,
                         "volumeMounts": [{"name": "data", "mountPath": DATA_DIR},
                                          {"name": "tmp", "mountPath": "/tmp"}, *mounts],
