@@ -12,11 +12,20 @@ from pathlib import Path
 import grpc
 import pytest
 
+from fedkube.api.experiment import ExperimentState
 from fedkube.api.plan import Plan
+from fedkube.client.director_client import DirectorClient
 from fedkube.proto import director_pb2, director_pb2_grpc
 from fedkube.tasks.archive import build_archive
 from fedkube.transport.tls import TLSFiles
-from tests.helpers import CertDir, RunningDirector, shard_request, start_director, stub
+from tests.helpers import (
+    CertDir,
+    RunningDirector,
+    running_experiment,
+    shard_request,
+    start_director,
+    stub,
+)
 
 
 def zip_with(member: str) -> bytes:
@@ -203,3 +212,21 @@ async def test_collaborators_of_an_experiment_that_ended_before_a_restart_are_to
             assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
     finally:
         await running.server.stop(None)
+
+
+async def test_an_error_with_newlines_and_non_ascii_text_reaches_the_owner(
+        director: RunningDirector) -> None:
+    """An envoy's error is often a traceback: many lines, and whatever characters the
+    failure printed. Trailing metadata takes printable ASCII only, so it travels escaped
+    (an unescaped newline made GetExperimentDescription fail: INTERNAL, Invalid metadata)."""
+    await running_experiment(director)
+    error = "Traceback (most recent call last):\n  File \"x.py\"\nValueError: naïve 100% → ✗"
+    director.server.director.finish_experiment("exp", ExperimentState.FAILED, error)
+
+    def status() -> tuple[str, str]:
+        with DirectorClient(director.address, client_id="alice", timeout=10) as client:
+            view = client.status("exp")
+            return view.status, view.error
+
+    assert await asyncio.to_thread(status) == ("failed", error)
+

@@ -31,6 +31,7 @@ from fedkube.transport.identity import CLIENT_ID_HEADER
 from fedkube.transport.limits import CHUNK_BYTES
 from fedkube.transport.tensors import model_from_proto, model_pieces, model_to_proto
 from fedkube.transport.tls import TLSFiles
+from fedkube.transport.trailers import read_text_trailers
 
 
 @dataclass(frozen=True)
@@ -180,9 +181,7 @@ class DirectorClient:
         response, call = self._stub.GetExperimentDescription.with_call(
             director_pb2.GetExperimentDescriptionRequest(name=name), metadata=self._metadata,
             timeout=self.timeout)
-        extra = {key.removeprefix("fedkube-"): value
-                 for key, value in (call.trailing_metadata() or ())
-                 if key.startswith("fedkube-") and isinstance(value, str)}  # not *-bin
+        extra = read_text_trailers(call.trailing_metadata(), "fedkube-")
         metric = extra.get("metric", "")
 
         def figure(key: str) -> dict[str, float]:

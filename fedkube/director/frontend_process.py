@@ -41,6 +41,7 @@ from fedkube.transport.guard import Handlers, generated_handlers, guarded_handle
 from fedkube.transport.identity import REASON_HEADER, acting_for_another, caller_identity
 from fedkube.transport.server import create_server
 from fedkube.transport.tls import TLSFiles
+from fedkube.transport.trailers import text_trailers
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +142,7 @@ class EnvoyAnswers(director_pb2_grpc.DirectorServicer):
         except grpc.aio.AioRpcError as error:
             await context.abort(error.code(), error.details() or "")
         if ack.reason:
-            context.set_trailing_metadata(((REASON_HEADER, ack.reason),))
+            context.set_trailing_metadata(text_trailers([(REASON_HEADER, ack.reason)]))
         if ack.accepted:
             self.known[name] = b""  # no status yet: its first check goes to the director
         return director_pb2.UpdateShardInfoResponse(accepted=ack.accepted)

@@ -28,6 +28,7 @@ from fedkube.transport.identity import REASON_HEADER, acting_for_another, caller
 from fedkube.transport.limits import CHUNK_BYTES
 from fedkube.transport.roles import is_admin
 from fedkube.transport.status import Context, stream_errors, unary_errors
+from fedkube.transport.trailers import text_trailers
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ class DirectorService(director_pb2_grpc.DirectorServicer):
         self._require_self(context, request.shard_info.node_info.name)
         ack = self.director.acknowledge_shard(request.shard_info)
         if ack.reason:
-            context.set_trailing_metadata(((REASON_HEADER, ack.reason),))
+            context.set_trailing_metadata(text_trailers([(REASON_HEADER, ack.reason)]))
         return director_pb2.UpdateShardInfoResponse(accepted=ack.accepted)
 
     @unary_errors
@@ -146,9 +147,7 @@ class DirectorService(director_pb2_grpc.DirectorServicer):
         extras = {"fedkube-error": record.error,
                   "fedkube-queue-position": str(self.director.queue_position(record.name)),
                   **{f"fedkube-{k.replace('_', '-')}": v for k, v in record.extra.items()}}
-        context.set_trailing_metadata(tuple(
-            (key, value.encode("ascii", "replace").decode()[:2000])
-            for key, value in extras.items() if value))
+        context.set_trailing_metadata(text_trailers(extras.items()))
         return director_pb2.GetExperimentDescriptionResponse(
             experiment=experiment_description(record))
 

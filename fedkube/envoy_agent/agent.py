@@ -29,6 +29,7 @@ from fedkube.transport.channel import open_channel
 from fedkube.transport.identity import REASON_HEADER
 from fedkube.transport.status import is_transient
 from fedkube.transport.tls import TLSFiles
+from fedkube.transport.trailers import unescape
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -114,7 +115,7 @@ class EnvoyAgent:
             invocation = self._stub.UpdateShardInfo(request, timeout=CALL_TIMEOUT_S)
             response = await invocation
             trailers = await invocation.trailing_metadata()
-            reason = dict(trailers or ()).get(REASON_HEADER, "")
+            reason = unescape(dict(trailers or ()).get(REASON_HEADER, ""))
             return response, str(reason)
 
         response, reason = await self._call(call)
