@@ -415,7 +415,10 @@ class ExperimentAggregator:
             raise NotFoundError(f"no tensor {name!r} in experiment {self.name!r}")
         return self.model[name]
 
-    def get_tensor(self, sender: str, name: str, round_number: int) -> base_pb2.NamedTensor:
+    def get_tensor(self, sender: str, name: str, round_number: int, *,
+                   tags: Sequence[str] = (), require_lossless: bool = False
+                   ) -> base_pb2.NamedTensor:
+        """The global model's tensor (fedkube's collaborators send no tags)."""
         self.tensor_values(sender, name, round_number)
         # Serialized once per round, however many collaborators ask.
         if name not in self._tensors:

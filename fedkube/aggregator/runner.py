@@ -17,8 +17,16 @@ from pathlib import Path
 from typing import Protocol
 
 from fedkube.aggregator.experiment import ExperimentAggregator, MetricEvent, Outcome
+from fedkube.aggregator.openfl_rounds import OpenFLRounds
 from fedkube.api.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from fedkube.api.plan import Plan
+from fedkube.openfl.workspace import (
+    PLAN_NAME,
+    OpenFLArchiveError,
+    is_openfl_archive,
+    point_at_director,
+    read_openfl_plan,
+)
 from fedkube.proto import base_pb2
 from fedkube.tasks.archive import ArchiveError, check_archive, load_task, read_plan
 from fedkube.transport.tensors import Model, TensorError, model_from_proto
@@ -26,6 +34,8 @@ from fedkube.transport.tensors import Model, TensorError, model_from_proto
 log = logging.getLogger(__name__)
 TICK_S = 0.25
 INITIAL_MODEL = "initial_model.pb"
+# An experiment's rounds: fedkube's own, or OpenFL 1.6's (fedkube.aggregator.openfl_rounds).
+Rounds = ExperimentAggregator | OpenFLRounds
 
 
 class ExperimentOver(InvalidArgumentError):
@@ -64,13 +74,32 @@ class AggregatorRunner:
         self.outcome = outcome
         self.clock = clock
         self.aggregators: dict[str, ExperimentAggregator] = {}
+        self.openfl: dict[str, OpenFLRounds] = {}
+        # An OpenFL collaborator names its experiment by the federation UUID of its plan.
+        self.aliases: dict[str, str] = {}
         self.ended: dict[str, frozenset[str]] = {}  # experiment -> its collaborators
         self._ticker: asyncio.Task[None] | None = None
+        # Where collaborators reach the aggregators (the director's port, and the address
+        # it advertises if any): written into OpenFL plans (fedkube.openfl.workspace).
+        self.port: int | None = None
+        self.address: str | None = None
 
     # -- ExperimentRunner protocol (called by the director) ------------------------------
 
-    def inspect(self, archive: Path) -> int:
-        """Validates an uploaded experiment; returns its number of rounds."""
+    def inspect(self, archive: Path, name: str) -> int:
+        """Validates an uploaded experiment; returns its number of rounds. An OpenFL
+        experiment's plan is pointed at this director for its collaborators."""
+        if is_openfl_archive(archive):
+            try:
+                rounds = read_openfl_plan(archive).rounds
+            except OpenFLArchiveError as exc:
+                raise InvalidArgumentError(f"OpenFL experiment: {exc}") from exc
+            if not (archive.parent / INITIAL_MODEL).exists():
+                raise InvalidArgumentError("OpenFL experiment: no initial model was sent")
+            if self.port is None:
+                raise FailedPreconditionError("this director serves no aggregator port")
+            point_at_director(archive, experiment=name, port=self.port, address=self.address)
+            return rounds
         try:
             plan = check_archive(archive)
         except ArchiveError as exc:
@@ -80,6 +109,9 @@ class AggregatorRunner:
 
     def start(self, experiment: StartedExperiment) -> None:
         archive = Path(experiment.archive_path)
+        if is_openfl_archive(archive):
+            self._start_openfl(experiment, archive)
+            return
         plan = read_plan(archive)
         last = archive.parent / "last.pb"
         start_round, model = 0, None
@@ -101,6 +133,28 @@ class AggregatorRunner:
         log.info("aggregator for %s: %d rounds over %s", experiment.name, plan.rounds,
                  list(experiment.collaborators), extra={"experiment": experiment.name})
 
+    def _start_openfl(self, experiment: StartedExperiment, archive: Path) -> None:
+        plan = read_openfl_plan(archive)
+        start_round, previous = 0, None
+        model = _read_model(archive.parent / INITIAL_MODEL)[0]
+        if experiment.current_round > 0 and (archive.parent / "last.pb").exists():
+            model, start_round = _read_model(archive.parent / "last.pb")
+            if (archive.parent / "previous.pb").exists():
+                previous = _read_model(archive.parent / "previous.pb")[0]
+        best = experiment.extra.get("best_metric", "")
+        rounds = OpenFLRounds(
+            name=experiment.name, plan=plan, collaborators=list(experiment.collaborators),
+            initial=model, workdir=archive.parent, outcome=self.outcome, clock=self.clock,
+            start_round=start_round, previous=previous,
+            best_metric=float(best) if best else None)
+        rounds.metric_name = experiment.extra.get("metric", "")
+        self.openfl[experiment.name] = rounds
+        self.aliases[plan.federation_uuid] = experiment.name
+        self._ensure_ticker()
+        log.info("aggregator for OpenFL experiment %s (federation %s): %d rounds over %s",
+                 experiment.name, plan.federation_uuid, plan.rounds,
+                 list(experiment.collaborators), extra={"experiment": experiment.name})
+
     def remember_ended(self, name: str, collaborators: Iterable[str]) -> None:
         """An experiment that ended before this director started: its late collaborators
         are told to quit, as they are for one that ends while it runs."""
@@ -119,21 +173,32 @@ class AggregatorRunner:
                 self._ticker = asyncio.get_running_loop().create_task(self._tick_loop())
 
     async def _tick_loop(self) -> None:
-        while self.aggregators:
+        while self.aggregators or self.openfl:
             self.tick()
             await asyncio.sleep(TICK_S)
 
     def tick(self) -> None:
-        for name, aggregator in list(self.aggregators.items()):
-            aggregator.tick()
-            if aggregator.done:
+        running: list[tuple[str, Rounds]] = [*self.aggregators.items(), *self.openfl.items()]
+        for name, rounds in running:
+            rounds.tick()
+            if rounds.done:
                 self._retire(name)
 
-    def _retire(self, name: str) -> ExperimentAggregator | None:
-        aggregator = self.aggregators.pop(name, None)
-        if aggregator is not None:
-            self.ended[name] = frozenset(aggregator.collaborators)
-        return aggregator
+    def _retire(self, name: str) -> Rounds | None:
+        rounds: Rounds | None = self.aggregators.pop(name, None) or self.openfl.pop(name, None)
+        if rounds is not None:
+            self.ended[name] = frozenset(rounds.collaborators)
+        return rounds
+
+    def running(self) -> list[Rounds]:
+        return [*self.aggregators.values(), *self.openfl.values()]
+
+    def rounds(self, name: str) -> Rounds:
+        """The running experiment a collaborator names: by its name, or (an OpenFL
+        collaborator) by its plan's federation UUID."""
+        name = self.aliases.get(name, name)
+        rounds = self.openfl.get(name)
+        return rounds if rounds is not None else self.aggregator(name)
 
     def aggregator(self, name: str) -> ExperimentAggregator:
         aggregator = self.aggregators.get(name)
@@ -145,8 +210,13 @@ class AggregatorRunner:
 
     def over_for(self, name: str, sender: str) -> bool:
         """Whether sender collaborated on an experiment that has ended since this director
-        started (a late straggler is told to quit, not that the experiment is unknown)."""
-        return sender in self.ended.get(name, frozenset())
+        started (a late straggler is told to quit, not that the experiment is unknown); an
+        OpenFL collaborator of an experiment this director does not know is told so too,
+        or OpenFL's client would ask again at once, forever."""
+        name = self.aliases.get(name, name)
+        if name in self.aggregators or name in self.openfl:
+            return False
+        return name.startswith(f"{PLAN_NAME}_") or sender in self.ended.get(name, frozenset())
 
     # -- artefacts -----------------------------------------------------------------------
 
@@ -160,7 +230,7 @@ class AggregatorRunner:
 
     async def metrics(self, name: str, directory: Path) -> AsyncIterator[MetricEvent]:
         """Every metric so far, then new ones as they come, until the experiment ends."""
-        aggregator = self.aggregators.get(name)
+        aggregator: Rounds | None = self.aggregators.get(name) or self.openfl.get(name)
         if aggregator is None:
             path = directory / "metrics.jsonl"
             if path.exists():
@@ -176,3 +246,12 @@ class AggregatorRunner:
             if aggregator.done:
                 return
             await changed.wait()
+
+
+def _read_model(path: Path) -> tuple[Model, int]:
+    """A saved model and the round it names."""
+    try:
+        proto = base_pb2.ModelProto.FromString(path.read_bytes())
+        return model_from_proto(proto), proto.tensors[0].round_number if proto.tensors else 0
+    except (TensorError, ValueError, OSError) as exc:
+        raise InvalidArgumentError(f"{path.name}: {exc}") from exc

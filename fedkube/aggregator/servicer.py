@@ -65,10 +65,10 @@ class AggregatorService(aggregator_pb2_grpc.AggregatorServicer):
                        context: Context) -> aggregator_pb2.GetTasksResponse:
         sender = self._sender(request.header, context)
         name = request.header.federation_uuid
-        if self.runner.over_for(name, sender) and name not in self.runner.aggregators:
+        if self.runner.over_for(name, sender):
             response = aggregator_pb2.GetTasksResponse(quit=True)
         else:
-            response = self.runner.aggregator(name).get_tasks(sender)
+            response = self.runner.rounds(name).get_tasks(sender)
         response.header.CopyFrom(self._reply_header(request.header))
         return response
 
@@ -77,8 +77,10 @@ class AggregatorService(aggregator_pb2_grpc.AggregatorServicer):
                                   context: Context
                                   ) -> aggregator_pb2.GetAggregatedTensorResponse:
         sender = self._sender(request.header, context)
-        aggregator = self.runner.aggregator(request.header.federation_uuid)
-        tensor = aggregator.get_tensor(sender, request.tensor_name, request.round_number)
+        aggregator = self.runner.rounds(request.header.federation_uuid)
+        tensor = aggregator.get_tensor(sender, request.tensor_name, request.round_number,
+                                       tags=tuple(request.tags),
+                                       require_lossless=request.require_lossless)
         transfer_metrics.BYTES_SENT.labels("GetAggregatedTensor").inc(tensor.ByteSize())  # no copy
         return aggregator_pb2.GetAggregatedTensorResponse(
             header=self._reply_header(request.header), round_number=aggregator.round,
@@ -90,7 +92,7 @@ class AggregatorService(aggregator_pb2_grpc.AggregatorServicer):
                                    ) -> aggregator_pb2.SendLocalTaskResultsResponse:
         # The experiment is named inside the message, so size the buffer on the largest
         # running model; the parsed header then picks the aggregator.
-        largest = max((expected_result_bytes(a.model) for a in self.runner.aggregators.values()),
+        largest = max((expected_result_bytes(a.model) for a in self.runner.running()),
                       default=1 << 20)
         assembler = ChunkAssembler(largest, RESULT_LIMIT_FACTOR * largest)
         try:
@@ -108,7 +110,7 @@ class AggregatorService(aggregator_pb2_grpc.AggregatorServicer):
                             payloads: list[memoryview], context: Context
                             ) -> aggregator_pb2.SendLocalTaskResultsResponse:
         sender = self._sender(results.header, context)
-        await self.runner.aggregator(results.header.federation_uuid).receive(
+        await self.runner.rounds(results.header.federation_uuid).receive(
             sender, results, payloads)
         return aggregator_pb2.SendLocalTaskResultsResponse(
             header=self._reply_header(results.header))
@@ -125,7 +127,7 @@ class AggregatorService(aggregator_pb2_grpc.AggregatorServicer):
     def _tensor_segments(self, request: aggregator_pb2.GetAggregatedTensorRequest,
                          context: Context) -> list[bytes | memoryview]:
         sender = self._sender(request.header, context)
-        aggregator = self.runner.aggregator(request.header.federation_uuid)
+        aggregator = self.runner.rounds(request.header.federation_uuid)
         values = aggregator.tensor_values(sender, request.tensor_name, request.round_number)
         return encode_tensor_response(self._reply_header(request.header), aggregator.round,
                                       request.tensor_name, values)
@@ -150,7 +152,7 @@ class AggregatorService(aggregator_pb2_grpc.AggregatorServicer):
         """Checked before the body is read: who may upload, and how much at most."""
         self._admit(RESULTS_METHOD, context)
         self._sender(header, context)
-        aggregator = self.runner.aggregator(header.federation_uuid)
+        aggregator = self.runner.rounds(header.federation_uuid)
         return RESULT_LIMIT_FACTOR * expected_result_bytes(aggregator.model)
 
     async def bulk_upload(self, header: aggregator_pb2.MessageHeader, body: memoryview,

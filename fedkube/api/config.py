@@ -93,6 +93,9 @@ class DirectorConfig(_Strict):
     frontends: int = Field(default=0, ge=0, le=64, description=(
         "processes beside the director that share its port and answer health checks, "
         "each on a core of its own: for federations past a few thousand envoys"))
+    advertise_address: str | None = Field(default=None, max_length=253, description=(
+        "the host name collaborators reach this director by, written into OpenFL "
+        "experiments' plans (default: the one their frontend used)"))
 
     _shapes = field_validator("sample_shape", "target_shape", mode="before")(parse_shape)
 

@@ -44,6 +44,11 @@ class PermissionDeniedError(ServiceError):
     """The caller's role or identity does not allow the request."""
 
 
+class UnauthenticatedError(ServiceError):
+    """The caller is not part of what it calls (an OpenFL collaborator that no running
+    experiment knows): OpenFL's client stops on this code, and retries every other."""
+
+
 class FailedPreconditionError(ServiceError):
     """The request is well formed but does not fit the current state."""
 

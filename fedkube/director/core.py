@@ -54,8 +54,9 @@ class Acknowledgement:
 class ExperimentRunner(Protocol):
     """Runs an experiment once its collaborators are dispatched (the aggregator's side)."""
 
-    def inspect(self, archive: Path) -> int:
-        """Validates an uploaded archive (raising ServiceError); returns its rounds."""
+    def inspect(self, archive: Path, name: str) -> int:
+        """Validates experiment name's uploaded archive (raising ServiceError), preparing
+        it for its collaborators; returns its rounds."""
 
     def start(self, experiment: ExperimentRecord) -> None: ...
 

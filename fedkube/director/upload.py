@@ -62,7 +62,8 @@ class ExperimentUploads:
             archive = tmp.with_name(ARCHIVE)
             os.replace(tmp, archive)
             _save_initial_model(model, archive.parent)
-            rounds = self.director.runner.inspect(archive) if self.director.runner else 0
+            rounds = (self.director.runner.inspect(archive, first.name) if self.director.runner
+                      else 0)
             return self.director.set_new_experiment(
                 name=first.name, owner=owner, collaborators=list(first.collaborator_names),
                 archive_path=archive, total_rounds=rounds)

@@ -20,6 +20,7 @@ STATUS_CODES: dict[type[errors.ServiceError], grpc.StatusCode] = {
     errors.AlreadyExistsError: grpc.StatusCode.ALREADY_EXISTS,
     errors.InvalidArgumentError: grpc.StatusCode.INVALID_ARGUMENT,
     errors.PermissionDeniedError: grpc.StatusCode.PERMISSION_DENIED,
+    errors.UnauthenticatedError: grpc.StatusCode.UNAUTHENTICATED,
     errors.FailedPreconditionError: grpc.StatusCode.FAILED_PRECONDITION,
     errors.ResourceExhaustedError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.InternalError: grpc.StatusCode.INTERNAL,
