@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator, Generator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -24,6 +25,16 @@ def openfl_python() -> Path:
         pytest.fail(f"OpenFL 1.6 peer not installed at {path}: run `make openfl` "
                     "(make test does it)")
     return path
+
+
+@pytest.fixture(scope="session")
+def openfl_reference(tmp_path_factory: pytest.TempPathFactory, openfl_python: Path
+                     ) -> dict[str, Any]:
+    """The OpenFL experiment of tests/openfl_workspace on OpenFL's own director, run once
+    per session: what the same experiment on fedkube is held to."""
+    from tests.test_openfl_experiments import reference_run
+
+    return reference_run(tmp_path_factory, openfl_python)
 
 
 @pytest.fixture(scope="session")

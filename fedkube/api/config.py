@@ -139,6 +139,10 @@ class EnvoyConfig(_Strict):
         "where the envoy keeps experiments' archives and collaborator logs"))
     tls: TLSSettings
     max_backoff: float = Field(default=30.0, gt=0, description="cap of the reconnect delay, s")
+    openfl_python: Path | None = Field(default=None, description=(
+        "the Python of an OpenFL 1.6 environment, for OpenFL experiments and shard "
+        "descriptors (default: $FEDKUBE_OPENFL_PYTHON, else one built once under "
+        "~/.cache/fedkube)"))
 
 
 ConfigT = TypeVar("ConfigT", bound=BaseModel)

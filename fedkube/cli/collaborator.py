@@ -21,6 +21,8 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     run.add_argument("--work-dir", type=Path, required=True)
     run.add_argument("--shard", default="digits")
     run.add_argument("--shard-option", action="append", default=[])
+    run.add_argument("--openfl-python", type=Path,
+                     help="the Python of an OpenFL 1.6 environment, for OpenFL experiments")
     add_tls_flags(run)
     run.add_argument("--request-certificate", action="store_true",
                      help="on Kubernetes: first request the shard's certificate from the "
@@ -37,7 +39,8 @@ def run_collaborator(args: argparse.Namespace) -> int:
         work_dir=args.work_dir, shard=args.shard,
         shard_options=key_values(args.shard_option, flag="--shard-option"),
         archive=args.archive, insecure=bool(args.insecure), ca=args.ca, cert=args.cert,
-        key=args.key, request_certificate=args.request_certificate)
+        key=args.key, request_certificate=args.request_certificate,
+        openfl_python=args.openfl_python)
     try:
         run_collaborator(options, sys.argv[1:])
     except RequirementsError as exc:  # the envoy reports this line as the failure

@@ -13,7 +13,7 @@ from fedkube.api.config import DirectorConfig, build_config
 from fedkube.cli.options import add_field_flags, add_tls_flags, field_values, shape, tls_overrides
 
 FIELDS = ("host", "port", "data_dir", "sample_shape", "target_shape", "health_check_period",
-          "metrics_port", "health_port", "frontends")
+          "metrics_port", "health_port", "frontends", "advertise_address")
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -19,7 +19,7 @@ from fedkube.cli.options import (
 )
 
 log = logging.getLogger("fedkube")
-FIELDS = ("name", "director", "cuda_devices", "work_dir")
+FIELDS = ("name", "director", "cuda_devices", "work_dir", "openfl_python")
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -46,6 +46,7 @@ class CollaboratorOptions:
     cert: Path | None = None
     key: Path | None = None
     request_certificate: bool = False  # on Kubernetes: first request cert/key from the operator
+    openfl_python: Path | None = None  # for OpenFL experiments (fedkube.openfl.environment)
 
 
 def run_collaborator(options: CollaboratorOptions, argv: list[str]) -> None:
@@ -54,6 +55,7 @@ def run_collaborator(options: CollaboratorOptions, argv: list[str]) -> None:
     from fedkube.collaborator import environment
     from fedkube.collaborator.lifetime import bind_to_envoy
     from fedkube.collaborator.run import Collaborator, extract, fetch_archive
+    from fedkube.openfl.workspace import is_openfl_archive
     from fedkube.tasks.archive import load_task
     from fedkube.tasks.shard import load_shard
     from fedkube.transport.tls import TLSFiles
@@ -74,6 +76,10 @@ def run_collaborator(options: CollaboratorOptions, argv: list[str]) -> None:
     tls = None if files is None else TLSFiles.load(files)
     archive = options.archive or fetch_archive(options.director, tls, options.experiment,
                                                options.name, options.work_dir / "archive.zip")
+    if is_openfl_archive(archive):
+        from fedkube.collaborator.openfl import run_openfl_collaborator
+
+        run_openfl_collaborator(options, archive)  # does not return
     plan, workspace = extract(archive, options.work_dir)
     venv_dir = options.work_dir / "venv"
     if plan.install_requirements and not environment.in_venv(venv_dir):

@@ -21,6 +21,7 @@ from fedkube.api.config import EnvoyConfig
 from fedkube.api.errors import RefusedError
 from fedkube.envoy_agent.nvml import NvmlMonitor
 from fedkube.envoy_agent.runtime import CollaboratorFailed, CollaboratorJob, Runtime
+from fedkube.openfl.workspace import is_openfl_archive, prefers_cuda
 from fedkube.proto import director_pb2, director_pb2_grpc
 from fedkube.tasks.archive import read_plan
 from fedkube.tasks.shard import ShardDescriptor
@@ -173,11 +174,18 @@ class EnvoyAgent:
                  archive.stat().st_size)
         if self.runtime is None:
             raise CollaboratorFailed("this envoy has no collaborator runtime")
-        plan = read_plan(archive)
+        devices = tuple(self.config.cuda_devices)
+        if is_openfl_archive(archive):
+            # OpenFL's envoy hands its collaborator all its CUDA devices, used if the plan
+            # prefers CUDA.
+            gpus = len(devices) if prefers_cuda(archive) else 0
+            resources = None
+        else:
+            plan = read_plan(archive)
+            gpus, resources = plan.gpus_per_collaborator, plan.collaborator_resources
         job = CollaboratorJob(experiment=experiment, collaborator=self.name, archive=archive,
-                              work_dir=work_dir, cuda_devices=tuple(self.config.cuda_devices),
-                              gpus=plan.gpus_per_collaborator,
-                              resources=plan.collaborator_resources)
+                              work_dir=work_dir, cuda_devices=devices, gpus=gpus,
+                              resources=resources)
         await self.runtime.run(job)
 
     async def experiment_loop(self) -> None:

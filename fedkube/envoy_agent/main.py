@@ -42,11 +42,18 @@ def run_envoy(config: EnvoyConfig) -> None:
     """Runs until SIGTERM or Ctrl-C; raises ShardRefused when the director refuses the
     shard, ConfigError when the shard cannot be loaded."""
     from fedkube.envoy_agent.agent import EnvoyAgent
-    from fedkube.tasks.shard import ShardLoaderError, load_shard
+    from fedkube.envoy_agent.openfl_shard import OpenFLShard
+    from fedkube.openfl.environment import DESCRIPTOR_PREFIX, OpenFLEnvironmentError
+    from fedkube.tasks.shard import ShardDescriptor, ShardLoaderError, load_shard
 
+    shard: ShardDescriptor
     try:
-        shard = load_shard(config.shard.loader, dict(config.shard.options))
-    except ShardLoaderError as exc:
+        if config.shard.loader.startswith(DESCRIPTOR_PREFIX):
+            shard = OpenFLShard(config.shard.loader, dict(config.shard.options),
+                                config.openfl_python)
+        else:
+            shard = load_shard(config.shard.loader, dict(config.shard.options))
+    except (ShardLoaderError, OpenFLEnvironmentError) as exc:
         raise ConfigError(str(exc)) from exc
     renew = certificate_renewal(config)
     if renew is not None:

@@ -59,6 +59,8 @@ class ProcessRuntime:
                 "--name", job.collaborator, "--archive", str(job.archive), "--work-dir",
                 str(job.work_dir), "--shard", self.config.shard.loader, *options,
                 *_tls_args(self.config)]
+        if self.config.openfl_python is not None:
+            args += ["--openfl-python", str(self.config.openfl_python)]
         env = collaborator_environment(os.environ, job.cuda_devices)
         env[ENVOY_PID] = str(os.getpid())  # the collaborator dies with this envoy
         log_path = job.work_dir / "collaborator.log"

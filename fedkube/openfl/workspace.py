@@ -294,6 +294,17 @@ def read_openfl_plan(archive: Path | bytes) -> OpenFLPlan:
         delta_updates=bool(_settings(config, "collaborator").get("delta_updates", False)))
 
 
+def prefers_cuda(archive: Path | bytes) -> bool:
+    """Whether the plan's collaborators use CUDA devices when they have some."""
+    try:
+        with _open(archive) as z:
+            config = load_config(z.read(PLAN_PATH).decode())
+    except (KeyError, zipfile.BadZipFile, OSError, UnicodeDecodeError):
+        return False
+    policy = _settings(config, "collaborator").get("device_assignment_policy", "CPU_ONLY")
+    return str(policy) == "CUDA_PREFERRED"
+
+
 def point_at_director(archive: Path, *, experiment: str, port: int,
                       address: str | None = None) -> None:
     """Rewrites the archive's plan so its collaborators dial this director (see the
