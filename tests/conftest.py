@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator, Generator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -13,6 +13,9 @@ from fedkube.api.config import TLSSettings
 from fedkube.dev.processes import Process
 from fedkube.transport import certs
 from tests.helpers import CertDir, RunningDirector, running_director
+
+if TYPE_CHECKING:
+    from tests.test_openfl_experiments import References
 
 DEFAULT_OPENFL_PYTHON = Path.home() / ".cache/fedkube/openfl-1.6-venv/bin/python"
 
@@ -28,13 +31,13 @@ def openfl_python() -> Path:
 
 
 @pytest.fixture(scope="session")
-def openfl_reference(tmp_path_factory: pytest.TempPathFactory, openfl_python: Path
-                     ) -> dict[str, Any]:
-    """The OpenFL experiment of tests/openfl_workspace on OpenFL's own director, run once
-    per session: what the same experiment on fedkube is held to."""
-    from tests.test_openfl_experiments import reference_run
+def openfl_references(tmp_path_factory: pytest.TempPathFactory, openfl_python: Path
+                      ) -> References:
+    """The OpenFL experiment of tests/openfl_workspace on OpenFL's own director, each
+    setting run once per session: what the same experiment on fedkube is held to."""
+    from tests.test_openfl_experiments import References
 
-    return reference_run(tmp_path_factory, openfl_python)
+    return References(tmp_path_factory, openfl_python)
 
 
 @pytest.fixture(scope="session")

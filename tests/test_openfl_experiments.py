@@ -117,32 +117,46 @@ def _text(output: str | bytes | None) -> str:
     return output.decode(errors="replace") if isinstance(output, bytes) else output or ""
 
 
-def reference_run(tmp_path_factory: pytest.TempPathFactory, openfl_python: Path
-                  ) -> dict[str, Any]:
-    """The experiment (5 rounds) on OpenFL's own director with two OpenFL envoys, run once:
-    the reference that runs on fedkube's director are held to. Its result, plus `envoys`
-    (their names) and `seconds` (the experiment's wall time)."""
-    tmp_path = tmp_path_factory.mktemp("openfl-reference")
-    started: list[Process] = []
-    try:
-        port = free_port()
-        started.append(openfl_director(tmp_path, port, openfl_python=openfl_python).start())
-        wait_director(port)  # an OpenFL envoy that finds no director exits
-        envoys = openfl_envoys(tmp_path, port, 2, openfl_python=openfl_python)
-        started += [envoy.start() for envoy in envoys]
-        wait_envoys_online(openfl_python, port, [envoy.name for envoy in envoys])
-        began = time.monotonic()
-        result = run_experiment(openfl_python, tmp_path, port, "numpy_digits", rounds=5)
-        return {**result, "envoys": [envoy.name for envoy in envoys],
-                "seconds": time.monotonic() - began}
-    finally:
-        for process in started:
-            process.stop()
+class References:
+    """Runs of the experiment on OpenFL's own director with OpenFL envoys (5 rounds), each
+    setting run once per session: what the same experiment on fedkube's director is held
+    to. A run's result has, besides the script's JSON, `envoys` (their names) and
+    `seconds` (the experiment's wall time)."""
+
+    def __init__(self, tmp_path_factory: pytest.TempPathFactory, openfl_python: Path) -> None:
+        self.tmp_path_factory, self.openfl_python = tmp_path_factory, openfl_python
+        self.runs: dict[tuple[int, tuple[tuple[str, Any], ...]], dict[str, Any]] = {}
+
+    def get(self, envoys: int = 2, **settings: Any) -> dict[str, Any]:
+        key = (envoys, tuple(sorted(settings.items())))
+        if key not in self.runs:
+            self.runs[key] = self._run(envoys, settings)
+        return self.runs[key]
+
+    def _run(self, count: int, settings: dict[str, Any]) -> dict[str, Any]:
+        tmp_path = self.tmp_path_factory.mktemp("openfl-reference")
+        python = self.openfl_python
+        started: list[Process] = []
+        try:
+            port = free_port()
+            started.append(openfl_director(tmp_path, port, openfl_python=python).start())
+            wait_director(port)  # an OpenFL envoy that finds no director exits
+            envoys = openfl_envoys(tmp_path, port, count, openfl_python=python)
+            started += [envoy.start() for envoy in envoys]
+            wait_envoys_online(python, port, [envoy.name for envoy in envoys])
+            began = time.monotonic()
+            result = run_experiment(python, tmp_path, port, "numpy_digits", rounds=5,
+                                    **settings)
+            return {**result, "envoys": [envoy.name for envoy in envoys],
+                    "seconds": time.monotonic() - began}
+        finally:
+            for process in started:
+                process.stop()
 
 
-def test_interactive_api_experiment_on_openfl_director(openfl_reference: dict[str, Any]
+def test_interactive_api_experiment_on_openfl_director(openfl_references: References
                                                        ) -> None:
-    result = openfl_reference
+    result = openfl_references.get()
     print(f"OpenFL's director: experiment {result['seconds']:.1f}s, best "
           f"{result['best_accuracy']:.4f}, last {result['last_accuracy']:.4f}")
     # Every round: each collaborator's metric of each task, and the aggregator's weighted

@@ -63,6 +63,15 @@ CUTOFF_TIME = "CutoffTimeBasedStragglerHandling"
 PERCENTAGE = "PercentageBasedStragglerHandling"
 
 
+# What each pickle may name at all: anything else is refused before its content is read.
+ASSIGNER_GLOBALS = ("cloudpickle.", TASK_CLASSES)
+# (adaptive aggregations hold an optimizer and numpy arrays: recorded, never built)
+AGGREGATION_GLOBALS = ("collections.defaultdict", AGGREGATION_PACKAGE,
+                       "openfl.utilities.optimizers.", "numpy.", "_codecs.encode")
+OWN_CODE = {"aggregation_function_interface_file": "custom aggregation function",
+            "task_assigner_file": "custom task assigner"}
+
+
 class OpenFLArchiveError(FedkubeError, ValueError):
     """An OpenFL experiment fedkube cannot run as sent; the message says why."""
 
@@ -152,9 +161,10 @@ def load_config(text: str) -> dict[str, Any]:
     return normalised(config)
 
 
-def _pickle(z: zipfile.ZipFile, config: Mapping[str, Any], setting: str
-            ) -> Inspected | None:
-    """The inspected object of an api_layer pickle (its records), or None if not named."""
+def _pickle(z: zipfile.ZipFile, config: Mapping[str, Any], setting: str,
+            allowed: tuple[str, ...]) -> Inspected | None:
+    """The inspected object of an api_layer pickle (its records), or None if not named.
+    A pickle naming a global outside `allowed` is refused, naming it."""
     filename = _settings(config, "api_layer").get(setting)
     if not filename:
         return None
@@ -163,9 +173,21 @@ def _pickle(z: zipfile.ZipFile, config: Mapping[str, Any], setting: str
     except KeyError:
         raise OpenFLArchiveError(f"the archive has no {filename} (api_layer {setting})") from None
     try:
-        return inspect_pickle(data)
+        inspected = inspect_pickle(data)
     except PickleError as exc:
         raise OpenFLArchiveError(f"{filename}: {exc}") from exc
+    own = [r.qualified.removeprefix(BY_VALUE) for r in inspected.records
+           if r.qualified.startswith(BY_VALUE)]
+    strange = [r.qualified.removesuffix("()") for r in inspected.records
+               if not r.qualified.removesuffix("()").startswith(allowed)]
+    if own or strange:
+        what = (f"{OWN_CODE.get(setting, 'class')} {own[0]!r}" if own
+                else f"{setting} {strange[0]!r}")
+        raise OpenFLArchiveError(
+            f"{what} is the experiment's own code, which the director does not run; "
+            f"fedkube runs FLExperiment's default assigner and OpenFL's "
+            f"{sorted(AGGREGATIONS)} aggregation functions")
+    return inspected
 
 
 def _tasks(inspected: Inspected | None) -> tuple[OpenFLTask, ...]:
@@ -217,8 +239,10 @@ def _aggregations(inspected: Inspected | None, tasks: tuple[OpenFLTask, ...]) ->
     by_function: dict[str, str] = {}
     if inspected is not None:
         root = inspected.root
-        items = root.items if isinstance(root, Record) else {}
-        for function, value in items.items():
+        if not (isinstance(root, Record) and root.qualified == "collections.defaultdict"):
+            raise OpenFLArchiveError("the aggregation functions' pickle does not hold "
+                                     "FLExperiment's mapping of task functions to them")
+        for function, value in root.items.items():
             qualified = value.qualified if isinstance(value, Record) else type(value).__name__
             by_function[str(function)] = _aggregation(qualified)
     return {t.name: by_function.get(t.function_name, "weighted_average") for t in tasks}
@@ -271,8 +295,9 @@ def read_openfl_plan(archive: Path | bytes) -> OpenFLPlan:
             except KeyError:
                 raise OpenFLArchiveError(f"the archive has no {PLAN_PATH}") from None
             config = load_config(text)
-            assigner = _pickle(z, config, "task_assigner_file")
-            aggregation = _pickle(z, config, "aggregation_function_interface_file")
+            assigner = _pickle(z, config, "task_assigner_file", ASSIGNER_GLOBALS)
+            aggregation = _pickle(z, config, "aggregation_function_interface_file",
+                                  AGGREGATION_GLOBALS)
     except (zipfile.BadZipFile, OSError, UnicodeDecodeError) as exc:
         raise OpenFLArchiveError(f"cannot read the archive: {exc}") from exc
     pipeline = str(_section(config, "compression_pipeline").get(TEMPLATE, NO_COMPRESSION))

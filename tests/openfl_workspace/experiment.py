@@ -5,8 +5,10 @@ DataInterface), for any director that speaks OpenFL's director protocol; everyth
 between runs comes from the environment:
 
     DIRECTOR_HOST (localhost), DIRECTOR_PORT, CLIENT_ID (frontend): the director, TLS disabled
-    EXPERIMENT_NAME, ROUNDS (5), AGGREGATION (weighted_average | median),
-    DELTA_UPDATES ("1": on), OPT_TREATMENT (RESET), EPOCHS (2), LR (0.1), BATCH_SIZE (32)
+    EXPERIMENT_NAME, ROUNDS (5), AGGREGATION (weighted_average | median | custom: a class of
+    this script's own, which writes the file MARKER wherever it runs),
+    DELTA_UPDATES ("1": on), OPT_TREATMENT (RESET), EPOCHS (2), LR (0.1), BATCH_SIZE (32),
+    ENVOYS (a comma-separated subset of the online envoys to run on; default: all of them)
 
 Run it with the OpenFL virtualenv's python, in a copy of this directory (the interactive API packs
 the working directory into the experiment archive). The last line it prints is JSON:
@@ -19,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -27,7 +30,7 @@ import digits_data
 import numpy as np
 import numpy.typing as npt
 from numpy_model import MLP, SGD, Array, features
-from openfl.interface.aggregation_functions import Median, WeightedAverage
+from openfl.interface.aggregation_functions import AggregationFunction, Median, WeightedAverage
 from openfl.interface.interactive_api.experiment import (
     DataInterface,
     FLExperiment,
@@ -49,7 +52,21 @@ EPOCHS = int(os.environ.get("EPOCHS", "2"))
 LR = float(os.environ.get("LR", "0.1"))
 BATCH_SIZE = int(os.environ.get("BATCH_SIZE", "32"))
 
-AGGREGATIONS = {"weighted_average": WeightedAverage, "median": Median}
+
+
+class MarkedAverage(AggregationFunction):  # type: ignore[misc]
+    """The owner's own aggregation function: a weighted average that leaves a mark (the
+    host it ran on) in the file MARKER, so a test can tell where it ran."""
+
+    def call(self, local_tensors: Any, *_: Any) -> Any:
+        with open(os.environ["MARKER"], "a") as marker:
+            marker.write(f"{socket.gethostname()} {os.getpid()}\n")
+        tensors, weights = zip(*[(x.tensor, x.weight) for x in local_tensors], strict=True)
+        return np.average(tensors, weights=weights, axis=0)
+
+
+AGGREGATIONS = {"weighted_average": WeightedAverage, "median": Median,
+                "custom": MarkedAverage}
 logger = logging.getLogger("experiment")
 
 
@@ -152,6 +169,11 @@ def main() -> None:
 
     federation = Federation(client_id=CLIENT_ID, director_node_fqdn=DIRECTOR_HOST,
                             director_port=DIRECTOR_PORT, tls=False)
+    if os.environ.get("ENVOYS"):
+        # FLExperiment runs on every online envoy; this experiment wants some of them.
+        wanted, registry = set(os.environ["ENVOYS"].split(",")), federation.get_shard_registry
+        federation.get_shard_registry = lambda: {
+            name: info for name, info in registry().items() if name in wanted}
     fl_experiment = FLExperiment(federation=federation, experiment_name=EXPERIMENT_NAME)
     logger.info("Shards: %s", federation.get_shard_registry())
     fl_experiment.start(model_provider=model_interface, task_keeper=task_interface,
