@@ -230,3 +230,22 @@ async def test_an_error_with_newlines_and_non_ascii_text_reaches_the_owner(
 
     assert await asyncio.to_thread(status) == ("failed", error)
 
+
+
+async def test_an_openfl_collaborator_of_no_running_experiment_is_told_to_stop(
+        director: RunningDirector) -> None:
+    """OpenFL's collaborator retries every error but UNAUTHENTICATED at once, forever: one
+    whose experiment this director does not run is told to quit, or refused with it."""
+    from fedkube.proto import aggregator_pb2, aggregator_pb2_grpc
+
+    header = aggregator_pb2.MessageHeader(sender="env1", receiver="aggregator_plan.yaml_0bad",
+                                          federation_uuid="plan.yaml_0bad")
+    async with grpc.aio.insecure_channel(director.address) as channel:
+        aggregator = aggregator_pb2_grpc.AggregatorStub(channel)
+        tasks = await aggregator.GetTasks(aggregator_pb2.GetTasksRequest(header=header))
+        assert tasks.quit
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await aggregator.GetAggregatedTensor(aggregator_pb2.GetAggregatedTensorRequest(
+                header=header, tensor_name="w", round_number=0, tags=["model"]))
+        assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert "plan.yaml_0bad" in (error.value.details() or "")

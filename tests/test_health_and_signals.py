@@ -247,6 +247,36 @@ def test_envoy_exits_promptly_on_sigterm(tmp_path: Path, processes: list[Process
     assert took < EXIT_WITHIN_S
 
 
+def _probe(work_dir: Path, *ready: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "fedkube.cli", "envoy", "probe",
+                           "--work-dir", str(work_dir), *ready], capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_envoy_probes_say_live_and_ready_as_its_director_comes_and_goes(
+        tmp_path: Path, processes: list[Process]) -> None:
+    """An envoy serves no port: its probes read the health file its loop writes. Ready
+    while its shard is registered and the director answers; live all along."""
+    port = free_port()
+    envoy = envoy_process(tmp_path, "env0", port, index=0, count=1).start()
+    processes.append(envoy)
+    work_dir = tmp_path / "env0"
+    wait_for(lambda: _probe(work_dir).returncode == 0, timeout=60, interval=0.5,
+             message="the envoy live, with no director yet")
+    not_ready = _probe(work_dir, "--ready")
+    assert not_ready.returncode == 1
+    assert "not registered" in not_ready.stdout
+    director = director_process(tmp_path, port, period=1.0).start()
+    processes.append(director)
+    wait_for(lambda: _probe(work_dir, "--ready").returncode == 0, timeout=60, interval=0.5,
+             message="the envoy ready once registered")
+    director.stop()
+    wait_for(lambda: _probe(work_dir, "--ready").returncode == 1, timeout=60, interval=0.5,
+             message="the envoy not ready without its director")
+    assert "has not answered a health check" in _probe(work_dir, "--ready").stdout
+    assert _probe(work_dir).returncode == 0  # still live: it reconnects by itself
+
+
 # A collaborator's rounds are blocking calls: SIGTERM must end one mid-call (here a call
 # waiting for a director that is not there), its `finally` blocks run.
 _BLOCKED_COLLABORATOR = """

@@ -156,7 +156,8 @@ from collections import defaultdict
 from pathlib import Path
 from openfl.interface.interactive_api.experiment import FLExperiment, TaskInterface
 from openfl.interface.aggregation_functions import (AdamAdaptiveAggregation,
-                                                    AggregationFunction, Median,
+                                                    AggregationFunction,
+                                                    FedCurvWeightedAverage, Median,
                                                     WeightedAverage)
 out = Path(sys.argv[1])
 ti = TaskInterface()
@@ -181,7 +182,8 @@ for name, obj in {
         "default_assigner": assigner, "own_assigner": own_assigner,
         "median": ti.aggregation_functions,
         "adam": defaultdict(WeightedAverage, {"fit": AdamAdaptiveAggregation(
-            params={"w": numpy.ones(2)})}),
+            params={"w": numpy.ones(2)}, learning_rate=0.05, betas=(0.8, 0.99))}),
+        "fedcurv": defaultdict(WeightedAverage, {"fit": FedCurvWeightedAverage()}),
         "own_class": defaultdict(WeightedAverage, {"fit": OwnAverage()})}.items():
     (out / f"{name}.pkl").write_bytes(cloudpickle.dumps(obj))
 """
@@ -224,10 +226,20 @@ def test_flexperiments_assigner_and_aggregation_are_recognised(
 
 
 @pytest.mark.compat
+def test_an_adaptive_aggregation_is_recognised_with_its_optimizers_settings(
+        tmp_path: Path, real_pickles: dict[str, bytes]) -> None:
+    plan = read_openfl_plan(real_archive(tmp_path, real_pickles, "adam"))
+    assert plan.aggregation["train"] == "adam"
+    assert dict(plan.optimizer["train"]) == {"learning_rate": 0.05, "beta_1": 0.8,
+                                             "beta_2": 0.99, "initial_accumulator_value": 0.0,
+                                             "epsilon": 1e-8}
+
+
+@pytest.mark.compat
 @pytest.mark.parametrize(("aggregation", "assigner", "message"), [
     ("own_class", "default_assigner", "custom aggregation function 'OwnAverage'"),
     ("median", "own_assigner", "task assigner 'own_assigner' is its own code"),
-    ("adam", "default_assigner", "AdamAdaptiveAggregation is not supported yet"),
+    ("fedcurv", "default_assigner", "FedCurvWeightedAverage is not supported yet"),
 ])
 def test_the_owners_code_is_refused_by_name(
         tmp_path: Path, real_pickles: dict[str, bytes], aggregation: str, assigner: str,

@@ -106,8 +106,9 @@ def test_the_same_openfl_experiment_runs_on_our_director(
 
 @pytest.mark.parametrize(("count", "settings"), [
     (3, {"aggregation": "median"}),  # three shards: the median is not the mean
+    (2, {"aggregation": "adam"}),
     (2, {"delta_updates": True}),
-], ids=["median", "delta-updates"])
+], ids=["median", "adam", "delta-updates"])
 def test_openfl_aggregation_and_delta_updates_as_on_openfl(
         tmp_path: Path, processes: list[Process], openfl_python: Path,
         openfl_references: References, count: int, settings: dict[str, Any]) -> None:

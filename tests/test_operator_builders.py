@@ -107,6 +107,24 @@ def test_director_and_envoy_pods_run_commands_the_cli_accepts() -> None:
         assert args.log_format == "json"
 
 
+def test_envoy_probes_read_the_envoys_own_work_dir_through_the_cli() -> None:
+    """The kubelet execs `fedkube envoy probe` (an envoy serves no port): for liveness,
+    and with --ready for readiness, on the work dir the envoy's config names."""
+    container = build_envoy_daemonset("fed", "ns", FED)["spec"]["template"]["spec"][
+        "containers"][0]
+    work_dirs = {yaml.safe_load(text)["work_dir"] for text in build_envoy_config(
+        "fed", "ns", FED, {"s1": ShardSpec(federation="fed", node_name="gpu-1")})["data"].values()}
+    for probe, ready in (("livenessProbe", False), ("readinessProbe", True)):
+        command = container[probe]["exec"]["command"]
+        assert command[0] == "fedkube"
+        args = build_parser().parse_args(command[1:])
+        assert (args.command, args.action, args.ready) == ("envoy", "probe", ready)
+        assert {str(args.work_dir)} == work_dirs
+    # Liveness is patient: a director outage must not restart envoys.
+    live = container["livenessProbe"]
+    assert live["periodSeconds"] * live["failureThreshold"] >= 60
+
+
 def test_the_director_service_carries_the_bulk_port_the_director_serves() -> None:
     insecure = FED.model_copy(update={"tls": "insecure"})  # no certificates to read here
     pod = build_director_deployment("fed", "ns", insecure)["spec"]["template"]["spec"]

@@ -16,11 +16,13 @@ straggler policy says so (all done; or, past a cut-off time, `minimum_reporting`
 share of them). Only done collaborators count, with their data sizes as weights: each
 task's aggregation function for trained tensors (a streaming weighted sum for
 WeightedAverage, each result added once its sender is done; Median and GeometricMedian
-stack the round's results), the weighted average for metrics. The best model is the round's
-global model whenever an aggregated `validate_agg` metric beats the best so far (higher is
-better, as in OpenFL). Late results, results of stragglers and repeats are acknowledged
-and ignored, as OpenFL's aggregator does. There is no validation-only round after the
-last: OpenFL's experiment ends when `rounds_to_train` rounds have closed.
+stack the round's results; the adaptive ones step a server-side optimizer from the
+weighted average: fedkube.aggregator.openfl_adaptive), the weighted average for metrics.
+The best model is the round's global model whenever an aggregated `validate_agg` metric
+beats the best so far (higher is better, as in OpenFL). Late results, results of
+stragglers and repeats are acknowledged and ignored, as OpenFL's aggregator does. There
+is no validation-only round after the last: OpenFL's experiment ends when
+`rounds_to_train` rounds have closed.
 
 Differences, on purpose: the model of round r+1 and the best model are saved as they are
 made (`last.pb`, `previous.pb`, `best.pb`), so a director restart resumes the round; a
@@ -44,8 +46,9 @@ import numpy as np
 from fedkube.aggregator import metrics
 from fedkube.aggregator.experiment import AGGREGATOR, STARTUP_TIMEOUT_S, MetricEvent, Outcome
 from fedkube.aggregator.fedavg import Model, StreamingFedAvg, all_finite
+from fedkube.aggregator.openfl_adaptive import AdaptiveOptimizer
 from fedkube.api.errors import FailedPreconditionError, InvalidArgumentError, UnauthenticatedError
-from fedkube.openfl.workspace import OpenFLPlan, OpenFLTask
+from fedkube.openfl.workspace import ADAPTIVE, OpenFLPlan, OpenFLTask
 from fedkube.proto import aggregator_pb2, base_pb2
 from fedkube.transport.tensors import TensorError, encode_model, from_named_tensor, to_named_tensor
 
@@ -123,6 +126,15 @@ class OpenFLRounds:
         self.changed = asyncio.Event()
         self._lock = asyncio.Lock()
         self._tensors: dict[tuple[str, str], base_pb2.NamedTensor] = {}
+        # Adaptive aggregations' optimizers, by task; their moments saved with each model.
+        self._optimizers = {
+            t.name: AdaptiveOptimizer(self.plan.aggregation[t.name],
+                                      self.plan.optimizer.get(t.name, {}), initial)
+            for t in plan.tasks if self.plan.aggregation[t.name] in ADAPTIVE}
+        for task_name, optimizer in self._optimizers.items():
+            saved = workdir / f"optimizer-{task_name}.npz"
+            if start_round > 0 and saved.exists():
+                optimizer.load(saved)
         if start_round > 0:
             self._resume_metrics(start_round)
         self._start_round()
@@ -407,7 +419,11 @@ class OpenFLRounds:
     def _aggregate_trained(self, task: OpenFLTask, done: list[str]) -> Model:
         if task.name in self._sums:
             total = self._sums[task.name]
-            return total.result() if total.count else {}
+            if not total.count:
+                return {}
+            average = total.result()
+            optimizer = self._optimizers.get(task.name)
+            return average if optimizer is None else optimizer.step(self.model, average)
         function = STACKED[self.plan.aggregation[task.name]]
         results = [self._results[c][task.name] for c in done]
         weights = [r.weight for r in results]
@@ -434,6 +450,8 @@ class OpenFLRounds:
                 model.update(trained)
 
         def save() -> None:
+            for task_name, optimizer in self._optimizers.items():
+                optimizer.save(self.workdir / f"optimizer-{task_name}.npz")
             if best:
                 self._save("best.pb", scored, closing)
             if (self.workdir / "last.pb").exists():

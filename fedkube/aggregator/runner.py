@@ -18,7 +18,12 @@ from typing import Protocol
 
 from fedkube.aggregator.experiment import ExperimentAggregator, MetricEvent, Outcome
 from fedkube.aggregator.openfl_rounds import OpenFLRounds
-from fedkube.api.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
+from fedkube.api.errors import (
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    UnauthenticatedError,
+)
 from fedkube.api.plan import Plan
 from fedkube.openfl.workspace import (
     PLAN_NAME,
@@ -198,7 +203,12 @@ class AggregatorRunner:
         collaborator) by its plan's federation UUID."""
         name = self.aliases.get(name, name)
         rounds = self.openfl.get(name)
-        return rounds if rounds is not None else self.aggregator(name)
+        if rounds is not None:
+            return rounds
+        if name.startswith(f"{PLAN_NAME}_"):
+            # OpenFL's client retries every other code at once, forever.
+            raise UnauthenticatedError(f"no running experiment has federation UUID {name!r}")
+        return self.aggregator(name)
 
     def aggregator(self, name: str) -> ExperimentAggregator:
         aggregator = self.aggregators.get(name)

@@ -33,6 +33,11 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     start.add_argument("--config", type=Path, help="envoy.yaml (the same fields)")
     add_tls_flags(start)
     start.set_defaults(func=start_envoy)
+    probe = envoy.add_parser("probe", help="exit 0 if the envoy of --work-dir is live "
+                             "(--ready: and its shard online); for kubelet exec probes")
+    probe.add_argument("--work-dir", type=Path, required=True)
+    probe.add_argument("--ready", action="store_true")
+    probe.set_defaults(func=probe_envoy)
 
 
 def envoy_config(args: argparse.Namespace) -> EnvoyConfig:
@@ -53,4 +58,14 @@ def start_envoy(args: argparse.Namespace) -> int:
     except ShardRefused as exc:
         log.error("shard not accepted: %s", exc)
         return ExitCode.REFUSED
+    return ExitCode.OK
+
+
+def probe_envoy(args: argparse.Namespace) -> int:
+    from fedkube.envoy_agent.health import probe
+
+    reason = probe(args.work_dir, ready=args.ready)
+    if reason is not None:
+        print(reason)
+        return ExitCode.FAILED
     return ExitCode.OK

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
@@ -19,6 +20,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_exp
 
 from fedkube.api.config import EnvoyConfig
 from fedkube.api.errors import RefusedError
+from fedkube.envoy_agent.health import BEAT_S, Beat, write_beat
 from fedkube.envoy_agent.nvml import NvmlMonitor
 from fedkube.envoy_agent.runtime import CollaboratorFailed, CollaboratorJob, Runtime
 from fedkube.openfl.workspace import is_openfl_archive, prefers_cuda
@@ -63,6 +65,7 @@ class EnvoyAgent:
         self._closing: set[asyncio.Task[None]] = set()
         self._channel, self._stub = self._connect()
         self.registered = asyncio.Event()
+        self.last_check: float | None = None  # when the director last answered a check
 
     def _connect(self) -> tuple[grpc.aio.Channel, director_pb2_grpc.DirectorAsyncStub]:
         """A channel with the certificate now in the configured files, and its stub."""
@@ -147,6 +150,7 @@ class EnvoyAgent:
         period = response.health_check_period.ToTimedelta().total_seconds()
         if period > 0:
             self.period = period
+        self.last_check = time.time()
 
     async def health_loop(self) -> None:
         while True:
@@ -259,8 +263,20 @@ class EnvoyAgent:
 
     # -- lifetime -----------------------------------------------------------------------
 
+    async def heartbeat_loop(self) -> None:
+        """The file the envoy's probes read (fedkube.envoy_agent.health)."""
+        while True:
+            try:
+                write_beat(self.config.work_dir, Beat(
+                    at=time.time(), registered=self.registered.is_set(),
+                    last_check=self.last_check, period=self.period))
+            except OSError as exc:  # a full disk: the liveness probe will say so
+                log.warning("cannot write the envoy's health file: %s", exc)
+            await asyncio.sleep(BEAT_S)
+
     async def run(self) -> None:
         """Registers, then checks in and serves experiments until cancelled."""
+        heartbeat = asyncio.get_running_loop().create_task(self.heartbeat_loop())
         try:
             await self.register()
             async with asyncio.TaskGroup() as group:
@@ -269,6 +285,7 @@ class EnvoyAgent:
                 if self._renew_certificate is not None:
                     group.create_task(self.certificate_loop())
         finally:
+            heartbeat.cancel()
             await self.close()
 
     async def close(self) -> None:

@@ -54,9 +54,13 @@ TASK_CLASSES = "openfl.component.assigner.tasks."
 AGGREGATION_PACKAGE = "openfl.interface.aggregation_functions."
 # OpenFL's aggregation functions fedkube runs, by class name.
 AGGREGATIONS = {"WeightedAverage": "weighted_average", "Median": "median",
-                "GeometricMedian": "geometric_median"}
-NOT_YET = {"AdagradAdaptiveAggregation", "AdamAdaptiveAggregation",
-           "YogiAdaptiveAggregation", "FedCurvWeightedAverage"}
+                "GeometricMedian": "geometric_median", "AdagradAdaptiveAggregation": "adagrad",
+                "AdamAdaptiveAggregation": "adam", "YogiAdaptiveAggregation": "yogi"}
+ADAPTIVE = {"adagrad", "adam", "yogi"}
+# The optimizer settings an adaptive aggregation's pickled optimizer carries.
+OPTIMIZER_SETTINGS = ("learning_rate", "beta_1", "beta_2", "initial_accumulator_value",
+                      "epsilon")
+NOT_YET = {"FedCurvWeightedAverage"}
 NO_COMPRESSION = "openfl.pipelines.NoCompressionPipeline"
 STRAGGLER_PACKAGE = "openfl.component.straggler_handling_functions."
 CUTOFF_TIME = "CutoffTimeBasedStragglerHandling"
@@ -101,6 +105,8 @@ class OpenFLPlan:
     rounds: int
     tasks: tuple[OpenFLTask, ...]  # what every collaborator runs each round, in order
     aggregation: Mapping[str, str]  # task name -> fedkube's aggregation (AGGREGATIONS)
+    # task name -> its adaptive optimizer's settings (for "adagrad", "adam", "yogi")
+    optimizer: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
     straggler: StragglerPolicy = field(default_factory=StragglerPolicy)
     federation_uuid: str = ""
     aggregator_uuid: str = ""
@@ -233,10 +239,13 @@ def _function_names(inspected: Inspected) -> set[str]:
             for obj in walk(record.args) if isinstance(obj, dict) and "__qualname__" in obj}
 
 
-def _aggregations(inspected: Inspected | None, tasks: tuple[OpenFLTask, ...]) -> dict[str, str]:
+def _aggregations(inspected: Inspected | None, tasks: tuple[OpenFLTask, ...]
+                  ) -> tuple[dict[str, str], dict[str, dict[str, float]]]:
     """Each task's aggregation, from the pickled defaultdict (function name -> an
-    AggregationFunction); WeightedAverage where none is set, as OpenFL's Assigner does."""
+    AggregationFunction); WeightedAverage where none is set, as OpenFL's Assigner does.
+    And the settings of the adaptive ones' optimizers."""
     by_function: dict[str, str] = {}
+    settings: dict[str, dict[str, float]] = {}
     if inspected is not None:
         root = inspected.root
         if not (isinstance(root, Record) and root.qualified == "collections.defaultdict"):
@@ -245,7 +254,20 @@ def _aggregations(inspected: Inspected | None, tasks: tuple[OpenFLTask, ...]) ->
         for function, value in root.items.items():
             qualified = value.qualified if isinstance(value, Record) else type(value).__name__
             by_function[str(function)] = _aggregation(qualified)
-    return {t.name: by_function.get(t.function_name, "weighted_average") for t in tasks}
+            if by_function[str(function)] in ADAPTIVE and isinstance(value, Record):
+                settings[str(function)] = _optimizer_settings(value)
+    return ({t.name: by_function.get(t.function_name, "weighted_average") for t in tasks},
+            {t.name: settings[t.function_name] for t in tasks if t.function_name in settings})
+
+
+def _optimizer_settings(aggregation: Record) -> dict[str, float]:
+    optimizer = aggregation.state_dict().get("optimizer")
+    state = optimizer.state_dict() if isinstance(optimizer, Record) else {}
+    found = {k: state[k] for k in OPTIMIZER_SETTINGS if k in state}
+    if not all(isinstance(v, int | float) and not isinstance(v, bool)
+               for v in found.values()):
+        raise OpenFLArchiveError(f"the settings of {aggregation.qualified} are not numbers")
+    return {k: float(v) for k, v in found.items()}
 
 
 def _aggregation(qualified: str) -> str:
@@ -313,8 +335,9 @@ def read_openfl_plan(archive: Path | bytes) -> OpenFLPlan:
         raise OpenFLArchiveError(f"rounds_to_train {rounds} is not within 1..100000")
     tasks = _tasks(assigner)
     uuid = federation_uuid(config)
+    by_task, optimizer = _aggregations(aggregation, tasks)
     return OpenFLPlan(
-        rounds=rounds, tasks=tasks, aggregation=_aggregations(aggregation, tasks),
+        rounds=rounds, tasks=tasks, aggregation=by_task, optimizer=optimizer,
         straggler=_straggler(config), federation_uuid=uuid, aggregator_uuid=f"aggregator_{uuid}",
         delta_updates=bool(_settings(config, "collaborator").get("delta_updates", False)))
 

@@ -22,6 +22,7 @@ ENVOY_CONFIG_DIR = "/etc/fedkube/envoy"
 CA_DIR = "/etc/fedkube/ca"
 # Where an envoy keeps the key and certificate it requested for its shard (never a Secret).
 ENVOY_TLS_DIR = f"{DATA_DIR}/tls"
+ENVOY_WORK_DIR = f"{DATA_DIR}/work"
 # Envoy certificates last 90 days and are renewed a third of that before they expire (as
 # cert-manager's defaults): a month to notice an operator that is down.
 ENVOY_CERTIFICATE_LIFETIME_S = 90 * 24 * 3600
@@ -216,7 +217,7 @@ def build_envoy_config(federation: str, namespace: str, spec: FederationSpec,
         config: dict[str, Any] = {
             "name": shard_name, "director": service_endpoint(federation, namespace),
             "shard": {"loader": shard.loader, "options": shard.options},
-            "runtime": "pod", "work_dir": f"{DATA_DIR}/work",
+            "runtime": "pod", "work_dir": ENVOY_WORK_DIR,
             "pod": ({} if spec.tls == "insecure" else
                     {"ca_config_map": names(federation).ca_bundle,
                      "certificate_account": names(federation).collaborator}),
@@ -229,6 +230,12 @@ def build_envoy_config(federation: str, namespace: str, spec: FederationSpec,
             "metadata": {"name": names(federation).envoy_config, "namespace": namespace,
                          "labels": labels(federation, "envoy")},
             "data": data}
+
+
+def _envoy_probe(*, ready: bool, period: int, failures: int) -> Manifest:
+    command = ["fedkube", "envoy", "probe", "--work-dir", ENVOY_WORK_DIR]
+    return {"exec": {"command": [*command, "--ready"] if ready else command},
+            "periodSeconds": period, "timeoutSeconds": 10, "failureThreshold": failures}
 
 
 def build_envoy_daemonset(name: str, namespace: str, spec: FederationSpec) -> Manifest:
@@ -265,6 +272,10 @@ def build_envoy_daemonset(name: str, namespace: str, spec: FederationSpec) -> Ma
                             # Collaborator Pods run the envoy's own image.
                             {"name": "FEDKUBE_IMAGE", "value": spec.image}],
                         "securityContext": _RESTRICTED_CONTAINER,
+                        # fedkube.envoy_agent.health: live while its loop runs, ready
+                        # while its shard is registered and the director answers.
+                        "livenessProbe": _envoy_probe(ready=False, period=20, failures=3),
+                        "readinessProbe": _envoy_probe(ready=True, period=5, failures=1),
                         "volumeMounts": [
                             {"name": "config", "mountPath": ENVOY_CONFIG_DIR, "readOnly": True},
                             {"name": "work", "mountPath": DATA_DIR}, *mounts],

@@ -5,7 +5,7 @@ DataInterface), for any director that speaks OpenFL's director protocol; everyth
 between runs comes from the environment:
 
     DIRECTOR_HOST (localhost), DIRECTOR_PORT, CLIENT_ID (frontend): the director, TLS disabled
-    EXPERIMENT_NAME, ROUNDS (5), AGGREGATION (weighted_average | median | custom: a class of
+    EXPERIMENT_NAME, ROUNDS (5), AGGREGATION (weighted_average | median | adam | custom: a class of
     this script's own, which writes the file MARKER wherever it runs),
     DELTA_UPDATES ("1": on), OPT_TREATMENT (RESET), EPOCHS (2), LR (0.1), BATCH_SIZE (32),
     ENVOYS (a comma-separated subset of the online envoys to run on; default: all of them)
@@ -29,8 +29,13 @@ from typing import Any
 import digits_data
 import numpy as np
 import numpy.typing as npt
-from numpy_model import MLP, SGD, Array, features
-from openfl.interface.aggregation_functions import AggregationFunction, Median, WeightedAverage
+from numpy_model import MLP, SGD, Array, NumpyAdapter, features
+from openfl.interface.aggregation_functions import (
+    AdamAdaptiveAggregation,
+    AggregationFunction,
+    Median,
+    WeightedAverage,
+)
 from openfl.interface.interactive_api.experiment import (
     DataInterface,
     FLExperiment,
@@ -65,8 +70,11 @@ class MarkedAverage(AggregationFunction):  # type: ignore[misc]
         return np.average(tensors, weights=weights, axis=0)
 
 
-AGGREGATIONS = {"weighted_average": WeightedAverage, "median": Median,
-                "custom": MarkedAverage}
+AGGREGATIONS: dict[str, Any] = {
+    "weighted_average": WeightedAverage, "median": Median, "custom": MarkedAverage,
+    # A server-side Adam over the initial model's tensors (MLP(seed=0), as in main()).
+    "adam": lambda: AdamAdaptiveAggregation(
+        params=NumpyAdapter.get_tensor_dict(MLP(seed=0)), learning_rate=0.05)}
 logger = logging.getLogger("experiment")
 
 
