@@ -125,6 +125,7 @@ class OpenFLRounds:
         self.events: list[MetricEvent] = []
         self.changed = asyncio.Event()
         self._lock = asyncio.Lock()
+        self._closing: set[asyncio.Task[None]] = set()  # a round end a cut-off started
         self._tensors: dict[tuple[str, str], base_pb2.NamedTensor] = {}
         # Adaptive aggregations' optimizers, by task; their moments saved with each model.
         self._optimizers = {
@@ -388,8 +389,10 @@ class OpenFLRounds:
                 self._finish(f"no collaborator asked for round {self.round}'s tasks within "
                              f"{STARTUP_TIMEOUT_S:g}s")
             return
-        if self._cutoff_passed() and self._round_can_end():
-            asyncio.get_running_loop().create_task(self._end_round_when_free())
+        if self._cutoff_passed() and self._round_can_end() and not self._closing:
+            task = asyncio.get_running_loop().create_task(self._end_round_when_free())
+            self._closing.add(task)  # held: the loop keeps only a weak reference
+            task.add_done_callback(self._closing.discard)
 
     async def _end_round_when_free(self) -> None:
         async with self._lock:
