@@ -89,6 +89,20 @@ class MetricEvent:
     round: int
 
 
+def read_metric_events(path: Path) -> list[MetricEvent]:
+    """The events of a metrics.jsonl; a line that does not parse (the torn last line a
+    full disk leaves) is skipped with a warning, not a reason to lose the experiment."""
+    events = []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            events.append(MetricEvent(**json.loads(line)))
+        except (ValueError, TypeError) as exc:
+            log.warning("%s line %d skipped: %s", path, number, exc)
+    return events
+
+
 class Outcome(Protocol):
     """What the aggregator reports to its host (the director) as rounds progress."""
 
@@ -136,8 +150,7 @@ class ExperimentAggregator:
         runs again) and the best score among them."""
         path = self.workdir / "metrics.jsonl"
         if path.exists():
-            events = [MetricEvent(**json.loads(line)) for line in path.read_text().splitlines()
-                      if line.strip()]
+            events = read_metric_events(path)
             self.events = [e for e in events if e.round < start_round]
             path.write_text("".join(json.dumps(asdict(e)) + "\n" for e in self.events))
         scores = [e.value for e in self.events

@@ -44,7 +44,13 @@ from pathlib import Path
 import numpy as np
 
 from fedkube.aggregator import metrics
-from fedkube.aggregator.experiment import AGGREGATOR, STARTUP_TIMEOUT_S, MetricEvent, Outcome
+from fedkube.aggregator.experiment import (
+    AGGREGATOR,
+    STARTUP_TIMEOUT_S,
+    MetricEvent,
+    Outcome,
+    read_metric_events,
+)
 from fedkube.aggregator.fedavg import Model, StreamingFedAvg, all_finite
 from fedkube.aggregator.openfl_adaptive import AdaptiveOptimizer
 from fedkube.api.errors import FailedPreconditionError, InvalidArgumentError, UnauthenticatedError
@@ -155,12 +161,7 @@ class OpenFLRounds:
     def _resume_metrics(self, start_round: int) -> None:
         path = self.workdir / "metrics.jsonl"
         if path.exists():
-            events = []
-            for line in path.read_text().splitlines():
-                try:
-                    events.append(MetricEvent(**json.loads(line)))
-                except (ValueError, TypeError):
-                    log.warning("experiment %s: skipping a damaged line of %s", self.name, path)
+            events = read_metric_events(path)
             self.events = [e for e in events if e.round < start_round]
             path.write_text("".join(json.dumps(asdict(e)) + "\n" for e in self.events))
         log.info("experiment %s resumes at round %d", self.name, start_round,

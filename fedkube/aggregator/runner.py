@@ -9,14 +9,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
 from typing import Protocol
 
-from fedkube.aggregator.experiment import ExperimentAggregator, MetricEvent, Outcome
+from google.protobuf.message import DecodeError
+
+from fedkube.aggregator.experiment import (
+    ExperimentAggregator,
+    MetricEvent,
+    Outcome,
+    read_metric_events,
+)
 from fedkube.aggregator.openfl_rounds import OpenFLRounds
 from fedkube.api.errors import (
     FailedPreconditionError,
@@ -123,9 +129,7 @@ class AggregatorRunner:
         if experiment.current_round > 0 and last.exists():
             # The last aggregated model names its round: trust it over the store, which a
             # crash may have left one round behind.
-            proto = base_pb2.ModelProto.FromString(last.read_bytes())
-            model = model_from_proto(proto)
-            start_round = proto.tensors[0].round_number if proto.tensors else 0
+            model, start_round = _read_model(last)
         if model is None:
             model = initial_model(plan, archive.parent)
         dropouts = experiment.extra.get("dropped", "")
@@ -244,8 +248,8 @@ class AggregatorRunner:
         if aggregator is None:
             path = directory / "metrics.jsonl"
             if path.exists():
-                for line in path.read_text().splitlines():
-                    yield MetricEvent(**json.loads(line))
+                for event in read_metric_events(path):
+                    yield event
             return
         sent = 0
         while True:
@@ -263,5 +267,5 @@ def _read_model(path: Path) -> tuple[Model, int]:
     try:
         proto = base_pb2.ModelProto.FromString(path.read_bytes())
         return model_from_proto(proto), proto.tensors[0].round_number if proto.tensors else 0
-    except (TensorError, ValueError, OSError) as exc:
-        raise InvalidArgumentError(f"{path.name}: {exc}") from exc
+    except (TensorError, ValueError, OSError, DecodeError) as exc:
+        raise InvalidArgumentError(f"{path.name} is damaged: {exc}") from exc

@@ -30,11 +30,12 @@ from fedkube.aggregator.bulk import AggregatorBulkHandler
 from fedkube.aggregator.runner import AggregatorRunner
 from fedkube.aggregator.servicer import AggregatorService, add_aggregator_to_server
 from fedkube.api.config import DirectorConfig
+from fedkube.api.experiment import ExperimentState
 from fedkube.director.core import Director
 from fedkube.director.frontend_pool import FrontendReports, Frontends
 from fedkube.director.metrics import serve_metrics
 from fedkube.director.servicer import DirectorService
-from fedkube.director.store import open_store
+from fedkube.director.store import ExperimentRecord, open_store
 from fedkube.proto import director_pb2_grpc, frontend_pb2_grpc
 from fedkube.transport.bulk import BulkServer
 from fedkube.transport.guard import add_guarded_service, generated_handlers
@@ -117,6 +118,19 @@ class DirectorServer:
         for service in ("", *SERVED):
             await self.health.set(service, status)
 
+    def _resume(self, experiment: ExperimentRecord) -> None:
+        """One experiment's aggregator, back after a restart. Whatever its files hold, a
+        damaged one (garbage, cut short, gone) fails that experiment with the reason,
+        never the director: every other experiment resumes."""
+        try:
+            self.runner.start(experiment)
+        except Exception as exc:
+            log.error("experiment %s cannot resume: %s", experiment.name, exc,
+                      extra={"experiment": experiment.name})
+            self.runner.stop(experiment.name)
+            self.director.finish_experiment(experiment.name, ExperimentState.FAILED,
+                                            f"cannot resume after a restart: {exc}")
+
     async def start(self) -> None:
         # Whatever answers Health before the end of start() says NOT_SERVING (the
         # servicer starts out SERVING); the health port answers from now on.
@@ -126,7 +140,7 @@ class DirectorServer:
         # Aggregators first: a collaborator calling back right after a restart must find
         # its experiment, resumed from the last closed round.
         for experiment in self.director.resumable():
-            self.runner.start(experiment)
+            self._resume(experiment)
         for experiment in self.director.ran_and_ended():
             self.runner.remember_ended(experiment.name, experiment.collaborators)
         if self.config.bulk_port is not None:

@@ -1,0 +1,111 @@
+"""A damaged file fails one experiment, never the director (issue: hardening, defect 1).
+
+The director's data directory as a crash or a full disk leaves it: one experiment's
+`last.pb` garbage or cut short, its `archive.zip` gone, its `metrics.jsonl` torn in its
+last line. The director must start, serve, fail that experiment with a reason naming the
+file, and resume every other one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+from fedkube.api.config import DirectorConfig, TLSSettings
+from fedkube.api.experiment import ExperimentState
+from fedkube.api.plan import Plan
+from fedkube.client.director_client import experiment_archive
+from fedkube.director.server import DirectorServer
+from fedkube.director.store import ExperimentRecord, open_store
+from fedkube.transport.tensors import encode_model, model_from_proto
+
+COLLABORATORS = ("env1", "env2")
+
+
+def in_progress(data_dir: Path, name: str, *, at_round: int = 2) -> Path:
+    """An experiment the store says is at round `at_round`, with the files its aggregator
+    left: archive, initial model, last.pb, metrics. Returns its directory."""
+    directory = data_dir / "experiments" / name
+    directory.mkdir(parents=True)
+    archive, initial = experiment_archive(Plan(task="digits-logreg", rounds=5))
+    (directory / "archive.zip").write_bytes(archive)
+    (directory / "initial_model.pb").write_bytes(initial.SerializeToString())
+    model = model_from_proto(initial)
+    (directory / "last.pb").write_bytes(b"".join(bytes(s) for s in encode_model(model, at_round)))
+    (directory / "metrics.jsonl").write_text("".join(
+        json.dumps({"origin": "aggregator", "task": "aggregated_validate", "name": "accuracy",
+                    "value": 0.5 + r / 10, "round": r}) + "\n" for r in range(at_round)))
+    store = open_store(data_dir)
+    store.put_experiment(ExperimentRecord(
+        name=name, owner="alice", collaborators=COLLABORATORS,
+        archive_path=str(directory / "archive.zip"), status=ExperimentState.IN_PROGRESS,
+        created_at=1.0, updated_at=2.0, total_rounds=5, current_round=at_round))
+    store.close()
+    return directory
+
+
+def damage_garbage(directory: Path) -> str:
+    (directory / "last.pb").write_bytes(b"\xff\x00 not a model \x13" * 10)
+    return "last.pb"
+
+
+def damage_truncated(directory: Path) -> str:
+    data = (directory / "last.pb").read_bytes()
+    (directory / "last.pb").write_bytes(data[: len(data) // 2])
+    return "last.pb"
+
+
+def damage_missing_archive(directory: Path) -> str:
+    (directory / "archive.zip").unlink()
+    return "archive.zip"
+
+
+@pytest.mark.parametrize("damage", [damage_garbage, damage_truncated, damage_missing_archive],
+                         ids=["garbage-last", "truncated-last", "missing-archive"])
+async def test_a_damaged_file_fails_its_experiment_and_the_others_resume(
+        tmp_path: Path, damage: object) -> None:
+    data_dir = tmp_path / "director"
+    damaged = in_progress(data_dir, "damaged")
+    in_progress(data_dir, "healthy", at_round=3)
+    assert callable(damage)
+    filename = damage(damaged)
+    server = DirectorServer(DirectorConfig(host="127.0.0.1", port=0, data_dir=data_dir,
+                                           tls=TLSSettings(insecure=True)))
+    await server.start()
+    try:
+        record = server.director.experiment("damaged")
+        assert record.status is ExperimentState.FAILED
+        assert filename in record.error and "cannot resume" in record.error
+        assert server.director.experiment("healthy").status is ExperimentState.IN_PROGRESS
+        assert server.runner.aggregator("healthy").round == 3
+    finally:
+        await server.stop(None)
+    # What the owner was told is what a restart finds.
+    store = open_store(data_dir)
+    try:
+        assert {r.name: r.status for r in store.experiments()}["damaged"] is (
+            ExperimentState.FAILED)
+    finally:
+        store.close()
+
+
+async def test_a_torn_last_metrics_line_is_skipped_with_a_warning(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    data_dir = tmp_path / "director"
+    directory = in_progress(data_dir, "torn", at_round=2)
+    with (directory / "metrics.jsonl").open("a") as metrics:
+        metrics.write('{"origin": "aggregator", "task": "aggre')  # a full disk's partial write
+    server = DirectorServer(DirectorConfig(host="127.0.0.1", port=0, data_dir=data_dir,
+                                           tls=TLSSettings(insecure=True)))
+    with caplog.at_level(logging.WARNING):
+        await server.start()
+    try:
+        assert server.director.experiment("torn").status is ExperimentState.IN_PROGRESS
+        events = server.runner.aggregator("torn").events
+        assert [e.round for e in events] == [0, 1]
+        assert any("metrics.jsonl" in r.getMessage() for r in caplog.records)
+    finally:
+        await server.stop(None)
