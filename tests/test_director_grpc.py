@@ -249,3 +249,28 @@ async def test_an_openfl_collaborator_of_no_running_experiment_is_told_to_stop(
                 header=header, tensor_name="w", round_number=0, tags=["model"]))
         assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
         assert "plan.yaml_0bad" in (error.value.details() or "")
+
+
+async def test_names_are_matched_whole_a_trailing_newline_is_no_name(
+        director: RunningDirector) -> None:
+    """Experiment and shard names are full matches: `re.match` with `$` let `exp\\n` in."""
+    envoy = stub(director.address, client_id="env1")
+    for bad in ("env1\n", "a/b", "../x", "x" * 254, " env1", "env 1"):
+        reply = await envoy.UpdateShardInfo(shard_request(bad))
+        assert not reply.accepted, bad
+    assert (await envoy.UpdateShardInfo(shard_request("env1"))).accepted
+    owner = stub(director.address, client_id="alice")
+    archive = build_archive(Plan(task="digits-logreg", rounds=1))
+
+    async def messages(name: str) -> AsyncIterator[director_pb2.ExperimentInfo]:
+        yield director_pb2.ExperimentInfo(
+            name=name, collaborator_names=["env1"],
+            experiment_data=director_pb2.ExperimentData(size=len(archive), npbytes=archive))
+
+    for bad in ("exp\n", "exp\n\n", "Exp", "-exp"):
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await owner.SetNewExperiment(messages(bad))
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT, bad
+        assert "experiment name" in (error.value.details() or "")
+    await envoy.channel.close()
+    await owner.channel.close()

@@ -30,7 +30,9 @@ from fedkube.proto import director_pb2
 
 log = logging.getLogger(__name__)
 
-EXPERIMENT_NAME = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,251}[a-z0-9])?$")
+# Matched whole (fullmatch): with `match`, `$` also matches before a trailing newline.
+EXPERIMENT_NAME = re.compile(r"[a-z0-9]([a-z0-9._-]{0,251}[a-z0-9])?")
+SHARD_NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._-]{0,251}[A-Za-z0-9])?")
 
 
 @dataclass
@@ -133,6 +135,10 @@ class Director:
         name = shard_info.node_info.name
         if not name:
             return Acknowledgement(False, "the shard has no node_info.name")
+        if not SHARD_NAME.fullmatch(name):
+            return Acknowledgement(False, f"shard name {name!r} must be 1-253 letters, "
+                                          "digits, '.', '-' or '_', starting and ending with "
+                                          "a letter or digit")
         sample, target = list(shard_info.sample_shape), list(shard_info.target_shape)
         if sample != self.sample_shape or target != self.target_shape:
             reason = (f"shard {name} has sample shape {sample} and target shape {target}; "
@@ -208,7 +214,7 @@ class Director:
         return self.data_dir / "experiments" / name
 
     def validate_new_experiment(self, name: str, collaborators: Sequence[str]) -> None:
-        if not EXPERIMENT_NAME.match(name):
+        if not EXPERIMENT_NAME.fullmatch(name):
             raise InvalidArgumentError(
                 f"experiment name {name!r} must be 1-253 lowercase letters, digits, '.', '-' "
                 "or '_', starting and ending with a letter or digit")
