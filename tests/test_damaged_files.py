@@ -109,3 +109,24 @@ async def test_a_torn_last_metrics_line_is_skipped_with_a_warning(
         assert any("metrics.jsonl" in r.getMessage() for r in caplog.records)
     finally:
         await server.stop(None)
+
+
+def test_a_damaged_store_is_one_clear_line_and_a_non_zero_exit(tmp_path: Path) -> None:
+    """`director start` on a store file that is not SQLite: one line naming the file and
+    what to do, exit 1, no traceback (it was a crash loop of tracebacks)."""
+    import subprocess
+    import sys
+
+    data_dir = tmp_path / "director"
+    data_dir.mkdir()
+    (data_dir / "director.sqlite3").write_bytes(b"this is not a database" * 100)
+    done = subprocess.run(
+        [sys.executable, "-m", "fedkube.cli", "director", "start", "--insecure", "--port", "0",
+         "--data-dir", str(data_dir)], capture_output=True, text=True, timeout=60)
+    output = done.stdout + done.stderr
+    assert done.returncode == 1, output
+    assert "Traceback" not in output
+    lines = [line for line in output.splitlines() if line.strip()]
+    assert len(lines) == 1, output
+    assert str(data_dir / "director.sqlite3") in lines[0] and "damaged" in lines[0]
+    assert "move it aside" in lines[0]

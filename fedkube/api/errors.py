@@ -17,6 +17,11 @@ class ConfigError(FedkubeError, ValueError):
     """A configuration file or flag is invalid; the message names the field."""
 
 
+class StoreError(FedkubeError, RuntimeError):
+    """The director's store cannot be opened or read (a damaged file); the message says
+    which and what to do."""
+
+
 class RefusedError(FedkubeError):
     """The federation refused this party (a shard the director does not accept, a
     certificate the operator denies): retrying the same thing will not help."""

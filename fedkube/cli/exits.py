@@ -6,7 +6,7 @@ from enum import IntEnum
 
 import grpc
 
-from fedkube.api.errors import ConfigError, RefusedError
+from fedkube.api.errors import ConfigError, RefusedError, StoreError
 
 
 class ExitCode(IntEnum):
@@ -22,6 +22,8 @@ def describe(exc: BaseException) -> tuple[ExitCode, str] | None:
         return ExitCode.USAGE, str(exc)
     if isinstance(exc, RefusedError):
         return ExitCode.REFUSED, str(exc)
+    if isinstance(exc, StoreError):
+        return ExitCode.FAILED, str(exc)
     if isinstance(exc, TimeoutError):
         return ExitCode.FAILED, f"timed out: {exc}"
     if isinstance(exc, grpc.RpcError):  # a refusal or an unreachable director

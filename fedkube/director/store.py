@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from fedkube.api.errors import StoreError
 from fedkube.api.experiment import ExperimentState
 
 
@@ -134,9 +135,20 @@ class SqliteStore(DirectorStore):
         path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            # A damaged file is found now, with one clear message, not mid-experiment.
+            (verdict,) = self._db.execute("PRAGMA quick_check").fetchone()
+            if verdict != "ok":
+                raise sqlite3.DatabaseError(verdict)
+            self._db.executescript(_SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            self._db.close()
+            raise StoreError(
+                f"the director's store {path} is damaged ({exc}): restore it from a "
+                f"backup, or move it aside to start with an empty store (the experiments' "
+                f"files under {path.parent / 'experiments'} are kept)") from exc
 
     def _many(self, statement: str, rows: list[tuple[object, ...]]) -> None:
         """statement for every row, in one transaction (rolled back if one fails)."""
