@@ -274,3 +274,20 @@ async def test_names_are_matched_whole_a_trailing_newline_is_no_name(
         assert "experiment name" in (error.value.details() or "")
     await envoy.channel.close()
     await owner.channel.close()
+
+
+async def test_a_new_experiment_never_inherits_a_removed_ones_files(
+        director: RunningDirector) -> None:
+    """A removal that crashed after forgetting the name but before deleting the files left
+    `best.pb` behind; another owner's new experiment of that name served it."""
+    leftover = director.server.director.experiment_dir("exp")
+    leftover.mkdir(parents=True)
+    (leftover / "best.pb").write_bytes(b"the previous owner's model")
+    await running_experiment(director)  # a new experiment "exp", by alice
+    owner = stub(director.address, client_id="alice")
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await owner.GetTrainedModel(director_pb2.GetTrainedModelRequest(
+            experiment_name="exp", model_type=director_pb2.GetTrainedModelRequest.BEST_MODEL))
+    assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert not (leftover / "best.pb").exists()
+    await owner.channel.close()

@@ -393,9 +393,11 @@ class Director:
             if self.runner is not None:
                 self.runner.stop(name)
             self.finish_experiment(name, ExperimentState.FAILED, "removed by its owner")
+        # Files first: a crash in between leaves a row whose files are gone (its models
+        # answer "none yet"), never files that a new experiment of the name could serve.
+        shutil.rmtree(self.experiment_dir(name), ignore_errors=True)
         del self._experiments[name]
         self.store.delete_experiment(name)
-        shutil.rmtree(self.experiment_dir(name), ignore_errors=True)
         log.info("experiment %s removed", name)
 
     def require_running(self, name: str) -> ExperimentRecord:

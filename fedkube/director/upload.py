@@ -84,7 +84,10 @@ class ExperimentUploads:
             raise InvalidArgumentError(f"experiment {first.name!r} is uploading")
         self.director.validate_new_experiment(first.name, list(first.collaborator_names))
         directory = self.director.experiment_dir(first.name)
-        directory.mkdir(parents=True, exist_ok=True)
+        # The name is free, so whatever is there is a removed experiment's leftover (a
+        # crash mid-removal): a new experiment starts from an empty directory of its own.
+        shutil.rmtree(directory, ignore_errors=True)
+        directory.mkdir(parents=True)
         self._uploading.add(first.name)  # last: the caller releases it from here on
         return directory / f"{ARCHIVE}.part"
 
