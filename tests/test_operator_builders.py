@@ -334,7 +334,7 @@ def test_collaborator_pod_is_pinned_through_the_scheduler(tmp_path: Path) -> Non
                          loader="digits", options={"index": "0"}, tls_secret="fed-envoy-tls",
                          owner_pod="envoy-x", owner_uid="uid-1")
     pod = build_collaborator_pod(job, where)
-    assert pod["metadata"]["name"] == "collab-ns-my-exp-a"
+    assert pod["metadata"]["name"].startswith("collab-ns-my-exp-a-")
     assert pod["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
     spec = pod["spec"]
     assert "nodeName" not in spec
@@ -521,3 +521,35 @@ def test_shard_status_patches_only_what_changed() -> None:
                                   "lastHealthCheck": "2026-11-25T10:00:05Z"}) == {
         "online": False}
     assert status_changes({}, shown) == shown
+
+
+def test_the_longest_names_the_crds_allow_give_valid_unique_objects(tmp_path: Path) -> None:
+    """Experiment names up to 253 characters in a 63-character namespace, shard names up to
+    253: Pod names, labels and director names stay within their limits and never collide
+    (they were cut to 63, so a long experiment gave every shard the same Pod name, as did
+    shards `node.1` and `node-1`)."""
+    from fedkube.api.names import DNS_LABEL, LABEL_VALUE
+    from fedkube.director.core import EXPERIMENT_NAME
+    from fedkube.envoy_agent.pods import PodPlacement, build_collaborator_pod
+    from fedkube.envoy_agent.runtime import CollaboratorJob
+    from fedkube.operator.experiments import director_name
+
+    namespace = "n" * 63
+    experiments = ["e" * 253, "e" * 252 + "f", "e" * 51, "short"]
+    shards = ["s" * 253, "s" * 252 + "t", "node.1", "node-1", "a"]
+    where = PodPlacement(namespace="ns", node_name="gpu-1", image="img", director="d:1",
+                         loader="digits", options={}, tls_secret="t", owner_pod="p",
+                         owner_uid="u")
+    at_director = {director_name(namespace, e) for e in experiments}
+    assert len(at_director) == len(experiments)
+    assert all(EXPERIMENT_NAME.fullmatch(name) for name in at_director)
+    pods = set()
+    for experiment in at_director:
+        for shard in shards:
+            job = CollaboratorJob(experiment=experiment, collaborator=shard, archive=tmp_path,
+                                  work_dir=tmp_path, cuda_devices=(), gpus=0)
+            metadata = build_collaborator_pod(job, where)["metadata"]
+            assert DNS_LABEL.fullmatch(metadata["name"]), metadata["name"]
+            assert all(LABEL_VALUE.fullmatch(v) for v in metadata["labels"].values())
+            pods.add(metadata["name"])
+    assert len(pods) == len(at_director) * len(shards)

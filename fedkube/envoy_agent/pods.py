@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any
 
+from fedkube.api.names import dns_label, label_value
 from fedkube.envoy_agent.runtime import CollaboratorJob
 
 GPU = "nvidia.com/gpu"
@@ -33,9 +33,9 @@ class PodPlacement:
 
 
 def pod_name(job: CollaboratorJob) -> str:
-    raw = f"collab-{job.experiment}-{job.collaborator}".lower()
-    name = re.sub(r"[^a-z0-9-]+", "-", raw).strip("-")
-    return name[:63].rstrip("-")
+    """`collab-<experiment>-<shard>`, readable as far as 63 characters allow, ending in a
+    digest of the pair: unique per (experiment, shard) whatever their lengths."""
+    return dns_label(job.experiment, job.collaborator, prefix="collab")
 
 
 def _requests_certificate(where: PodPlacement) -> bool:
@@ -95,7 +95,7 @@ def build_collaborator_pod(job: CollaboratorJob, where: PodPlacement) -> dict[st
         "name": pod_name(job), "namespace": where.namespace,
         "labels": {"app.kubernetes.io/name": "fedkube",
                    "app.kubernetes.io/component": "collaborator",
-                   "fedkube.io/collaborator": job.collaborator},
+                   "fedkube.io/collaborator": label_value(job.collaborator)},
         "annotations": {"fedkube.io/experiment": job.experiment},
     }
     if where.owner_pod and where.owner_uid:

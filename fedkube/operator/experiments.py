@@ -6,15 +6,21 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fedkube.api.experiment import ExperimentState as DirectorState
+from fedkube.api.names import with_digest
 from fedkube.api.plan import Plan
 from fedkube.api.resources import ExperimentSpec
 from fedkube.client import ExperimentView
 from fedkube.operator.conditions import Conditions, now, set_condition
 
+MAX_EXPERIMENT_NAME = 253  # the director's limit (fedkube.director.core.EXPERIMENT_NAME)
+
 
 def director_name(namespace: str, name: str) -> str:
-    """The experiment's name at the director, unique across namespaces."""
-    return f"{namespace}.{name}"
+    """The experiment's name at the director, unique across namespaces: `<ns>.<name>`,
+    cut with a digest of both past the director's 253 characters."""
+    full = f"{namespace}.{name}"
+    return full if len(full) <= MAX_EXPERIMENT_NAME else with_digest(
+        full, MAX_EXPERIMENT_NAME, namespace, name)
 
 
 def build_plan(spec: ExperimentSpec) -> Plan:

@@ -16,6 +16,7 @@ from fedkube.dev.cluster import ControlPlane
 from fedkube.dev.processes import wait_for
 from fedkube.envoy_agent.main import make_runtime
 from fedkube.envoy_agent.pod_runtime import PodRuntime
+from fedkube.envoy_agent.pods import pod_name
 from fedkube.envoy_agent.runtime import CollaboratorFailed, CollaboratorJob
 
 pytestmark = pytest.mark.k8s
@@ -56,7 +57,7 @@ async def test_collaborator_pod_gets_its_gpus_on_the_envoys_node(
     task = asyncio.create_task(runtime.run(_job(tmp_path, gpus=2)))
 
     def pod() -> dict[str, Any]:
-        out = cluster.kubectl("get", "pod", "collab-default-digits-hospital-b", "-n", NAMESPACE,
+        out = cluster.kubectl("get", "pod", pod_name(_job(tmp_path, gpus=2)), "-n", NAMESPACE,
                               "-o", "json",
                               check=False)
         return dict(json.loads(out.stdout)) if out.returncode == 0 else {}
