@@ -44,7 +44,7 @@ async def _call(channel: grpc.aio.Channel, path: str, method: Any) -> grpc.Statu
                 pass
     except grpc.aio.AioRpcError as exc:
         if exc.code() == grpc.StatusCode.PERMISSION_DENIED and (
-                "may not call" in (exc.details() or "") or "no fedkube role" in
+                "may not call" in (exc.details() or "") or "no single fedkube role" in
                 (exc.details() or "") or "not open to any caller" in (exc.details() or "")):
             return grpc.StatusCode.PERMISSION_DENIED
         return exc.code() if exc.code() != grpc.StatusCode.PERMISSION_DENIED else \
@@ -169,3 +169,38 @@ async def test_identities_within_roles(mtls_director: RunningDirector,
     for c in (env1, env2, alice, bob, root, collab):
         await c.channel.close()
     await channel.close(None)
+
+
+def _certificate(*units: str, rdn_per_unit: bool = True) -> bytes:
+    """A certificate whose subject names these OUs (one RDN each, or all in one)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    ous = [x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, u) for u in units]
+    rdns = ([x509.RelativeDistinguishedName([ou]) for ou in ous] if rdn_per_unit
+            else [x509.RelativeDistinguishedName(ous)])
+    name = x509.Name([*rdns, x509.RelativeDistinguishedName(
+        [x509.NameAttribute(NameOID.COMMON_NAME, "alice")])])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(1).not_valid_before(now)
+            .not_valid_after(now + datetime.timedelta(days=1)).sign(key, hashes.SHA256()))
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+@pytest.mark.parametrize("one_rdn", [False, True], ids=["two-rdns", "one-rdn"])
+def test_a_certificate_with_two_roles_has_none(one_rdn: bool) -> None:
+    """The first OU won: with both in one RDN they sort, and `admin` came first."""
+    from fedkube.transport.roles import refusal, role_of_certificate
+
+    assert role_of_certificate(_certificate("owner")) is Role.OWNER
+    assert role_of_certificate(_certificate("owner", "owner")) is Role.OWNER
+    both = role_of_certificate(_certificate("owner", "admin", rdn_per_unit=not one_rdn))
+    assert both is None
+    reason = refusal("/openfl.director.Director/GetExperimentsList", both)
+    assert reason is not None and "exactly one" in reason

@@ -64,14 +64,17 @@ ROLE_TABLE: dict[str, frozenset[Role]] = {
 
 @functools.lru_cache(maxsize=4096)
 def role_of_certificate(pem: bytes) -> Role | None:
-    """The role in a certificate's OU, or None when it has none we know."""
+    """The role in a certificate's OU, or None unless it names exactly one we know: a
+    certificate with two roles gets neither (the first OU won, and one RDN holding two
+    OUs sorts them, so `admin` could win over the role it was issued for)."""
     cert = x509.load_pem_x509_certificate(pem)
+    roles = set()
     for attribute in cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME):
         try:
-            return Role(str(attribute.value))
+            roles.add(Role(str(attribute.value)))
         except ValueError:
             continue
-    return None
+    return roles.pop() if len(roles) == 1 else None
 
 
 def caller_role(context: grpc.aio.ServicerContext[Any, Any]) -> Role | None:
@@ -89,8 +92,9 @@ def refusal(method: str, role: Role | None) -> str | None:
     if allowed is None:
         return f"{method} is not open to any caller"
     if role is None:
-        return (f"the client certificate has no fedkube role (its OU must be one of "
-                f"{', '.join(r.value for r in Role)}); issue it with `fedkube certs`")
+        return (f"the client certificate has no single fedkube role (its OU must be "
+                f"exactly one of {', '.join(r.value for r in Role)}); issue it with "
+                f"`fedkube certs`")
     if role not in allowed:
         return (f"role {role.value!r} may not call {method.rsplit('/', 1)[-1]} (allowed: "
                 f"{', '.join(sorted(r.value for r in allowed))})")
