@@ -87,7 +87,7 @@ def wait_envoys_online(openfl_python: Path, port: int, names: list[str], *,
 
 
 def run_experiment(openfl_python: Path, tmp_path: Path, port: int, name: str, *,
-                   timeout: float = 180, **settings: Any) -> dict[str, Any]:
+                   timeout: float = 300, **settings: Any) -> dict[str, Any]:
     """Runs tests/openfl_workspace/experiment.py in a fresh copy of that directory against the
     director on localhost:port as experiment `name`; settings become its environment
     (rounds=5 -> ROUNDS=5, delta_updates=True -> DELTA_UPDATES=1). Returns its JSON result."""

@@ -16,7 +16,7 @@ import pytest
 
 from fedkube.client.director_client import DirectorClient
 from fedkube.dev.processes import Process, director_process, free_port, wait_for
-from tests.helpers import current_round, start
+from tests.helpers import CertDir, current_round, start
 from tests.test_openfl_compat import openfl_client
 from tests.test_openfl_experiments import (
     SHARD_FILES,
@@ -34,10 +34,11 @@ FRONTEND = "alice"  # the scripts' client_id (and openfl_client's): the experime
 
 
 def fedkube_envoys(tmp_path: Path, port: int, count: int, openfl_python: Path, *,
-                   first: int = 1, shards: int | None = None) -> list[Process]:
+                   first: int = 1, shards: int | None = None,
+                   cert_dir: Path | None = None) -> list[Process]:
     """fedkube envoys env<first>.. whose shard is the OpenFL envoys' own ShardDescriptor
     class (rank i of shards), each run in a directory holding its module, as an OpenFL
-    envoy's is."""
+    envoy's is; under mTLS with its certificate, named relative to that directory."""
     envoys = []
     for rank in range(first, first + count):
         name = f"env{rank}"
@@ -45,11 +46,15 @@ def fedkube_envoys(tmp_path: Path, port: int, count: int, openfl_python: Path, *
         home.mkdir(parents=True)
         for file in SHARD_FILES:
             shutil.copy(WORKSPACE / file, home / file)
+        tls = ["--insecure"] if cert_dir is None else [
+            arg for flag, file in (("--ca", "ca.crt"), ("--cert", f"{name}.crt"),
+                                   ("--key", f"{name}.key"))
+            for arg in (flag, os.path.relpath(cert_dir / file, home))]
         envoys.append(Process(name, [
             "envoy", "start", "--name", name, "--director", f"localhost:{port}",
             "--shard", "openfl:shard_descriptor.DigitsShardDescriptor",
             "--shard-option", f"rank_worldsize={rank},{shards or count}", "--openfl-python",
-            str(openfl_python), "--work-dir", str(tmp_path / name), "--insecure"],
+            str(openfl_python), "--work-dir", str(tmp_path / name), *tls],
             tmp_path / "logs" / f"{name}.log", cwd=home))
     return envoys
 
@@ -102,6 +107,27 @@ def test_the_same_openfl_experiment_runs_on_our_director(
           f"director {reference['seconds']:.1f}s, best {reference['best_accuracy']:.4f}, "
           f"last {reference['last_accuracy']:.4f}")
     check_openfl_run(result, names, reference)
+
+
+def test_the_openfl_experiment_under_mtls(
+        tmp_path: Path, processes: list[Process], openfl_python: Path, cert_dir: CertDir,
+        openfl_references: References) -> None:
+    """The frontend with an owner's certificate (OpenFL's Federation(tls=True, ...)),
+    fedkube envoys with theirs: OpenFL's collaborator dials the director's port with the
+    envoy's certificate, and fedkube's roles and identities apply."""
+    port = free_port()
+    start(processes, director_process(tmp_path, port, period=2, cert_dir=cert_dir.path))
+    made = fedkube_envoys(tmp_path, port, 2, openfl_python, cert_dir=cert_dir.path)
+    names = [start(processes, envoy).name for envoy in made]
+    with DirectorClient.from_files(f"localhost:{port}", ca=cert_dir.path / "ca.crt",
+                                   cert=cert_dir.path / "root.crt",
+                                   key=cert_dir.path / "root.key") as admin:
+        admin.wait_online(2, timeout=120)
+    result = run_experiment(
+        openfl_python, tmp_path, port, "numpy_digits", rounds=ROUNDS, client_id="alice",
+        cert_chain=cert_dir.path / "ca.crt", api_cert=cert_dir.path / "alice.crt",
+        api_key=cert_dir.path / "alice.key")
+    check_openfl_run(result, names, openfl_references.get())
 
 
 @pytest.mark.parametrize(("count", "settings"), [

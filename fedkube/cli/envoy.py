@@ -28,7 +28,9 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     start = envoy.add_parser("start", help="start an envoy")
     add_field_flags(start, EnvoyConfig, FIELDS, types={"cuda_devices": int_list},
                     metavars={"director": "HOST:PORT", "cuda_devices": "I,J"})
-    start.add_argument("--shard", help="shard loader: 'digits' or package.module:Class")
+    start.add_argument("--shard", help="shard loader: 'digits', package.module:Class, or "
+                       "openfl:module.Class (an OpenFL ShardDescriptor, for OpenFL "
+                       "experiments; imported from the working directory)")
     start.add_argument("--shard-option", action="append", default=[], metavar="KEY=VALUE")
     start.add_argument("--config", type=Path, help="envoy.yaml (the same fields)")
     add_tls_flags(start)

@@ -12,6 +12,7 @@ import numpy as np
 
 from fedkube.openfl.environment import (
     DESCRIPTOR_PREFIX,
+    descriptor_params,
     entry_args,
     openfl_python,
     search_path,
@@ -35,10 +36,22 @@ def write_arrays(options: CollaboratorOptions, path: Path) -> Path:
 
 
 def visible_devices() -> list[int]:
-    """The GPUs the envoy gave this collaborator, as OpenFL's device indices (0..n-1 of
-    CUDA_VISIBLE_DEVICES)."""
-    visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
-    return list(range(len(visible)))
+    """The GPUs the envoy gave this collaborator, as OpenFL's device indices: 0..n-1 of
+    CUDA_VISIBLE_DEVICES when the envoy named some, else every GPU NVML shows (as the
+    envoy's own monitor does), none without a driver."""
+    if "CUDA_VISIBLE_DEVICES" in os.environ:
+        visible = [d for d in os.environ["CUDA_VISIBLE_DEVICES"].split(",") if d.strip()]
+        return list(range(len(visible)))
+    import pynvml
+
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:  # no driver: no GPUs
+        return []
+    try:
+        return list(range(pynvml.nvmlDeviceGetCount()))
+    finally:
+        pynvml.nvmlShutdown()
 
 
 def run_openfl_collaborator(options: CollaboratorOptions, archive: Path) -> NoReturn:
@@ -47,14 +60,17 @@ def run_openfl_collaborator(options: CollaboratorOptions, archive: Path) -> NoRe
     workspace = options.work_dir / "workspace"
     safe_extract(archive, workspace)
     python = openfl_python(options.openfl_python)
+    # Absolute: OpenFL's collaborator runs in the workspace, not where these were named.
     tls = ([] if options.insecure else
-           ["--ca", str(options.ca), "--cert", str(options.cert), "--key", str(options.key)])
+           [arg for flag, path in (("--ca", options.ca), ("--cert", options.cert),
+                                   ("--key", options.key))
+            for arg in (flag, str(Path(str(path)).resolve()))])
     descriptor = arrays = None
     if options.shard.startswith(DESCRIPTOR_PREFIX):
         descriptor = options.shard.removeprefix(DESCRIPTOR_PREFIX)
     else:
         arrays = write_arrays(options, options.work_dir / "shard.npz")
     args = entry_args(python, workspace=workspace.resolve(), name=options.name,
-                      descriptor=descriptor, params=dict(options.shard_options or {}),
+                      descriptor=descriptor, params=descriptor_params(options.shard_options),
                       arrays=arrays, cuda_devices=visible_devices(), tls=tls)
     os.execve(args[0], args, search_path(os.environ))

@@ -9,16 +9,21 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from fedkube.openfl.environment import DESCRIPTOR_PREFIX, describe_descriptor, openfl_python
+from fedkube.openfl.environment import (
+    DESCRIPTOR_PREFIX,
+    describe_descriptor,
+    descriptor_params,
+    openfl_python,
+)
 from fedkube.tasks.shard import Arrays, ShardDescriptor, ShardLoaderError, Split
 
 
 class OpenFLShard(ShardDescriptor):
     def __init__(self, loader: str, options: dict[str, Any], python: Path | None) -> None:
         self.descriptor = loader.removeprefix(DESCRIPTOR_PREFIX)
-        self.options = options
+        self.options = descriptor_params(options)
         self.python = openfl_python(python)
-        self._described = describe_descriptor(self.python, self.descriptor, options)
+        self._described = describe_descriptor(self.python, self.descriptor, self.options)
 
     @property
     def dataset_description(self) -> str:

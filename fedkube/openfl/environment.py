@@ -14,6 +14,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from fedkube.api.errors import FedkubeError
 
 log = logging.getLogger(__name__)
@@ -62,6 +64,19 @@ def openfl_python(configured: Path | None = None) -> Path:
                     f"installing {' '.join(REQUIREMENTS)} failed: {result.stderr[-500:]}")
             stamp.touch()
     return python
+
+
+def descriptor_params(options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A descriptor's params as its envoy_config.yaml would type them: `--shard-option`
+    strings read as YAML scalars ("3" is 3, "true" True, "1,2" stays "1,2"), so the envoy
+    (typed config) and its collaborators (flags) pass the same values."""
+    params = {}
+    for key, value in (options or {}).items():
+        try:
+            params[key] = yaml.safe_load(value) if isinstance(value, str) else value
+        except yaml.YAMLError:
+            params[key] = value
+    return params
 
 
 def search_path(environ: Mapping[str, str]) -> dict[str, str]:

@@ -49,6 +49,9 @@ class ShardLoaderError(FedkubeError, ValueError):
 
 
 def load_shard(loader: str, options: dict[str, Any]) -> ShardDescriptor:
+    if loader.startswith("openfl:"):
+        raise ShardLoaderError(f"shard {loader!r} is an OpenFL ShardDescriptor: it serves "
+                               f"OpenFL experiments only, not fedkube tasks")
     path = BUILTIN_LOADERS.get(loader, loader)
     module_name, _, class_name = path.partition(":")
     if not class_name:

@@ -5,6 +5,7 @@ DataInterface), for any director that speaks OpenFL's director protocol; everyth
 between runs comes from the environment:
 
     DIRECTOR_HOST (localhost), DIRECTOR_PORT, CLIENT_ID (frontend): the director, TLS disabled
+    unless CERT_CHAIN, API_CERT and API_KEY name the CA, the user's certificate and key
     EXPERIMENT_NAME, ROUNDS (5), AGGREGATION (weighted_average | median | adam | custom: a class of
     this script's own, which writes the file MARKER wherever it runs),
     DELTA_UPDATES ("1": on), OPT_TREATMENT (RESET), EPOCHS (2), LR (0.1), BATCH_SIZE (32),
@@ -175,8 +176,11 @@ def main() -> None:
                                      framework_plugin="numpy_model.NumpyAdapter")
     data = DigitsData(batch_size=BATCH_SIZE)
 
+    tls = {"tls": True, "cert_chain": os.environ["CERT_CHAIN"],
+           "api_cert": os.environ["API_CERT"], "api_private_key": os.environ["API_KEY"]
+           } if os.environ.get("CERT_CHAIN") else {"tls": False}
     federation = Federation(client_id=CLIENT_ID, director_node_fqdn=DIRECTOR_HOST,
-                            director_port=DIRECTOR_PORT, tls=False)
+                            director_port=DIRECTOR_PORT, **tls)
     if os.environ.get("ENVOYS"):
         # FLExperiment runs on every online envoy; this experiment wants some of them.
         wanted, registry = set(os.environ["ENVOYS"].split(",")), federation.get_shard_registry
