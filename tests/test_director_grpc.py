@@ -272,8 +272,8 @@ async def test_names_are_matched_whole_a_trailing_newline_is_no_name(
             await owner.SetNewExperiment(messages(bad))
         assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT, bad
         assert "experiment name" in (error.value.details() or "")
-    await envoy.channel.close()
-    await owner.channel.close()
+    await envoy.channel.close()  # type: ignore[attr-defined]
+    await owner.channel.close()  # type: ignore[attr-defined]
 
 
 async def test_a_new_experiment_never_inherits_a_removed_ones_files(
@@ -290,4 +290,4 @@ async def test_a_new_experiment_never_inherits_a_removed_ones_files(
             experiment_name="exp", model_type=director_pb2.GetTrainedModelRequest.BEST_MODEL))
     assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert not (leftover / "best.pb").exists()
-    await owner.channel.close()
+    await owner.channel.close()  # type: ignore[attr-defined]
