@@ -204,3 +204,23 @@ def test_a_certificate_with_two_roles_has_none(one_rdn: bool) -> None:
     assert both is None
     reason = refusal("/openfl.director.Director/GetExperimentsList", both)
     assert reason is not None and "exactly one" in reason
+
+
+async def test_owners_see_only_their_own_experiments_names_on_envoys(
+        mtls_director: RunningDirector, cert_dir: CertDir) -> None:
+    """GetEnvoys told every owner what each shard runs: another owner's experiment names."""
+    clients = {who: stub(mtls_director.address, tls=TLSFiles.from_dir(cert_dir.path, who))
+               for who in ("env1", "alice", "bob", "root")}
+    assert (await clients["env1"].UpdateShardInfo(shard_request("env1"))).accepted
+    await _experiment(clients["alice"], "alices-secret-project", ["env1"])
+
+    async def shown(who: str) -> str:
+        reply = await clients[who].GetEnvoys(director_pb2.GetEnvoysRequest())
+        (envoy,) = [e for e in reply.envoy_infos if e.shard_info.node_info.name == "env1"]
+        return envoy.experiment_name
+
+    assert await shown("alice") == "alices-secret-project"
+    assert await shown("root") == "alices-secret-project"
+    assert await shown("bob") == ""
+    for client in clients.values():
+        await client.channel.close()  # type: ignore[attr-defined]

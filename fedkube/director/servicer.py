@@ -207,11 +207,16 @@ class DirectorService(director_pb2_grpc.DirectorServicer):
                         context: Context) -> director_pb2.GetEnvoysResponse:
         infos = []
         period = self.director.health_check_period
+        caller, admin = self._viewer(context)
+        visible = {r.name for r in self.director.get_experiments_list(caller, admin)}
         for state in self.director.get_envoys():
+            # Whether a shard is busy is everyone's to see (it is unavailable); what it
+            # runs is only its owner's (and an admin's).
+            current = state.current_experiment or ""
             info = director_pb2.EnvoyInfo(
                 shard_info=state.shard_info, is_online=self.director.is_online(state),
                 is_experiment_running=state.is_experiment_running,
-                experiment_name=state.current_experiment or "")
+                experiment_name=current if current in visible else "")
             info.last_updated.FromNanoseconds(int(state.last_updated * 1e9))
             info.valid_duration.FromNanoseconds(int(2 * period * 1e9))
             infos.append(info)
