@@ -193,3 +193,37 @@ def test_plot_of_a_running_experiment_shows_the_rounds_so_far(
     assert out.read_bytes().startswith(b"\x89PNG")
     assert client.status("long").status == "in_progress"  # it did not wait for the end
     client.close()
+
+
+async def test_metrics_listen_where_the_director_does_and_stop_with_it(tmp_path: Path) -> None:
+    """/metrics (shard names, GPUs) bound 0.0.0.0 whatever --host said, and was never
+    stopped: a second director in one process could not register its gauges."""
+    import socket
+
+    from fedkube.api.config import DirectorConfig, TLSSettings
+    from fedkube.director.server import DirectorServer
+
+    for attempt in range(2):  # a second director in this process, once the first stopped
+        server = DirectorServer(DirectorConfig(
+            host="127.0.0.1", port=0, data_dir=tmp_path / f"director{attempt}",
+            metrics_port=0, tls=TLSSettings(insecure=True)))
+        await server.start()
+        assert server.metrics is not None and server.metrics_port is not None
+        port = server.metrics_port
+        assert server.metrics.host == "127.0.0.1"
+        assert scrape(port)  # it serves
+        assert _listeners(port) == ["127.0.0.1"]
+        await server.stop(None)
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+
+
+def _listeners(port: int) -> list[str]:
+    """The local addresses with a TCP socket listening on port (from /proc/net/tcp)."""
+    found = []
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        address, hex_port = local.split(":")
+        if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+            found.append(".".join(str(int(address[i:i + 2], 16)) for i in (6, 4, 2, 0)))
+    return found

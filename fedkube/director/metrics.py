@@ -84,8 +84,17 @@ def _gpu_gauges(envoys: list[EnvoyState]) -> Iterator[GaugeMetricFamily]:
     yield from (used, total, busy)
 
 
-def serve_metrics(director: Director, port: int, host: str = "0.0.0.0") -> int:
-    """Registers the state gauges and serves /metrics on port (0: any); returns the port."""
-    REGISTRY.register(DirectorCollector(director))
-    server, _ = start_http_server(port, addr=host)
-    return int(server.server_port)
+class MetricsServer:
+    """/metrics of one director, on host:port (0: any), until stop()."""
+
+    def __init__(self, director: Director, host: str, port: int) -> None:
+        self._collector = DirectorCollector(director)
+        REGISTRY.register(self._collector)
+        self._server, self._thread = start_http_server(port, addr=host)
+        self.host, self.port = host, int(self._server.server_port)
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+        REGISTRY.unregister(self._collector)

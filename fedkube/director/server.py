@@ -33,7 +33,7 @@ from fedkube.api.config import DirectorConfig
 from fedkube.api.experiment import ExperimentState
 from fedkube.director.core import Director
 from fedkube.director.frontend_pool import FrontendReports, Frontends
-from fedkube.director.metrics import serve_metrics
+from fedkube.director.metrics import MetricsServer
 from fedkube.director.servicer import DirectorService
 from fedkube.director.store import ExperimentRecord, open_store
 from fedkube.proto import director_pb2_grpc, frontend_pb2_grpc
@@ -113,6 +113,7 @@ class DirectorServer:
                 FrontendReports(self.director), private)
         self._flusher: asyncio.Task[None] | None = None
         self.metrics_port: int | None = None
+        self.metrics: MetricsServer | None = None
 
     async def _set_health(self, status: Any) -> None:
         for service in ("", *SERVED):
@@ -156,8 +157,12 @@ class DirectorServer:
             await self.frontends.start(self.port)
         await self.server.start()
         if self.config.metrics_port is not None:
-            self.metrics_port = serve_metrics(self.director, self.config.metrics_port)
-            log.info("metrics on :%d/metrics", self.metrics_port)
+            # Where the director listens, not every interface: the figures name shards
+            # and their GPUs (on Kubernetes the director listens on the Pod's IP anyway).
+            self.metrics = MetricsServer(self.director, self.config.host,
+                                         self.config.metrics_port)
+            self.metrics_port = self.metrics.port
+            log.info("metrics on %s:%d/metrics", self.config.host, self.metrics_port)
         self._flusher = asyncio.create_task(self._flush_loop())
         mode = "insecure" if self.config.tls.insecure else "mTLS"
         log.info("director listening on %s:%d (%s), data in %s", self.config.host, self.port,
@@ -190,6 +195,8 @@ class DirectorServer:
         if self.bulk is not None:  # its threads finish their work on this loop
             await asyncio.to_thread(self.bulk.stop)
         await self.server.stop(grace)
+        if self.metrics is not None:
+            await asyncio.to_thread(self.metrics.stop)
         self.director.close()
         if self.health_server is not None:  # last: probes see NOT_SERVING while it drains
             await self.health_server.stop(None)
