@@ -553,3 +553,26 @@ def test_the_longest_names_the_crds_allow_give_valid_unique_objects(tmp_path: Pa
             assert all(LABEL_VALUE.fullmatch(v) for v in metadata["labels"].values())
             pods.add(metadata["name"])
     assert len(pods) == len(at_director) * len(shards)
+
+
+def test_two_shards_on_one_node_leave_one_out_said_so_and_bad_node_names_are_refused() -> None:
+    """One shard per node: the second no longer silently replaced the first in the envoys'
+    ConfigMap (whose keys a bad node name also broke for every shard)."""
+    from pydantic import ValidationError
+
+    from fedkube.operator.manifests import node_conflicts
+
+    shards = {"a": ShardSpec(federation="fed", node_name="gpu-1"),
+              "b": ShardSpec(federation="fed", node_name="gpu-1"),
+              "c": ShardSpec(federation="fed", node_name="gpu-2")}
+    data = build_envoy_config("fed", "ns", FED, shards)["data"]
+    assert {k: yaml.safe_load(v)["name"] for k, v in data.items()} == {
+        "gpu-1.yaml": "a", "gpu-2.yaml": "c"}
+    assert node_conflicts(shards) == {"b": "node 'gpu-1' already serves shard 'a' (one "
+                                           "shard per node)"}
+    for bad in ("../x/y:z", "Gpu-1", "gpu_1", "-gpu"):
+        with pytest.raises(ValidationError):
+            ShardSpec(federation="fed", node_name=bad)
+    with pytest.raises(ValidationError):
+        FederationSpec.model_validate({**FED.model_dump(by_alias=True),
+                                       "sampleShape": ["8", "--insecure"]})

@@ -12,6 +12,10 @@ from pydantic.alias_generators import to_camel
 GROUP = "fedkube.io"
 VERSION = "v1alpha1"
 DNS_NAME = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+# A node's name: a DNS subdomain (it keys the envoys' ConfigMap and names certificates).
+NODE_NAME = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+# One dimension of a sample or target shape: it becomes a director flag's value.
+DIMENSION = r"^[0-9]{1,9}$"
 QUANTITY = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|k|M|G|T)?$"
 # A resource quantity as a Pod's requests and limits take it (cpu in millicores too).
 RESOURCE_QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|Ki|Mi|Gi|Ti|Pi|k|M|G|T|P)?$"
@@ -87,9 +91,10 @@ class FederationSpec(_Model):
             "local development only"))
     storage: str = Field(default="1Gi", pattern=QUANTITY,
                          description="size of the director's volume (state and models)")
-    sample_shape: list[str] = Field(min_length=1, max_length=8,
-                                    description="shape every shard's samples must have")
-    target_shape: list[str] = Field(min_length=1, max_length=8)
+    sample_shape: list[Annotated[str, Field(pattern=DIMENSION)]] = Field(
+        min_length=1, max_length=8, description="shape every shard's samples must have")
+    target_shape: list[Annotated[str, Field(pattern=DIMENSION)]] = Field(
+        min_length=1, max_length=8)
     health_check_period_seconds: int = Field(default=60, ge=1, le=3600)
     director_frontends: int = Field(
         default=0, ge=0, le=64,
@@ -134,7 +139,7 @@ class ShardSpec(_Model):
     """A data shard on a node; the envoy on that node registers it."""
 
     federation: str = Field(min_length=1, max_length=253, pattern=DNS_NAME)
-    node_name: str | None = Field(default=None, max_length=253)
+    node_name: str | None = Field(default=None, max_length=253, pattern=NODE_NAME)
     loader: str = Field(default="digits", min_length=1, max_length=256,
                         description="a built-in shard loader or module:Class")
     options: dict[str, str] = Field(default_factory=dict,

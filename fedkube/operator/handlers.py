@@ -18,6 +18,7 @@ from typing import Any
 
 import grpc
 import kopf
+from pydantic import ValidationError
 
 from fedkube.api.resources import GROUP, VERSION, ExperimentSpec, FederationSpec, ShardSpec
 from fedkube.client import DirectorClient, EnvoyView
@@ -31,6 +32,7 @@ from fedkube.operator.manifests import (
     build_tls_secret,
     director_endpoint,
     names,
+    node_conflicts,
 )
 from fedkube.operator.metrics import EXPERIMENT_PHASES, observed
 from fedkube.operator.shards import build_shard_status, status_changes
@@ -117,9 +119,18 @@ def _render_envoy_config(state: OperatorState, federation: str, namespace: str) 
         owner = kube.get_custom("federations", namespace, federation)
         if owner is None:  # deleted since: its ConfigMap goes with it
             return
-        shards = {s["metadata"]["name"]: ShardSpec.model_validate(s["spec"])
-                  for s in kube.list_custom("shards", namespace)
-                  if s.get("spec", {}).get("federation") == federation}
+        shards = {}
+        for item in kube.list_custom("shards", namespace):
+            if item.get("spec", {}).get("federation") != federation:
+                continue
+            try:  # one bad Shard (from before the CRD checked it) blocks no other
+                shards[item["metadata"]["name"]] = ShardSpec.model_validate(item["spec"])
+            except ValidationError as exc:
+                log.warning("shard %s/%s left out of the envoys' config: %s", namespace,
+                            item["metadata"]["name"], exc)
+        for shard_name, reason in node_conflicts(shards).items():
+            log.warning("shard %s/%s left out of the envoys' config: %s", namespace,
+                        shard_name, reason)
         manifest = build_envoy_config(federation, namespace,
                                       FederationSpec.model_validate(owner["spec"]), shards)
         kopf.adopt(manifest, owner=kopf.Body(owner))  # type: ignore[arg-type]

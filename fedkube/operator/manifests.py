@@ -209,10 +209,12 @@ def build_director_deployment(name: str, namespace: str, spec: FederationSpec) -
 def build_envoy_config(federation: str, namespace: str, spec: FederationSpec,
                        shards: dict[str, ShardSpec]) -> Manifest:
     """The envoy settings of each node, keyed by node name: the DaemonSet pod on a node
-    reads its own key (one shard per node)."""
+    reads its own key. One shard per node: of two on one node, the first by name holds it
+    (node_conflicts says which other is left out)."""
     data = {}
+    taken = set(node_conflicts(shards))
     for shard_name, shard in sorted(shards.items()):
-        if not shard.node_name:
+        if not shard.node_name or shard_name in taken:
             continue
         config: dict[str, Any] = {
             "name": shard_name, "director": service_endpoint(federation, namespace),
@@ -230,6 +232,21 @@ def build_envoy_config(federation: str, namespace: str, spec: FederationSpec,
             "metadata": {"name": names(federation).envoy_config, "namespace": namespace,
                          "labels": labels(federation, "envoy")},
             "data": data}
+
+
+def node_conflicts(shards: dict[str, ShardSpec]) -> dict[str, str]:
+    """Shards left out because another (first by name) holds their node: name -> why."""
+    holder: dict[str, str] = {}
+    left_out = {}
+    for shard_name, shard in sorted(shards.items()):
+        if not shard.node_name:
+            continue
+        if shard.node_name in holder:
+            left_out[shard_name] = (f"node {shard.node_name!r} already serves shard "
+                                    f"{holder[shard.node_name]!r} (one shard per node)")
+        else:
+            holder[shard.node_name] = shard_name
+    return left_out
 
 
 def _envoy_probe(*, ready: bool, period: int, failures: int) -> Manifest:

@@ -108,6 +108,16 @@ def test_invalid_specs_are_refused_by_the_apiserver(operated: Operated) -> None:
     assert 'supported values: "mtls", "insecure"' in result.stderr
     assert "spec.storage" in result.stderr
     assert "spec.directorResources.requests.cpu" in result.stderr
+    # A shape item becomes a director flag; a node name keys the envoys' ConfigMap.
+    bad_fed = examples("federation.yaml")[0]
+    bad_fed["spec"]["sampleShape"] = ["8", "--insecure"]
+    result = operated.kubectl("apply", "-f", "-", input=yaml.safe_dump(bad_fed), check=False)
+    assert result.returncode != 0 and "spec.sampleShape[1]" in result.stderr
+    bad_shard = examples("shard.yaml")[0]
+    bad_shard["spec"]["nodeName"] = "../x/y:z"
+    result = operated.kubectl("apply", "-f", "-", input=yaml.safe_dump(bad_shard),
+                              check=False)
+    assert result.returncode != 0 and "spec.nodeName" in result.stderr
 
 
 def test_experiment_of_a_missing_federation_says_so(operated: Operated) -> None:
