@@ -291,3 +291,29 @@ async def test_a_new_experiment_never_inherits_a_removed_ones_files(
     assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert not (leftover / "best.pb").exists()
     await owner.channel.close()  # type: ignore[attr-defined]
+
+
+async def test_a_training_weight_past_the_shards_registered_samples_is_refused(
+        director: RunningDirector) -> None:
+    """FedAvg weighs by the self-reported data_size: unbounded, one collaborator could
+    control the average. It may not exceed the samples its shard registered (100 here)."""
+    from fedkube.proto import aggregator_pb2_grpc
+    from fedkube.transport.tensors import chunk_message
+    from tests.helpers import task_results
+
+    aggregator = await running_experiment(director)
+    async with grpc.aio.insecure_channel(director.address) as channel:
+        stub_ = aggregator_pb2_grpc.AggregatorStub(channel)
+
+        async def send(data_size: int) -> None:
+            results = task_results("env1")
+            results.data_size = data_size
+            await stub_.SendLocalTaskResults(iter(list(chunk_message(
+                results.SerializeToString(), 1 << 20))))
+
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await send(10**9)
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "exceeds the 100 samples shard env1 registered" in (error.value.details() or "")
+        await send(100)  # at the cap: taken
+    assert "train" not in aggregator.tasks_for("env1")  # its training is in

@@ -89,6 +89,13 @@ class MetricEvent:
     round: int
 
 
+def check_data_size(sender: str, data_size: int, registered: int | None) -> None:
+    """A training result's weight may not exceed the samples its shard registered."""
+    if registered and data_size > registered:
+        raise InvalidArgumentError(f"data_size {data_size} exceeds the {registered} samples "
+                                   f"shard {sender} registered")
+
+
 def read_metric_events(path: Path) -> list[MetricEvent]:
     """The events of a metrics.jsonl; a line that does not parse (the torn last line a
     full disk leaves) is skipped with a warning, not a reason to lose the experiment."""
@@ -116,8 +123,13 @@ class ExperimentAggregator:
     def __init__(self, *, name: str, plan: Plan, collaborators: list[str], initial: Model,
                  workdir: Path, outcome: Outcome, clock: Callable[[], float],
                  start_round: int = 0, best_metric: float | None = None,
-                 dropouts: Sequence[str] = ()) -> None:
-        """start_round > 0 resumes after a restart from the last aggregated model."""
+                 dropouts: Sequence[str] = (), samples: Mapping[str, int] | None = None
+                 ) -> None:
+        """start_round > 0 resumes after a restart from the last aggregated model.
+        samples: what each collaborator's shard registered, the cap of its training
+        weight (a data_size past it is refused: FedAvg would let it control the
+        average)."""
+        self.samples = dict(samples or {})
         self.name, self.plan, self.collaborators = name, plan, list(collaborators)
         self.workdir, self.outcome, self.clock = workdir, outcome, clock
         self.model = initial
@@ -473,6 +485,8 @@ class ExperimentAggregator:
         if results.task_name not in self.tasks_for(sender):
             raise InvalidArgumentError(f"{sender} has no pending {results.task_name!r} task in "
                                        f"round {self.round} (already sent, or unknown task)")
+        if results.task_name == TRAIN:
+            check_data_size(sender, results.data_size, self.samples.get(sender))
         return check_task_results(results, model=self.model, metric=self.plan.metric,
                                   payloads=payloads)
 

@@ -37,7 +37,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -49,6 +49,7 @@ from fedkube.aggregator.experiment import (
     STARTUP_TIMEOUT_S,
     MetricEvent,
     Outcome,
+    check_data_size,
     read_metric_events,
 )
 from fedkube.aggregator.fedavg import Model, StreamingFedAvg, all_finite
@@ -119,10 +120,12 @@ class OpenFLRounds:
     def __init__(self, *, name: str, plan: OpenFLPlan, collaborators: list[str],
                  initial: Model, workdir: Path, outcome: Outcome, clock: Callable[[], float],
                  start_round: int = 0, previous: Model | None = None,
-                 best_metric: float | None = None) -> None:
+                 best_metric: float | None = None, samples: Mapping[str, int] | None = None
+                 ) -> None:
         self.name, self.plan, self.collaborators = name, plan, list(collaborators)
         self.workdir, self.outcome, self.clock = workdir, outcome, clock
         self.model, self.previous = initial, previous
+        self.samples = dict(samples or {})  # each shard's registered size: a weight's cap
         self.round = start_round
         self.best_metric = best_metric
         self.metric_name = ""
@@ -346,6 +349,8 @@ class OpenFLRounds:
             if task is None:
                 raise InvalidArgumentError(f"experiment {self.name!r} has no task "
                                            f"{results.task_name!r}")
+            if task.task_type == "train":
+                check_data_size(sender, results.data_size, self.samples.get(sender))
             size = (sum(len(p) for p in payloads) if payloads is not None
                     else results.ByteSize())
             started = time.perf_counter()

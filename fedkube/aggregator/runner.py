@@ -94,6 +94,8 @@ class AggregatorRunner:
         # it advertises if any): written into OpenFL plans (fedkube.openfl.workspace).
         self.port: int | None = None
         self.address: str | None = None
+        # The samples a shard registered (0 or None: unknown), a cap on its weights.
+        self.registered_samples: Callable[[str], int | None] = lambda shard: None
 
     # -- ExperimentRunner protocol (called by the director) ------------------------------
 
@@ -136,7 +138,8 @@ class AggregatorRunner:
         aggregator = ExperimentAggregator(
             name=experiment.name, plan=plan, collaborators=list(experiment.collaborators),
             initial=model, workdir=archive.parent, outcome=self.outcome, clock=self.clock,
-            start_round=start_round, dropouts=dropouts.split(",") if dropouts else ())
+            start_round=start_round, dropouts=dropouts.split(",") if dropouts else (),
+            samples=self._samples(experiment.collaborators))
         self.aggregators[experiment.name] = aggregator
         self._ensure_ticker()
         log.info("aggregator for %s: %d rounds over %s", experiment.name, plan.rounds,
@@ -155,7 +158,8 @@ class AggregatorRunner:
             name=experiment.name, plan=plan, collaborators=list(experiment.collaborators),
             initial=model, workdir=archive.parent, outcome=self.outcome, clock=self.clock,
             start_round=start_round, previous=previous,
-            best_metric=float(best) if best else None)
+            best_metric=float(best) if best else None,
+            samples=self._samples(experiment.collaborators))
         rounds.metric_name = experiment.extra.get("metric", "")
         self.openfl[experiment.name] = rounds
         self.aliases[plan.federation_uuid] = experiment.name
@@ -163,6 +167,10 @@ class AggregatorRunner:
         log.info("aggregator for OpenFL experiment %s (federation %s): %d rounds over %s",
                  experiment.name, plan.federation_uuid, plan.rounds,
                  list(experiment.collaborators), extra={"experiment": experiment.name})
+
+    def _samples(self, collaborators: Iterable[str]) -> dict[str, int]:
+        counts = {c: self.registered_samples(c) for c in collaborators}
+        return {c: n for c, n in counts.items() if n}
 
     def remember_ended(self, name: str, collaborators: Iterable[str]) -> None:
         """An experiment that ended before this director started: its late collaborators

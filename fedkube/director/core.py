@@ -183,6 +183,11 @@ class Director:
     def is_online(self, state: EnvoyState) -> bool:
         return self.clock() - state.last_updated < 2 * self.health_check_period
 
+    def registered_samples(self, name: str) -> int | None:
+        """The samples shard name registered, if it is registered."""
+        state = self._envoys.get(name)
+        return state.shard_info.n_samples if state is not None else None
+
     def get_envoys(self) -> list[EnvoyState]:
         return list(self._envoys.values())
 

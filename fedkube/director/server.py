@@ -74,6 +74,7 @@ class DirectorServer:
         self.server, self.port = create_server(config.host, config.port, tls=tls)
         self.runner = AggregatorRunner(self.director)
         self.runner.port, self.runner.address = self.port, config.advertise_address
+        self.runner.registered_samples = self.director.registered_samples
         self.director.runner = self.runner
         secure = tls is not None  # under mTLS every call also passes the role table
         director_handlers = generated_handlers(director_pb2_grpc.add_DirectorServicer_to_server,
