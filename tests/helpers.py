@@ -148,7 +148,7 @@ def shard_request(name: str, sample: tuple[str, ...] = ("8", "8")
                   ) -> director_pb2.UpdateShardInfoRequest:
     return director_pb2.UpdateShardInfoRequest(shard_info=director_pb2.ShardInfo(
         node_info=director_pb2.NodeInfo(name=name), shard_description="test shard",
-        n_samples=100, sample_shape=sample, target_shape=["1"]))
+        n_samples=100_000, sample_shape=sample, target_shape=["1"]))
 
 
 def stub(address: str, *, client_id: str = "alice",

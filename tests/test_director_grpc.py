@@ -296,7 +296,7 @@ async def test_a_new_experiment_never_inherits_a_removed_ones_files(
 async def test_a_training_weight_past_the_shards_registered_samples_is_refused(
         director: RunningDirector) -> None:
     """FedAvg weighs by the self-reported data_size: unbounded, one collaborator could
-    control the average. It may not exceed the samples its shard registered (100 here)."""
+    control the average. It may not exceed the samples its shard registered."""
     from fedkube.proto import aggregator_pb2_grpc
     from fedkube.transport.tensors import chunk_message
     from tests.helpers import task_results
@@ -314,6 +314,6 @@ async def test_a_training_weight_past_the_shards_registered_samples_is_refused(
         with pytest.raises(grpc.aio.AioRpcError) as error:
             await send(10**9)
         assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert "exceeds the 100 samples shard env1 registered" in (error.value.details() or "")
-        await send(100)  # at the cap: taken
+        assert "exceeds the 100000 samples shard env1 registered" in (error.value.details() or "")
+        await send(100_000)  # at the cap: taken
     assert "train" not in aggregator.tasks_for("env1")  # its training is in
