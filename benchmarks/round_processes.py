@@ -12,6 +12,33 @@ collaborators ask again after 100 ms; OpenFL's aggregator tells a waiting collab
 sleep 10 s (`Aggregator._get_sleep_time`).
 
     python -m benchmarks.round_processes --envoys 8 --rounds 10 [--json]
+
+(several K, `--envoys 8 32`: one table per K.)
+
+`--workload openfl-experiment` compares the directors instead: the same unchanged OpenFL
+1.6 interactive-API experiment (tests/openfl_workspace/experiment.py: a numpy MLP on the
+8x8 digits, its defaults, ROUNDS rounds) run from the OpenFL virtualenv against OpenFL's
+own director (`fx director start`) and against fedkube's (`fedkube director start`), both
+with K OpenFL envoys (`fx envoy start`, ofl-env1..K, the digits shard rank i of K), for
+each K given, one row per K. Each director gets its own fresh envoys, started only once it
+listens, and the experiment is submitted once all K are online at it.
+
+Round time comes from the experiment's metric stream, each metric line of the script
+stamped as it arrives. A round's close is its first aggregator metric (the aggregator
+sends its averages once every collaborator has reported). The figure is round 0's close
+to the last round's close divided by rounds - 1, i.e. the mean time between successive
+closes (min-max beside it; the median is in the JSON), so round 0, with the
+collaborators' start-up, only serves as the first mark. A mean, not a median: a
+collaborator told to sleep wakes in or out of phase with the round's close, so
+successive rounds can alternate long and short (2 envoys, OpenFL: 10 s, then 0.01 s).
+Beside it, the whole experiment: from "Experiment was submitted" to the last round's
+aggregator metric, divided by the rounds (start-up included). The last aggregated-model
+accuracy shows both directors trained the same model. A director whose experiment fails
+(or stalls: STALL_S without a line of output) is a "failed" cell, with the rounds that
+closed, and its log's tail on stderr; `--keep` keeps every process's log.
+
+    python -m benchmarks.round_processes --workload openfl-experiment --envoys 8 32 \
+        [--rounds 5] [--json]
 """
 
 from __future__ import annotations
@@ -20,12 +47,16 @@ import argparse
 import itertools
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 import textwrap
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -39,6 +70,13 @@ from fedkube.dev.processes import (
     free_port,
     port_open,
     wait_for,
+)
+from tests.test_openfl_experiments import (
+    WORKSPACE,
+    openfl_director,
+    openfl_envoys,
+    wait_director,
+    wait_envoys_online,
 )
 
 TASK = b'''
@@ -249,29 +287,256 @@ def run_openfl(envoys: int, rounds: int, work: Path, python: Path) -> Result:
         shutil.rmtree(root / "workspace", ignore_errors=True)
 
 
+METRIC_LINE = re.compile(r"\bRound (\d+), (\S+) (\S+) result (\S+):")
+SUBMITTED = "Experiment was submitted to the director"
+
+
+@dataclass
+class ExperimentResult:
+    director: str
+    envoys: int
+    rounds: int
+    rounds_closed: int  # rounds whose aggregator metrics arrived; < rounds: it failed
+    round_s_mean: float | None  # round 0's close to the last closed round's, per round
+    round_s_median: float | None  # of the times between successive rounds' close
+    round_s_min: float | None
+    round_s_max: float | None
+    wall_s_per_round: float | None  # submission to the last round's close, / rounds
+    envoys_online_s: float | None  # from starting the envoys until all K were online
+    last_accuracy: float | None  # the aggregator's aggregated_model_validate, last round
+    error: str | None = None  # why it did not finish (its director's log has the rest)
+
+
+def _log_tail(path: Path, lines: int = 40) -> str:
+    if not path.exists():
+        return f"(no {path})"
+    return f"--- {path} ---\n" + "\n".join(
+        path.read_text(errors="replace").splitlines()[-lines:])
+
+
+STALL_S = 180  # no output for this long: the experiment is stuck, not slow
+
+
+def _stamped_experiment(python: Path, work: Path, port: int, name: str, rounds: int,
+                        timeout: float) -> tuple[list[tuple[float, str]], str | None]:
+    """Runs experiment.py, unchanged, in a fresh copy of its workspace; every line of its
+    output stamped (time.monotonic()) as it arrives. Killed after timeout s, or after
+    STALL_S s without a line. Returns the lines and, if it did not finish, why."""
+    workspace = work / f"frontend-{name}"
+    shutil.copytree(WORKSPACE, workspace, ignore=shutil.ignore_patterns("__pycache__"))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "DIRECTOR_HOST": "localhost",
+           "DIRECTOR_PORT": str(port), "EXPERIMENT_NAME": name, "ROUNDS": str(rounds),
+           "COLUMNS": "400"}  # rich, which OpenFL logs through: one line per metric
+    lines: list[tuple[float, str]] = []
+    process = subprocess.Popen([str(python), "experiment.py"], cwd=workspace, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    started, done, killed = time.monotonic(), threading.Event(), []
+
+    def watch() -> None:  # the stream ends when the experiment ends, or when this kills it
+        while not done.wait(1.0):
+            now = time.monotonic()
+            last = lines[-1][0] if lines else started
+            if now - started > timeout or now - last > STALL_S:
+                killed.append(f"killed after {now - started:.0f} s, {now - last:.0f} s "
+                              "without output")
+                process.kill()
+                return
+
+    watchdog = threading.Thread(target=watch, daemon=True)
+    watchdog.start()
+    try:
+        assert process.stdout is not None
+        for line in process.stdout:
+            lines.append((time.monotonic(), line.rstrip("\n")))
+        code = process.wait()
+    finally:
+        done.set()
+        watchdog.join()
+    began = lines[0][0] if lines else 0.0
+    (workspace / "experiment.log").write_text(  # each line with its arrival, in seconds
+        "".join(f"{stamp - began:9.3f} {text}\n" for stamp, text in lines))
+    if killed:
+        return lines, f"experiment.py {killed[0]}"
+    if code != 0 or not any(text.startswith('{"metrics"') for _, text in lines):
+        return lines, f"experiment.py exited {code} without its result"
+    return lines, None
+
+
+def _experiment_summary(director: str, envoys: int, rounds: int, online_s: float,
+                        lines: list[tuple[float, str]], error: str | None
+                        ) -> ExperimentResult:
+    """The figures from the stamped lines; of the rounds that closed where it failed."""
+    submitted = next((t for t, text in lines if SUBMITTED in text),
+                     lines[0][0] if lines else 0.0)
+    closed: dict[int, float] = {}
+    for stamp, text in lines:
+        match = METRIC_LINE.search(text)
+        if match and match.group(2) == "aggregator":
+            closed.setdefault(int(match.group(1)), stamp)
+    seen = sorted(closed)
+    if error is None and seen != list(range(rounds)):
+        error = f"aggregator metrics for rounds {seen}, expected 0..{rounds - 1}"
+    ordered = [closed[r] for r in seen]
+    gaps = [b - a for a, b in itertools.pairwise(ordered)]
+    accuracy = None
+    if error is None:
+        parsed = json.loads([text for _, text in lines if text.startswith('{"metrics"')][-1])
+        accuracy = round(float(next(
+            v for r, origin, task, metric, v in parsed["metrics"]
+            if (r, origin, task, metric) == (rounds - 1, "aggregator",
+                                             "aggregated_model_validate", "accuracy"))), 4)
+    return ExperimentResult(
+        director, envoys, rounds, len(seen),
+        round((ordered[-1] - ordered[0]) / len(gaps), 3) if gaps else None,
+        round(statistics.median(gaps), 3) if gaps else None,
+        round(min(gaps), 3) if gaps else None, round(max(gaps), 3) if gaps else None,
+        round((ordered[-1] - submitted) / rounds, 3) if error is None else None,
+        round(online_s, 1), accuracy, error)
+
+
+def run_openfl_experiment(director: str, envoys: int, rounds: int, work: Path,
+                          python: Path) -> ExperimentResult:
+    """The experiment on one director ("OpenFL 1.6" or "fedkube") with envoys OpenFL
+    envoys, each process stopped afterwards. A failure comes back in the result's error
+    (and the director log's tail on stderr), not raised: the other director still runs."""
+    work.mkdir(parents=True)
+    port = free_port()
+    if director == "fedkube":
+        server = director_process(work, port, period=2.0)
+        server_log = work / "logs" / "director.log"
+    else:
+        server = openfl_director(work, port, openfl_python=python)
+        server_log = server.log_path
+    processes: list[Process] = [server.start()]
+    names = [f"ofl-env{rank}" for rank in range(1, envoys + 1)]
+    try:
+        try:
+            wait_director(port)  # an OpenFL envoy that finds no director exits
+            began = time.monotonic()
+            processes += [envoy.start() for envoy in
+                          openfl_envoys(work, port, envoys, openfl_python=python)]
+            # 2 cores: K OpenFL processes importing OpenFL take a while.
+            wait_envoys_online(python, port, names, timeout=120 + 15 * envoys)
+        except (TimeoutError, AssertionError) as exc:
+            result = ExperimentResult(director, envoys, rounds, 0, None, None, None, None,
+                                      None, None, None, f"before the experiment: {exc}")
+        else:
+            online_s = time.monotonic() - began
+            lines, error = _stamped_experiment(python, work, port, "numpy_digits", rounds,
+                                               timeout=300 + 30 * rounds + 2 * envoys)
+            result = _experiment_summary(director, envoys, rounds, online_s, lines, error)
+        if result.error is not None:
+            print(f"{director}, {envoys} envoys: {result.error}; logs under {work}\n"
+                  f"{_log_tail(server_log)}", file=sys.stderr)
+        return result
+    finally:
+        for process in processes:
+            process.stop()
+
+
+def _trivial(args: argparse.Namespace, tmp: Path) -> None:
+    results: list[Result] = []
+    for envoys in args.envoys:
+        work = tmp / f"k{envoys}"
+        work.mkdir()
+        rounds = args.rounds or 10
+        pair = [run_fedkube(envoys, rounds, work),
+                run_openfl(envoys, rounds, work, args.openfl_python)]
+        results += pair
+        from rich.table import Table
+
+        view = Table(title=f"Seconds per round, {envoys} envoy processes, trivial task")
+        for column in ("workflow", "envoys", "rounds seen", "median s", "min s", "max s"):
+            view.add_column(column, justify="left" if column == "workflow" else "right")
+        for r in pair:
+            view.add_row(r.workflow, str(r.envoys), str(r.rounds), f"{r.round_s_median:.3f}",
+                         f"{r.round_s_min:.3f}", f"{r.round_s_max:.3f}")
+        console(args.json).print(view)
+    if args.json:
+        emit("round_processes", [asdict(r) for r in results])
+
+
+def _per_round(r: ExperimentResult) -> str:
+    if r.round_s_mean is None:
+        return f"failed ({r.rounds_closed} of {r.rounds} rounds closed)"
+    figure = f"{r.round_s_mean:.3f} ({r.round_s_min:.3f}-{r.round_s_max:.3f})"
+    if r.error is not None:
+        figure += f", then failed ({r.rounds_closed} of {r.rounds} rounds closed)"
+    return figure
+
+
+def _figure(value: float | None, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _openfl_experiment(args: argparse.Namespace, tmp: Path,
+                       progress: Callable[[str], None]) -> None:
+    rounds = args.rounds or 5
+    results: list[ExperimentResult] = []
+    for envoys in args.envoys:
+        for director, label in (("OpenFL 1.6", "openfl"), ("fedkube", "fedkube")):
+            began = time.monotonic()
+            result = run_openfl_experiment(director, envoys, rounds,
+                                           tmp / f"{label}-k{envoys}", args.openfl_python)
+            progress(f"{director}, {envoys} OpenFL envoys: "
+                     f"{_figure(result.round_s_mean, 3)} s per round, "
+                     f"{result.rounds_closed}/{rounds} rounds, envoys online in "
+                     f"{_figure(result.envoys_online_s, 0)} s, "
+                     f"{time.monotonic() - began:.0f} s in all"
+                     + (f"; FAILED: {result.error}" if result.error else ""))
+            results.append(result)
+    from rich.table import Table
+
+    view = Table(title=f"Seconds per round, the OpenFL 1.6 digits experiment "
+                       f"({rounds} rounds), OpenFL envoys, OpenFL's director vs fedkube's")
+    for column in ("envoys", "OpenFL's director s/round (min-max)",
+                   "fedkube's director s/round (min-max)", "OpenFL / fedkube",
+                   "wall s/round (OpenFL / fedkube)", "last accuracy (OpenFL / fedkube)"):
+        view.add_column(column, justify="right")
+    for openfl, ours in zip(results[::2], results[1::2], strict=True):
+        ratio = "-"
+        if openfl.round_s_mean is not None and ours.round_s_mean is not None:
+            ratio = f"{openfl.round_s_mean / ours.round_s_mean:.1f}x"
+            if openfl.error or ours.error:
+                ratio += " (closed rounds)"
+        view.add_row(
+            str(openfl.envoys), _per_round(openfl), _per_round(ours), ratio,
+            f"{_figure(openfl.wall_s_per_round, 2)} / {_figure(ours.wall_s_per_round, 2)}",
+            f"{_figure(openfl.last_accuracy, 4)} / {_figure(ours.last_accuracy, 4)}")
+    console(args.json, width=170).print(view)
+    if args.json:
+        emit("round_processes_openfl_experiment", [asdict(r) for r in results],
+             rounds=rounds)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--envoys", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--workload", choices=("trivial", "openfl-experiment"),
+                        default="trivial",
+                        help="trivial: fedkube's workflow vs OpenFL's, a trivial task; "
+                             "openfl-experiment: the OpenFL digits experiment on OpenFL's "
+                             "director vs fedkube's, OpenFL envoys")
+    parser.add_argument("--envoys", type=int, nargs="+", default=[8])
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="10 for trivial, 5 for openfl-experiment")
     parser.add_argument("--openfl-python", type=Path, default=Path(os.environ.get(
         "FEDKUBE_OPENFL_PYTHON", Path.home() / ".cache/fedkube/openfl-1.6-venv/bin/python")))
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the working directory (processes' logs) and say where")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="fedkube-round-processes-") as tmp:
-        results = [run_fedkube(args.envoys, args.rounds, Path(tmp)),
-                   run_openfl(args.envoys, args.rounds, Path(tmp), args.openfl_python)]
-    from rich.table import Table
-
-    view = Table(title=f"Seconds per round, {args.envoys} envoy processes, trivial task")
-    for column in ("workflow", "envoys", "rounds seen", "median s", "min s", "max s"):
-        view.add_column(column, justify="left" if column == "workflow" else "right")
-    for r in results:
-        view.add_row(r.workflow, str(r.envoys), str(r.rounds), f"{r.round_s_median:.3f}",
-                     f"{r.round_s_min:.3f}", f"{r.round_s_max:.3f}")
-    console(args.json).print(view)
-    if args.json:
-        emit("round_processes", [asdict(r) for r in results])
+    tmp = Path(tempfile.mkdtemp(prefix="fedkube-round-processes-"))
+    try:
+        if args.workload == "trivial":
+            _trivial(args, tmp)
+        else:
+            _openfl_experiment(args, tmp, console(True).print)
+    finally:
+        if args.keep:
+            console(True).print(f"logs kept under {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -206,3 +206,20 @@ async def test_bad_tensors_are_refused_with_a_reason(tmp_path: Path) -> None:
                                              tensor("w", [np.nan, 1.0, 1.0], "trained")))
     with pytest.raises(InvalidArgumentError, match="not in the model"):
         await aggregator.receive("a", result("a", "train", tensor("w", [1.0], "trained")))
+
+
+async def test_a_waiting_collaborator_hears_of_the_next_round_at_once(tmp_path: Path) -> None:
+    """OpenFL's `sleep_time` is whole seconds: told to sleep, a collaborator lost a second
+    every round. A collaborator done with its round is answered when the next opens."""
+    import asyncio
+
+    aggregator, _ = rounds(tmp_path, collaborators=("a", "b"))
+    await all_tasks(aggregator, "a", [1.0, 1.0, 1.0], 0.5)
+    waiting = asyncio.create_task(aggregator.next_tasks("a", within=60))
+    await all_tasks(aggregator, "b", [3.0, 3.0, 3.0], 0.5)  # wakes it up on its way
+    reply = await asyncio.wait_for(waiting, 5)
+    assert (reply.round_number, [t.name for t in reply.tasks]) == (1, [t.name for t in TASKS])
+    # Nothing to do within the bound: told to sleep, as before.
+    await all_tasks(aggregator, "a", [1.0, 1.0, 1.0], 0.5, round_number=1)
+    reply = await aggregator.next_tasks("a", within=0.05)
+    assert (list(reply.tasks), reply.sleep_time, reply.quit) == ([], 1, False)

@@ -61,6 +61,10 @@ from fedkube.transport.tensors import TensorError, encode_model, from_named_tens
 
 log = logging.getLogger(__name__)
 WAIT_SECONDS = 1
+# A collaborator with nothing to do in this round is answered when the next round opens,
+# or after this long at most (then told to sleep WAIT_SECONDS): OpenFL's `sleep_time` is
+# whole seconds, so telling it to sleep made every round at least a second long.
+HOLD_TASKS_S = 10.0
 COMPRESSED, LOSSY = "compressed", "lossy_compressed"
 MODEL, AGGREGATED, DELTA, TRAINED, METRIC, VALIDATE_AGG = (
     "model", "aggregated", "delta", "trained", "metric", "validate_agg")
@@ -229,6 +233,23 @@ class OpenFLRounds:
             tasks=[aggregator_pb2.Task(name=t.name, function_name=t.function_name,
                                        task_type=t.task_type, apply_local=t.apply_local)
                    for t in tasks])
+
+    async def next_tasks(self, sender: str, *, within: float = HOLD_TASKS_S
+                         ) -> aggregator_pb2.GetTasksResponse:
+        """get_tasks, held while the sender has nothing to do (its round not yet closed)
+        until there is something, the experiment ends, or `within` seconds pass."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        while True:
+            changed = self.changed
+            reply = self.get_tasks(sender)
+            remaining = deadline - loop.time()
+            if reply.quit or reply.tasks or remaining <= 0:
+                return reply
+            try:
+                await asyncio.wait_for(changed.wait(), remaining)
+            except TimeoutError:
+                return self.get_tasks(sender)
 
     def tensor_values(self, sender: str, name: str, round_number: int) -> np.ndarray:
         """The round's global model tensor (for fedkube's streaming download)."""

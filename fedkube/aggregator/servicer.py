@@ -13,6 +13,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from fedkube.aggregator.experiment import expected_result_bytes
+from fedkube.aggregator.openfl_rounds import OpenFLRounds
 from fedkube.aggregator.runner import AggregatorRunner
 from fedkube.api.errors import (
     FailedPreconditionError,
@@ -65,10 +66,13 @@ class AggregatorService(aggregator_pb2_grpc.AggregatorServicer):
                        context: Context) -> aggregator_pb2.GetTasksResponse:
         sender = self._sender(request.header, context)
         name = request.header.federation_uuid
-        if self.runner.over_for(name, sender):
+        rounds = None if self.runner.over_for(name, sender) else self.runner.rounds(name)
+        if rounds is None:
             response = aggregator_pb2.GetTasksResponse(quit=True)
+        elif isinstance(rounds, OpenFLRounds):
+            response = await rounds.next_tasks(sender)
         else:
-            response = self.runner.rounds(name).get_tasks(sender)
+            response = rounds.get_tasks(sender)
         response.header.CopyFrom(self._reply_header(request.header))
         return response
 
