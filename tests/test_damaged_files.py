@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import json
 import logging
+import sqlite3
 from pathlib import Path
+from typing import Any
 
+import grpc
 import pytest
 
 from fedkube.api.config import DirectorConfig, TLSSettings
@@ -20,7 +23,9 @@ from fedkube.api.plan import Plan
 from fedkube.client.director_client import experiment_archive
 from fedkube.director.server import DirectorServer
 from fedkube.director.store import ExperimentRecord, open_store
+from fedkube.proto import director_pb2
 from fedkube.transport.tensors import encode_model, model_from_proto
+from tests.helpers import eventually
 
 COLLABORATORS = ("env1", "env2")
 
@@ -130,3 +135,79 @@ def test_a_damaged_store_is_one_clear_line_and_a_non_zero_exit(tmp_path: Path) -
     assert len(lines) == 1, output
     assert str(data_dir / "director.sqlite3") in lines[0] and "damaged" in lines[0]
     assert "move it aside" in lines[0]
+
+
+class FullDisk:
+    """The director's store, as SQLite answers on a full disk while `full` is set."""
+
+    def __init__(self, store: Any) -> None:
+        self.store, self.full = store, False
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self.store, name)
+        if not name.startswith(("put_", "touch_", "delete_")):
+            return method
+
+        def write(*args: Any, **kwargs: Any) -> Any:
+            if self.full:
+                raise sqlite3.OperationalError("database or disk is full")
+            return method(*args, **kwargs)
+        return write
+
+
+async def test_a_full_disk_never_splits_what_the_owner_sees_from_the_store(
+        tmp_path: Path) -> None:
+    """SQLite's "database or disk is full": the director changed memory first, so the owner
+    was told "failed" while the store kept "in progress" (revived at a restart, the error
+    lost), and SetNewExperiment answered UNKNOWN. Now: store first, RESOURCE_EXHAUSTED
+    with a message, and the end of an experiment is written once space returns."""
+    from tests.helpers import RunningDirector, running_experiment, stub
+
+    data_dir = tmp_path / "director"
+    server = DirectorServer(DirectorConfig(host="127.0.0.1", port=0, data_dir=data_dir,
+                                           tls=TLSSettings(insecure=True)))
+    await server.start()
+    director = server.director
+    disk = FullDisk(director.store)
+    director.store = disk  # type: ignore[assignment]
+    try:
+        running = RunningDirector(server)
+        await running_experiment(running)
+        disk.full = True
+        # A new experiment: refused with the reason; nothing of it stays.
+        owner = stub(running.address, client_id="alice")
+        archive, initial = experiment_archive(Plan(task="digits-logreg", rounds=1))
+
+        async def messages() -> Any:
+            yield director_pb2.ExperimentInfo(
+                name="second", collaborator_names=["env1"], model_proto=initial,
+                experiment_data=director_pb2.ExperimentData(size=len(archive),
+                                                            npbytes=archive))
+
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await owner.SetNewExperiment(messages())
+        assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "disk is full" in (error.value.details() or "")
+        assert "second" not in {r.name for r in director.experiment_records()}
+        # The running one fails (a collaborator's error) while the disk is full: the owner
+        # sees what the store holds.
+        director.set_experiment_failed("exp", "env1", 1, "out of memory")
+        assert director.experiment("exp").status is ExperimentState.IN_PROGRESS
+        assert _stored(data_dir)["exp"] is ExperimentState.IN_PROGRESS
+        # Space returns: the end is written by itself, and both agree.
+        disk.full = False
+        await eventually(lambda: director.experiment("exp").status is ExperimentState.FAILED,
+                         within=10, message="the experiment's end written")
+        assert _stored(data_dir)["exp"] is ExperimentState.FAILED
+        assert "out of memory" in director.experiment("exp").error
+        await owner.channel.close()  # type: ignore[attr-defined]
+    finally:
+        await server.stop(None)
+
+
+def _stored(data_dir: Path) -> dict[str, ExperimentState]:
+    store = open_store(data_dir)
+    try:
+        return {r.name: r.status for r in store.experiments()}
+    finally:
+        store.close()

@@ -23,9 +23,10 @@ from fedkube.api.errors import (
     InvalidArgumentError,
     NotFoundError,
     PermissionDeniedError,
+    ResourceExhaustedError,
 )
 from fedkube.api.experiment import ExperimentState, check_transition
-from fedkube.director.store import DirectorStore, ExperimentRecord, ShardRecord
+from fedkube.director.store import WRITE_ERRORS, DirectorStore, ExperimentRecord, ShardRecord
 from fedkube.proto import director_pb2
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,8 @@ class Director:
         self._envoys: dict[str, EnvoyState] = {}
         self._dirty_health: set[str] = set()
         self._unsaved_shards: dict[str, ShardRecord] = {}
+        # Experiments' ends a full store refused: name -> (status, error), retried.
+        self._unwritten_ends: dict[str, tuple[ExperimentState, str]] = {}
         self._experiments: dict[str, ExperimentRecord] = {}
         # Set and replaced whenever dispatch changes; WaitExperiment calls re-check on it.
         self._dispatch_changed = asyncio.Event()
@@ -251,8 +254,14 @@ class Director:
         return self._experiments[name]
 
     def _save(self, record: ExperimentRecord) -> None:
+        """The store first: what the owner sees is always what a restart finds."""
+        try:
+            self.store.put_experiment(record)
+        except WRITE_ERRORS as exc:
+            raise ResourceExhaustedError(
+                f"the director's store cannot be written ({exc}); experiment "
+                f"{record.name!r} is unchanged") from exc
         self._experiments[record.name] = record
-        self.store.put_experiment(record)
 
     def update_experiment(self, name: str, **changes: object) -> ExperimentRecord:
         """Changes what an experiment reports (its round, summary), never its status."""
@@ -347,7 +356,16 @@ class Director:
         experiment = self.experiment(name)
         if experiment.status.is_final:
             return
-        self.move(name, status, error=error)
+        try:
+            self.move(name, status, error=error)
+        except ResourceExhaustedError as exc:
+            # Not in the store, so not anywhere: written by retry_unwritten once there is
+            # room, until then the experiment shows (and a restart finds) it unfinished.
+            self._unwritten_ends[name] = (status, error)
+            log.error("experiment %s: its end (%s) is not written yet: %s", name,
+                      status.value, exc, extra={"experiment": name})
+            return
+        self._unwritten_ends.pop(name, None)
         for collaborator in experiment.collaborators:
             state = self._envoys.get(collaborator)
             if state is not None and state.current_experiment == name:
@@ -357,13 +375,26 @@ class Director:
         self._notify()
         self.schedule()
 
+    def retry_unwritten(self) -> None:
+        """Experiments' ends that a full store refused, written again (on the event loop,
+        from the director's flush loop): the director recovers by itself."""
+        for name, (status, error) in list(self._unwritten_ends.items()):
+            if name in self._experiments:
+                self.finish_experiment(name, status, error)
+            else:
+                self._unwritten_ends.pop(name, None)
+
     # -- Outcome callbacks of the aggregator -----------------------------------------------
 
     def round_closed(self, name: str, *, round_number: int, total_rounds: int,
                      summary: dict[str, str]) -> None:
         if name in self._experiments:
-            self.update_experiment(name, current_round=round_number, total_rounds=total_rounds,
-                                   extra=summary)
+            try:
+                self.update_experiment(name, current_round=round_number,
+                                       total_rounds=total_rounds, extra=summary)
+            except ResourceExhaustedError as exc:  # the next round's close writes it
+                log.error("experiment %s round %d not recorded: %s", name, round_number, exc,
+                          extra={"experiment": name})
 
     def experiment_done(self, name: str, *, error: str | None) -> None:
         if name in self._experiments:

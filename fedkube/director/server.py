@@ -178,6 +178,7 @@ class DirectorServer:
         interval = min(FLUSH_INTERVAL_S, self.director.health_check_period / 2)
         while True:
             await asyncio.sleep(interval)
+            self.director.retry_unwritten()
             try:
                 await asyncio.to_thread(self.director.flush)
             except Exception:  # never fatal; what it held comes back with the envoys

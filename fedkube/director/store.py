@@ -212,6 +212,10 @@ class SqliteStore(DirectorStore):
             self._db.close()
 
 
+# What a store write may raise: SQLite's "database or disk is full", an I/O error.
+WRITE_ERRORS = (sqlite3.Error, OSError)
+
+
 def open_store(data_dir: Path | None) -> DirectorStore:
     """SQLite under data_dir, or memory when no data dir is given."""
     if data_dir is None:

@@ -10,13 +10,14 @@ any point leaves nothing behind (unless an experiment of that name exists alread
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import BinaryIO
 
-from fedkube.api.errors import InvalidArgumentError, ResourceExhaustedError
+from fedkube.api.errors import InternalError, InvalidArgumentError, ResourceExhaustedError
 from fedkube.director.core import Director
 from fedkube.director.store import ExperimentRecord
 from fedkube.proto import director_pb2
@@ -67,12 +68,16 @@ class ExperimentUploads:
             return self.director.set_new_experiment(
                 name=first.name, owner=owner, collaborators=list(first.collaborator_names),
                 archive_path=archive, total_rounds=rounds)
-        except BaseException:
+        except BaseException as exc:
             if sink is not None:
                 sink.close()
             if tmp is not None and first is not None and first.name not in {
                     e.name for e in self.director.get_experiments_list(owner)}:
                 shutil.rmtree(tmp.parent, ignore_errors=True)
+            if isinstance(exc, OSError):  # writing the archive or model: a full disk, say
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise ResourceExhaustedError(f"the director's disk is full: {exc}") from exc
+                raise InternalError(f"cannot store the experiment: {exc}") from exc
             raise
         finally:
             if first is not None and claimed:
