@@ -8,9 +8,11 @@ file, and resume every other one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ from fedkube.api.config import DirectorConfig, TLSSettings
 from fedkube.api.experiment import ExperimentState
 from fedkube.api.plan import Plan
 from fedkube.client.director_client import experiment_archive
+from fedkube.dev.processes import wait_for
 from fedkube.director.server import DirectorServer
 from fedkube.director.store import ExperimentRecord, open_store
 from fedkube.proto import director_pb2
@@ -211,3 +214,70 @@ def _stored(data_dir: Path) -> dict[str, ExperimentState]:
         return {r.name: r.status for r in store.experiments()}
     finally:
         store.close()
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 16 MiB tmpfs mounted for this test (CI runs as root), unmounted after."""
+    import subprocess
+
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "fedkube-test", str(mount)],
+                   check=True, capture_output=True, text=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False, capture_output=True)
+
+
+def test_the_director_process_on_a_full_disk_refuses_and_recovers(
+        small_disk: Path, tmp_path: Path, processes: list[Any]) -> None:
+    """A real director on a disk the test fills: a new experiment is refused with
+    RESOURCE_EXHAUSTED and the reason, the director keeps serving, and once space returns
+    the same submission is taken."""
+    from fedkube.client.director_client import DirectorClient
+    from fedkube.dev.processes import director_process, free_port
+    from tests.helpers import shard_request, stub
+
+    port = free_port()
+    director = director_process(tmp_path, port, period=1.0,
+                                extra=["--data-dir", str(small_disk / "director")])
+    processes.append(director.start())
+    client = DirectorClient(f"localhost:{port}", client_id="alice", timeout=10)
+    try:
+        import asyncio
+
+        async def register() -> None:
+            envoy = stub(f"localhost:{port}", client_id="env1")
+            assert (await envoy.UpdateShardInfo(shard_request("env1"))).accepted
+            await envoy.channel.close()  # type: ignore[attr-defined]
+
+        wait_for(lambda: _answers(client), timeout=60, message="the director serving")
+        asyncio.run(register())
+        filler = small_disk / "filler"
+        # Every free byte, then ENOSPC (unbuffered: closing it raises nothing more).
+        with contextlib.suppress(OSError), filler.open("wb", buffering=0) as sink:
+            while True:
+                sink.write(b"\0" * (1 << 20))
+        archive, initial = experiment_archive(Plan(task="digits-logreg", rounds=1))
+        with pytest.raises(grpc.RpcError) as error:
+            client.submit("on-a-full-disk", archive, collaborators=["env1"],
+                          initial_model=initial)
+        assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "full" in (error.value.details() or "")
+        assert client.experiments() == []
+        assert director.running
+        filler.unlink()
+        client.submit("on-a-full-disk", archive, collaborators=["env1"], initial_model=initial)
+        assert [name for name, *_ in client.experiments()] == ["on-a-full-disk"]
+    finally:
+        client.close()
+
+
+def _answers(client: Any) -> bool:
+    try:
+        client.envoys()
+        return True
+    except grpc.RpcError:
+        return False
