@@ -568,8 +568,13 @@ def test_two_shards_on_one_node_leave_one_out_said_so_and_bad_node_names_are_ref
     data = build_envoy_config("fed", "ns", FED, shards)["data"]
     assert {k: yaml.safe_load(v)["name"] for k, v in data.items()} == {
         "gpu-1.yaml": "a", "gpu-2.yaml": "c"}
-    assert node_conflicts(shards) == {"b": "node 'gpu-1' already serves shard 'a' (one "
-                                           "shard per node)"}
+    taken = node_conflicts({n: s.node_name for n, s in shards.items()})
+    assert taken == {"b": "node 'gpu-1' already serves shard 'a' (one shard per node)"}
+    # The left-out one says so in its status, whatever the director's registry says.
+    status = build_shard_status({}, None, node="gpu-1", generation=1, node_taken=taken["b"])
+    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "NodeTaken")
+    assert "already serves shard 'a'" in ready["message"]
     for bad in ("../x/y:z", "Gpu-1", "gpu_1", "-gpu"):
         with pytest.raises(ValidationError):
             ShardSpec(federation="fed", node_name=bad)

@@ -128,7 +128,8 @@ def _render_envoy_config(state: OperatorState, federation: str, namespace: str) 
             except ValidationError as exc:
                 log.warning("shard %s/%s left out of the envoys' config: %s", namespace,
                             item["metadata"]["name"], exc)
-        for shard_name, reason in node_conflicts(shards).items():
+        for shard_name, reason in node_conflicts(
+                {n: s.node_name for n, s in shards.items()}).items():
             log.warning("shard %s/%s left out of the envoys' config: %s", namespace,
                         shard_name, reason)
         manifest = build_envoy_config(federation, namespace,
@@ -393,10 +394,13 @@ def mirror_shards(name: str, namespace: str | None, memo: kopf.Memo, **kwargs: A
                                   {"conditions": conditions})
         return
 
+    # Of two Shards on one node, the first by name holds it (build_envoy_config).
+    taken = node_conflicts({s["name"]: s["node"] for s in shards})
+
     def mirror(shard: dict[str, Any]) -> None:
         changes = status_changes(shard["status"], build_shard_status(
             shard["status"], registry.get(shard["name"]), node=shard["node"],
-            generation=shard["generation"]))
+            generation=shard["generation"], node_taken=taken.get(shard["name"])))
         if changes:
             kube.patch_status("shards", namespace, shard["name"], changes)
 

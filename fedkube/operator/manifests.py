@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -212,7 +213,7 @@ def build_envoy_config(federation: str, namespace: str, spec: FederationSpec,
     reads its own key. One shard per node: of two on one node, the first by name holds it
     (node_conflicts says which other is left out)."""
     data = {}
-    taken = set(node_conflicts(shards))
+    taken = set(node_conflicts({n: s.node_name for n, s in shards.items()}))
     for shard_name, shard in sorted(shards.items()):
         if not shard.node_name or shard_name in taken:
             continue
@@ -234,18 +235,19 @@ def build_envoy_config(federation: str, namespace: str, spec: FederationSpec,
             "data": data}
 
 
-def node_conflicts(shards: dict[str, ShardSpec]) -> dict[str, str]:
-    """Shards left out because another (first by name) holds their node: name -> why."""
+def node_conflicts(nodes: Mapping[str, str | None]) -> dict[str, str]:
+    """Shards (shard -> its node) left out because another, first by name, holds their
+    node: name -> why."""
     holder: dict[str, str] = {}
     left_out = {}
-    for shard_name, shard in sorted(shards.items()):
-        if not shard.node_name:
+    for shard_name, node in sorted(nodes.items()):
+        if not node:
             continue
-        if shard.node_name in holder:
-            left_out[shard_name] = (f"node {shard.node_name!r} already serves shard "
-                                    f"{holder[shard.node_name]!r} (one shard per node)")
+        if node in holder:
+            left_out[shard_name] = (f"node {node!r} already serves shard "
+                                    f"{holder[node]!r} (one shard per node)")
         else:
-            holder[shard.node_name] = shard_name
+            holder[node] = shard_name
     return left_out
 
 

@@ -16,7 +16,9 @@ STAMP_FORMAT = "%Y-%m-%dT%H:%M:%SZ"  # metav1.Time
 
 
 def build_shard_status(current: dict[str, Any], envoy: EnvoyView | None, *,
-                       node: str | None, generation: int) -> dict[str, Any]:
+                       node: str | None, generation: int,
+                       node_taken: str | None = None) -> dict[str, Any]:
+    """node_taken: why another Shard holds this one's node (one shard per node)."""
     conditions: Conditions = list(current.get("conditions", []))
 
     def cond(type_: str, value: bool, reason: str, message: str = "") -> None:
@@ -24,6 +26,12 @@ def build_shard_status(current: dict[str, Any], envoy: EnvoyView | None, *,
         conditions = set_condition(conditions, type_, value, reason, message,
                                    generation=generation)
 
+    if node_taken is not None:
+        cond("Registered", False, "NodeTaken", node_taken)
+        cond("Online", False, "NodeTaken")
+        cond("Ready", False, "NodeTaken", node_taken)
+        return {"conditions": conditions, "online": False, "gpus": 0, "node": node,
+                "cudaDevices": [], "currentExperiment": None}
     if envoy is None:
         cond("Registered", False, "NotRegistered", "no envoy has registered this shard")
         cond("Online", False, "NotRegistered")
