@@ -96,6 +96,35 @@ def check_data_size(sender: str, data_size: int, registered: int | None) -> None
                                    f"shard {sender} registered")
 
 
+METRICS_FILE = "metrics.jsonl"
+
+
+def save_model(workdir: Path, filename: str, model: Model, round_number: int) -> None:
+    """model as workdir/filename, replaced whole (a crash leaves the old one)."""
+    # Straight from the arrays: building the message first cost three more copies.
+    tmp = workdir / f".{filename}.tmp"
+    with tmp.open("wb") as file:
+        for segment in encode_model(model, round_number):
+            file.write(segment)
+    tmp.replace(workdir / filename)
+
+
+def append_metric(workdir: Path, event: MetricEvent) -> None:
+    with (workdir / METRICS_FILE).open("a") as sink:
+        sink.write(json.dumps(asdict(event)) + "\n")
+
+
+def resumed_events(workdir: Path, start_round: int) -> list[MetricEvent]:
+    """The metrics of the rounds closed before a restart (the half-done round runs again,
+    so its metrics are dropped from the file too)."""
+    path = workdir / METRICS_FILE
+    if not path.exists():
+        return []
+    events = [e for e in read_metric_events(path) if e.round < start_round]
+    path.write_text("".join(json.dumps(asdict(e)) + "\n" for e in events))
+    return events
+
+
 def read_metric_events(path: Path) -> list[MetricEvent]:
     """The events of a metrics.jsonl; a line that does not parse (the torn last line a
     full disk leaves) is skipped with a warning, not a reason to lose the experiment."""
@@ -160,11 +189,7 @@ class ExperimentAggregator:
     def _resume_metrics(self, start_round: int) -> None:
         """Keeps the metrics of the rounds closed before a restart (the half-done round
         runs again) and the best score among them."""
-        path = self.workdir / "metrics.jsonl"
-        if path.exists():
-            events = read_metric_events(path)
-            self.events = [e for e in events if e.round < start_round]
-            path.write_text("".join(json.dumps(asdict(e)) + "\n" for e in self.events))
+        self.events = resumed_events(self.workdir, start_round)
         scores = [e.value for e in self.events
                   if e.origin == AGGREGATOR and e.task == "aggregated_validate"]
         for value in scores:
@@ -223,8 +248,7 @@ class ExperimentAggregator:
 
     def _record(self, event: MetricEvent) -> None:
         self.events.append(event)
-        with (self.workdir / "metrics.jsonl").open("a") as sink:
-            sink.write(json.dumps(asdict(event)) + "\n")
+        append_metric(self.workdir, event)
         self._signal()
 
     def _better(self, value: float) -> bool:
@@ -247,12 +271,7 @@ class ExperimentAggregator:
         return value, True
 
     def _save(self, filename: str, model: Model, round_number: int) -> None:
-        # Straight from the arrays: building the message first cost three more copies.
-        tmp = self.workdir / f".{filename}.tmp"
-        with tmp.open("wb") as file:
-            for segment in encode_model(model, round_number):
-                file.write(segment)
-        tmp.replace(self.workdir / filename)
+        save_model(self.workdir, filename, model, round_number)
 
     def active(self) -> set[str]:
         return set(self.collaborators) - self.dropped

@@ -33,12 +33,11 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
 import logging
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -49,15 +48,18 @@ from fedkube.aggregator.experiment import (
     STARTUP_TIMEOUT_S,
     MetricEvent,
     Outcome,
+    append_metric,
     check_data_size,
-    read_metric_events,
+    resumed_events,
+    save_model,
 )
-from fedkube.aggregator.fedavg import Model, StreamingFedAvg, all_finite
+from fedkube.aggregator.fedavg import Model, StreamingFedAvg
 from fedkube.aggregator.openfl_adaptive import AdaptiveOptimizer
+from fedkube.aggregator.results import checked_values
 from fedkube.api.errors import FailedPreconditionError, InvalidArgumentError, UnauthenticatedError
 from fedkube.openfl.workspace import ADAPTIVE, OpenFLPlan, OpenFLTask
 from fedkube.proto import aggregator_pb2, base_pb2
-from fedkube.transport.tensors import TensorError, encode_model, from_named_tensor, to_named_tensor
+from fedkube.transport.tensors import to_named_tensor
 
 log = logging.getLogger(__name__)
 WAIT_SECONDS = 1
@@ -166,18 +168,13 @@ class OpenFLRounds:
         self._policy_started: float | None = None  # OpenFL's start_policy: first tasks out
 
     def _resume_metrics(self, start_round: int) -> None:
-        path = self.workdir / "metrics.jsonl"
-        if path.exists():
-            events = read_metric_events(path)
-            self.events = [e for e in events if e.round < start_round]
-            path.write_text("".join(json.dumps(asdict(e)) + "\n" for e in self.events))
+        self.events = resumed_events(self.workdir, start_round)
         log.info("experiment %s resumes at round %d", self.name, start_round,
                  extra={"experiment": self.name, "round": start_round})
 
     def _record(self, event: MetricEvent) -> None:
         self.events.append(event)
-        with (self.workdir / "metrics.jsonl").open("a") as sink:
-            sink.write(json.dumps(asdict(event)) + "\n")
+        append_metric(self.workdir, event)
         self._signal()
 
     def _signal(self) -> None:
@@ -185,11 +182,7 @@ class OpenFLRounds:
         changed.set()
 
     def _save(self, filename: str, model: Model, round_number: int) -> None:
-        tmp = self.workdir / f".{filename}.tmp"
-        with tmp.open("wb") as file:
-            for segment in encode_model(model, round_number):
-                file.write(segment)
-        tmp.replace(self.workdir / filename)
+        save_model(self.workdir, filename, model, round_number)
 
     def _check_sender(self, sender: str) -> None:
         if sender not in self.collaborators:
@@ -321,12 +314,7 @@ class OpenFLRounds:
                 raise InvalidArgumentError(f"tensor {tensor.name!r} has "
                                            f"{len(tensor.transformer_metadata)} transformer "
                                            f"stages; NoCompressionPipeline has one")
-            try:
-                value = from_named_tensor(tensor, None if payloads is None else payloads[i])
-            except TensorError as exc:
-                raise InvalidArgumentError(str(exc)) from exc
-            if not all_finite(value):
-                raise InvalidArgumentError(f"tensor {tensor.name!r} holds NaN or Inf")
+            value = checked_values(tensor, None if payloads is None else payloads[i])
             tags -= {COMPRESSED}
             if METRIC in tags:
                 if value.size != 1:

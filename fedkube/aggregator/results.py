@@ -14,12 +14,28 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
+import numpy.typing as npt
+
 from fedkube.aggregator.fedavg import Model, all_finite
 from fedkube.api.errors import InvalidArgumentError
-from fedkube.proto import aggregator_pb2
+from fedkube.proto import aggregator_pb2, base_pb2
 from fedkube.transport.tensors import TensorError, from_named_tensor
 
 TRAIN, VALIDATE = "train", "validate"
+
+
+def checked_values(tensor: base_pb2.NamedTensor, payload: memoryview | None = None
+                   ) -> npt.NDArray[np.float32]:
+    """A result tensor's values (payload: its bytes when parsed apart), or
+    InvalidArgumentError if they do not decode or hold NaN or Inf."""
+    try:
+        value = from_named_tensor(tensor, payload)
+    except TensorError as exc:
+        raise InvalidArgumentError(str(exc)) from exc
+    if not all_finite(value):
+        raise InvalidArgumentError(f"tensor {tensor.name!r} holds NaN or Inf")
+    return value
 
 
 def check_task_results(results: aggregator_pb2.TaskResults, *, model: Model, metric: str,
@@ -32,12 +48,7 @@ def check_task_results(results: aggregator_pb2.TaskResults, *, model: Model, met
     update: Model = {}
     figures: dict[str, float] = {}
     for i, tensor in enumerate(results.tensors):
-        try:
-            value = from_named_tensor(tensor, None if payloads is None else payloads[i])
-        except TensorError as exc:
-            raise InvalidArgumentError(str(exc)) from exc
-        if not all_finite(value):
-            raise InvalidArgumentError(f"tensor {tensor.name!r} holds NaN or Inf")
+        value = checked_values(tensor, None if payloads is None else payloads[i])
         if tensor.report:
             if value.size != 1:
                 raise InvalidArgumentError(f"metric {tensor.name!r} is not a scalar")
