@@ -24,7 +24,7 @@ import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from fedkube.dev.processes import free_port, wait_for
+from fedkube.dev.processes import free_port, spawn_logged, tail_logs, wait_for
 from fedkube.transport import certs
 
 REPO = Path(__file__).resolve().parents[2]  # the repository (fedkube/dev/cluster.py)
@@ -122,17 +122,11 @@ class ControlPlane:
     ca: certs.KeyPair | None = None
 
     def _spawn(self, name: str, args: list[str]) -> None:
-        with (self.work / "logs" / f"{name}.log").open("ab") as log:  # the child keeps its copy
-            self.processes[name] = subprocess.Popen(
-                [str(self.bin_dir / name), *args], stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True)
+        self.processes[name] = spawn_logged(self.work / "logs", name,
+                                            [str(self.bin_dir / name), *args])
 
     def logs(self, tail: int = 3000) -> str:
-        parts = []
-        for name in self.processes:
-            text = (self.work / "logs" / f"{name}.log").read_text(errors="replace")
-            parts.append(f"----- {name} -----\n{text[-tail:]}")
-        return "\n".join(parts)
+        return tail_logs(self.work / "logs", self.processes, tail)
 
     def start(self, timeout: float = 120) -> ControlPlane:
         for sub in ("logs", "pki", "etcd"):

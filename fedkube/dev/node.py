@@ -33,7 +33,7 @@ import yaml
 
 from fedkube.api.resources import DEFAULT_IMAGE
 from fedkube.dev.cluster import GPU_RESOURCE, REPO, SERVICE_CIDR, ControlPlane, _kubeconfig
-from fedkube.dev.processes import free_port, wait_for
+from fedkube.dev.processes import free_port, spawn_logged, tail_logs, wait_for
 from fedkube.transport import certs
 
 NODE_BUILD_SCRIPT = REPO / "tools" / "k8s-testenv" / "build-node.sh"
@@ -197,16 +197,10 @@ class RealNode:
         return changes
 
     def _spawn(self, name: str, args: list[str]) -> None:
-        with (self.work / "logs" / f"{name}.log").open("ab") as log:
-            self.processes[name] = subprocess.Popen(
-                args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.processes[name] = spawn_logged(self.work / "logs", name, args)
 
     def logs(self, tail: int = 3000) -> str:
-        parts = []
-        for name in self.processes:
-            text = (self.work / "logs" / f"{name}.log").read_text(errors="replace")
-            parts.append(f"----- {name} -----\n{text[-tail:]}")
-        return "\n".join(parts)
+        return tail_logs(self.work / "logs", self.processes, tail)
 
     def diagnostics(self) -> str:
         """What a failed test prints: every Pod, recent events, and every container's logs

@@ -11,7 +11,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -140,3 +140,19 @@ def envoy_process(work: Path, name: str, port: int, *, index: int, count: int,
         "--shard-option", f"count={count}", "--work-dir", str(work / name),
         *tls_args(cert_dir, name), *extra,
     ], work / "logs" / f"{name}.log")
+
+
+def spawn_logged(log_dir: Path, name: str, args: list[str]) -> subprocess.Popen[bytes]:
+    """args in a session of their own, output appended to log_dir/<name>.log."""
+    with (log_dir / f"{name}.log").open("ab") as log:  # the child keeps its copy
+        return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
+def tail_logs(log_dir: Path, names: Iterable[str], tail: int = 3000) -> str:
+    """The last `tail` characters of each named log, headed by its name."""
+    parts = []
+    for name in names:
+        text = (log_dir / f"{name}.log").read_text(errors="replace")
+        parts.append(f"----- {name} -----\n{text[-tail:]}")
+    return "\n".join(parts)
