@@ -43,7 +43,8 @@ def openfl_references(tmp_path_factory: pytest.TempPathFactory, openfl_python: P
 @pytest.fixture(scope="session")
 def cert_dir(tmp_path_factory: pytest.TempPathFactory) -> CertDir:
     """A CA with certificates for the director, envoys env1..env3, owners alice and bob,
-    admin root, a collaborator-only certificate for env1 (collab1) and one with no role."""
+    admins root and alice (alice-admin), a collaborator-only certificate for env1 (collab1)
+    and one with no role."""
     path = tmp_path_factory.mktemp("certs")
     ca = certs.load_or_create_ca(path)
     certs.write_pair(path, "director", certs.issue(ca, "localhost", hosts=["127.0.0.1"],
@@ -53,6 +54,8 @@ def cert_dir(tmp_path_factory: pytest.TempPathFactory) -> CertDir:
     for name in ("alice", "bob"):
         certs.write_pair(path, name, certs.issue(ca, name, role="owner"))
     certs.write_pair(path, "root", certs.issue(ca, "root", role="admin"))
+    # An admin with the owner alice's name: another principal (identity is role and CN).
+    certs.write_pair(path, "alice-admin", certs.issue(ca, "alice", role="admin"))
     certs.write_pair(path, "collab1", certs.issue(ca, "env1", role="collaborator"))
     certs.write_pair(path, "norole", certs.issue(ca, "env1"))
     return CertDir(path)

@@ -224,3 +224,40 @@ async def test_owners_see_only_their_own_experiments_names_on_envoys(
     assert await shown("bob") == ""
     for client in clients.values():
         await client.channel.close()  # type: ignore[attr-defined]
+
+
+async def test_names_are_per_owner_and_an_admin_named_alice_is_not_the_owner_alice(
+        mtls_director: RunningDirector, cert_dir: CertDir) -> None:
+    """SetNewExperiment answered ALREADY_EXISTS for a name another owner held, and the
+    admin alice and the owner alice were one owner (identity was the CN alone)."""
+    clients = {who: stub(mtls_director.address, tls=TLSFiles.from_dir(cert_dir.path, who))
+               for who in ("env1", "alice", "bob", "alice-admin")}
+    assert (await clients["env1"].UpdateShardInfo(shard_request("env1"))).accepted
+    for who in ("alice", "bob", "alice-admin"):
+        await _experiment(clients[who], "mnist", ["env1"])  # each its own `mnist`
+
+    async def listed(who: str) -> list[str]:
+        reply = await clients[who].GetExperimentsList(director_pb2.GetExperimentsListRequest())
+        return sorted(e.name for e in reply.experiments)
+
+    assert await listed("alice") == ["mnist"] and await listed("bob") == ["mnist"]
+    keys = await listed("alice-admin")  # an admin sees all three, by the director's keys
+    assert len(keys) == 3 and "mnist" in keys
+    director = mtls_director.server.director
+    owners = {director.experiment(k).owner for k in keys}
+    assert owners == {"owner:alice", "owner:bob", "admin:alice"}
+
+    # Each owner's `mnist` is its own: status, removal, and a second one refused.
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await _experiment(clients["bob"], "mnist", ["env1"])
+    assert error.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert "you already have" in (error.value.details() or "")
+    await clients["bob"].RemoveExperimentData(director_pb2.RemoveExperimentRequest(
+        experiment_name="mnist"))
+    assert await listed("bob") == []
+    assert await listed("alice") == ["mnist"] and len(await listed("alice-admin")) == 2
+    status = await clients["alice"].GetExperimentStatus(director_pb2.GetExperimentStatusRequest(
+        experiment_name="mnist"))
+    assert status.experiment_status == "in_progress"  # alice's, the first on env1
+    for client in clients.values():
+        await client.channel.close()  # type: ignore[attr-defined]

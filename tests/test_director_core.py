@@ -15,9 +15,10 @@ from fedkube.api.errors import (
     InvalidArgumentError,
     NotFoundError,
     PermissionDeniedError,
+    ResourceExhaustedError,
 )
 from fedkube.api.experiment import TRANSITIONS, ExperimentState, can_move, check_transition
-from fedkube.director.core import Director
+from fedkube.director.core import Director, OwnerLimits
 from fedkube.director.store import MemoryStore, SqliteStore
 from fedkube.director.upload import ExperimentUploads
 from fedkube.proto import director_pb2
@@ -200,13 +201,95 @@ async def test_a_refused_upload_leaves_the_running_one_its_name(tmp_path: Path) 
     first = asyncio.create_task(uploads.receive("o", slow()))
     await asyncio.sleep(0)  # its first chunk is in
     for _ in range(2):  # the second refusal too: the first did not free the name
-        with pytest.raises(InvalidArgumentError, match="'x' is uploading"):
+        with pytest.raises(AlreadyExistsError, match="'x' is uploading"):
             await uploads.receive("o", once())
+    # Another owner's `x` is its own: neither refused nor in the way.
+    other = await uploads.receive("p", once())
+    assert other.title == "x" and other.name != "x"
     assert (director.experiment_dir("x") / "archive.zip.part").exists()
     more.set()
     record = await first
-    assert record.status is ExperimentState.IN_PROGRESS
+    assert record.status is ExperimentState.PENDING  # p's `x` holds env1
     assert (director.experiment_dir("x") / "archive.zip").read_bytes() == b"zipzip"
     with pytest.raises(AlreadyExistsError):
         await uploads.receive("o", once())
     assert (director.experiment_dir("x") / "archive.zip").exists()  # kept
+
+
+def _queue(director: Director, tmp_path: Path, owner: str, name: str,
+           shards: list[str]) -> str:
+    archive = tmp_path / "a.zip"
+    archive.write_bytes(b"zip")
+    return director.set_new_experiment(name=name, owner=owner, collaborators=shards,
+                                       archive_path=archive).name
+
+
+def test_one_owners_queue_never_starves_another(tmp_path: Path) -> None:
+    """Oldest first put bob's one experiment behind alice's thousand; in turn by owner,
+    bob's is next as soon as alice's running one ends."""
+    director = make(tmp_path, Clock())
+    director.acknowledge_shard(shard("env1"))
+    for i in range(30):
+        _queue(director, tmp_path, "alice", f"a{i}", ["env1"])
+    _queue(director, tmp_path, "bob", "b0", ["env1"])
+    _queue(director, tmp_path, "carol", "c0", ["env1"])
+    assert director.experiment("a0").status is ExperimentState.IN_PROGRESS
+    assert director.queue_position("b0") == 1  # alice's running a0 was her turn
+    assert director.queue_position("c0") == 2
+    assert director.queue_position("a1") == 3
+    director.finish_experiment("a0", ExperimentState.FINISHED)
+    assert director.experiment("b0").status is ExperimentState.IN_PROGRESS
+    director.finish_experiment("b0", ExperimentState.FINISHED)
+    assert director.experiment("c0").status is ExperimentState.IN_PROGRESS
+    director.finish_experiment("c0", ExperimentState.FINISHED)
+    assert director.experiment("a1").status is ExperimentState.IN_PROGRESS
+
+
+def test_owners_are_limited_in_queued_experiments_and_stored_bytes(tmp_path: Path) -> None:
+    director = Director(store=MemoryStore(), data_dir=tmp_path, sample_shape=["8", "8"],
+                        target_shape=["1"], health_check_period=10, clock=Clock(),
+                        limits=OwnerLimits(max_queued=2, max_stored_bytes=1000))
+    director.acknowledge_shard(shard("env1"))
+    for name in ("run", "q1", "q2"):  # one running, two queued
+        _queue(director, tmp_path, "alice", name, ["env1"])
+    with pytest.raises(ResourceExhaustedError, match=r"2 experiments queued.*"
+                       r"--max-queued-per-owner 2"):
+        _queue(director, tmp_path, "alice", "q3", ["env1"])
+    _queue(director, tmp_path, "bob", "b1", ["env1"])  # another owner is not held back
+    # Stored bytes: what the owner's experiments hold under the data dir.
+    (director.experiment_dir("b1")).mkdir(parents=True, exist_ok=True)
+    (director.experiment_dir("b1") / "best.pb").write_bytes(b"x" * 1000)
+    assert director.stored_bytes("bob") == 1000 and director.upload_budget("bob") == 0
+    with pytest.raises(ResourceExhaustedError, match=r"1000 bytes.*"
+                       r"--max-stored-bytes-per-owner 1000"):
+        _queue(director, tmp_path, "bob", "b2", ["env1"])
+    director.remove_experiment_data("bob", "b1")
+    assert director.upload_budget("bob") == 1000
+    _queue(director, tmp_path, "bob", "b2", ["env1"])
+
+
+def test_names_are_scoped_per_owner(tmp_path: Path) -> None:
+    """A name another owner holds is neither refused nor revealed: each owner has its own
+    `mnist`, under a key of the director's that envoys see."""
+    clock = Clock()
+    director = make(tmp_path, clock, SqliteStore(tmp_path / "s.db"))
+    director.acknowledge_shard(shard("env1"))
+    alices = _queue(director, tmp_path, "owner:alice", "mnist", ["env1"])
+    bobs = _queue(director, tmp_path, "owner:bob", "mnist", ["env1"])
+    assert alices == "mnist" and bobs != "mnist" and bobs.startswith("mnist-")
+    with pytest.raises(AlreadyExistsError, match="you already have"):
+        _queue(director, tmp_path, "owner:bob", "mnist", ["env1"])
+    assert director.get_experiment_status("owner:bob", "mnist").name == bobs
+    assert director.get_experiment_status("owner:alice", "mnist").name == alices
+    # An admin finds each by the director's key and sees the keys.
+    assert director.get_experiment_status("admin:root", bobs, admin=True).owner == "owner:bob"
+    assert {director.shown_name(r, "admin:root", True)
+            for r in director.get_experiments_list("admin:root", True)} == {alices, bobs}
+    with pytest.raises(NotFoundError):
+        director.get_experiment_status("owner:alice", bobs)
+    director.close()
+    again = make(tmp_path, clock, SqliteStore(tmp_path / "s.db"))  # a restart keeps both
+    assert again.get_experiment_status("owner:bob", "mnist").name == bobs
+    again.remove_experiment_data("owner:bob", "mnist")
+    assert again.get_experiment_status("owner:alice", "mnist").name == alices
+    _queue(again, tmp_path, "owner:bob", "mnist", ["env1"])  # the name is bob's to reuse

@@ -170,6 +170,15 @@ def test_director_frontends_reach_the_director_command_line() -> None:
             "spec"]["template"]["spec"]["containers"][0]["args"])).frontends == 0
 
 
+def test_owner_limits_reach_the_director_command_line() -> None:
+    spec = FED.model_copy(update={"max_queued_per_owner": 7,
+                                  "max_stored_bytes_per_owner": 1 << 30, "tls": "insecure"})
+    args = build_director_deployment("fed", "ns", spec)["spec"]["template"]["spec"][
+        "containers"][0]["args"]
+    config = director_config(build_parser().parse_args(args))
+    assert (config.max_queued_per_owner, config.max_stored_bytes_per_owner) == (7, 1 << 30)
+
+
 def test_director_and_envoy_resources_default_to_requests_and_take_the_specs() -> None:
     def container(manifest: dict[str, Any]) -> dict[str, Any]:
         return dict(manifest["spec"]["template"]["spec"]["containers"][0])

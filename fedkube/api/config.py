@@ -96,6 +96,11 @@ class DirectorConfig(_Strict):
     advertise_address: str | None = Field(default=None, max_length=253, description=(
         "the host name collaborators reach this director by, written into OpenFL "
         "experiments' plans (default: the one their frontend used)"))
+    max_queued_per_owner: int = Field(default=100, ge=0, description=(
+        "experiments one owner may have waiting for shards (0: no limit)"))
+    max_stored_bytes_per_owner: int = Field(default=100 << 30, ge=0, description=(
+        "bytes one owner's experiments may hold on the director's disk: archives, models "
+        "and metrics (0: no limit)"))
 
     _shapes = field_validator("sample_shape", "target_shape", mode="before")(parse_shape)
 

@@ -112,6 +112,14 @@ class FederationSpec(_Model):
     envoy_node_selector: dict[str, str] = Field(
         default_factory=lambda: {"nvidia.com/gpu.present": "true"},
         description="where envoy pods run (GPU nodes by default)")
+    max_queued_per_owner: int = Field(
+        default=100, ge=0, le=1_000_000,
+        description="experiments one owner may have waiting for shards; 0: no limit. "
+                    "Owners take turns for busy shards whatever this is")
+    max_stored_bytes_per_owner: int = Field(
+        default=100 << 30, ge=0,
+        description="bytes one owner's experiments may hold on the director's volume "
+                    "(archives, models, metrics); 0: no limit")
     director_endpoint: str | None = Field(
         default=None, max_length=512,
         description="host:port at which the operator reaches the director; default: its "

@@ -13,7 +13,8 @@ from fedkube.api.config import DirectorConfig, build_config
 from fedkube.cli.options import add_field_flags, add_tls_flags, field_values, shape, tls_overrides
 
 FIELDS = ("host", "port", "data_dir", "sample_shape", "target_shape", "health_check_period",
-          "metrics_port", "health_port", "frontends", "advertise_address")
+          "metrics_port", "health_port", "frontends", "advertise_address",
+          "max_queued_per_owner", "max_stored_bytes_per_owner")
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -22,7 +23,9 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     start = director.add_parser("start", help="start a director")
     add_field_flags(start, DirectorConfig, FIELDS,
                     types={"sample_shape": shape, "target_shape": shape},
-                    metavars={"sample_shape": "N,N", "target_shape": "N,N"})
+                    metavars={"sample_shape": "N,N", "target_shape": "N,N",
+                              "max_queued_per_owner": "N",
+                              "max_stored_bytes_per_owner": "BYTES"})
     bulk = start.add_mutually_exclusive_group()
     add_field_flags(bulk, DirectorConfig, ["bulk_port"])
     bulk.add_argument("--no-bulk", action="store_true",

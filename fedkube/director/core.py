@@ -7,7 +7,10 @@ No gRPC here: the servicer translates messages and errors. Durable state goes th
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import itertools
 import logging
+import os
 import re
 import shutil
 import time
@@ -49,6 +52,15 @@ class EnvoyState:
 
 
 @dataclass(frozen=True)
+class OwnerLimits:
+    """What one owner may hold at once, so that no owner crowds out the others (each
+    refused past its limit with RESOURCE_EXHAUSTED naming it); 0 is no limit."""
+
+    max_queued: int = 100  # experiments waiting for their shards
+    max_stored_bytes: int = 100 << 30  # archives, models and metrics on the director's disk
+
+
+@dataclass(frozen=True)
 class Acknowledgement:
     accepted: bool
     reason: str = ""
@@ -76,6 +88,7 @@ class Director:
         target_shape: Sequence[str],
         health_check_period: float,
         clock: Callable[[], float] = time.time,
+        limits: OwnerLimits | None = None,
     ) -> None:
         self.store = store
         self.data_dir = data_dir
@@ -83,6 +96,7 @@ class Director:
         self.target_shape = list(target_shape)
         self.health_check_period = health_check_period
         self.clock = clock
+        self.limits = limits or OwnerLimits()
         self.runner: ExperimentRunner | None = None
         self._envoys: dict[str, EnvoyState] = {}
         self._dirty_health: set[str] = set()
@@ -90,6 +104,12 @@ class Director:
         # Experiments' ends a full store refused: name -> (status, error), retried.
         self._unwritten_ends: dict[str, tuple[ExperimentState, str]] = {}
         self._experiments: dict[str, ExperimentRecord] = {}
+        # (owner, the name it gave) -> key, and the keys of uploads under way with theirs.
+        self._by_owner: dict[tuple[str, str], str] = {}
+        self._claimed: dict[str, tuple[str, str]] = {}
+        # When each owner's experiment last started (a count), for turns in in_turn().
+        self._served: dict[str, int] = {}
+        self._starts = itertools.count(1)
         # Set and replaced whenever dispatch changes; WaitExperiment calls re-check on it.
         self._dispatch_changed = asyncio.Event()
         self._load()
@@ -105,6 +125,7 @@ class Director:
             )
         for experiment in self.store.experiments():
             self._experiments[experiment.name] = experiment
+            self._by_owner[experiment.owner, experiment.title] = experiment.name
             if experiment.status is ExperimentState.IN_PROGRESS:
                 self._assign(experiment)
         if self._envoys or self._experiments:
@@ -212,22 +233,34 @@ class Director:
         return experiment
 
     def _owned(self, caller: str, name: str, admin: bool = False) -> ExperimentRecord:
-        experiment = self.experiment(name)
-        if experiment.owner != caller and not admin:
+        """The caller's experiment of that name; an admin's names are the director's keys
+        (its own experiments also answer to the names it gave them)."""
+        key = name if admin and name in self._experiments else self._by_owner.get((caller, name))
+        if key is None:
             # Same answer as a missing experiment: do not reveal other owners' names.
             raise NotFoundError(f"no experiment named {name!r}")
-        return experiment
+        return self._experiments[key]
+
+    @staticmethod
+    def shown_name(record: ExperimentRecord, caller: str, admin: bool = False) -> str:
+        """The name a caller knows an experiment by: an owner the name it gave, an admin
+        (who may see several owners' `mnist`) the director's key."""
+        return record.name if admin else record.title
 
     def experiment_dir(self, name: str) -> Path:
         return self.data_dir / "experiments" / name
 
-    def validate_new_experiment(self, name: str, collaborators: Sequence[str]) -> None:
+    def validate_new_experiment(self, name: str, collaborators: Sequence[str],
+                                owner: str = "") -> None:
         if not EXPERIMENT_NAME.fullmatch(name):
             raise InvalidArgumentError(
                 f"experiment name {name!r} must be 1-253 lowercase letters, digits, '.', '-' "
                 "or '_', starting and ending with a letter or digit")
-        if name in self._experiments:
-            raise AlreadyExistsError(f"experiment {name!r} already exists")
+        # Names are scoped per owner: another owner's `mnist` is neither refused nor told.
+        if (owner, name) in self._by_owner:
+            raise AlreadyExistsError(f"you already have an experiment named {name!r}")
+        if (owner, name) in self._claimed.values():
+            raise AlreadyExistsError(f"your experiment {name!r} is uploading")
         if not collaborators:
             raise InvalidArgumentError("an experiment needs at least one collaborator")
         if len(set(collaborators)) != len(collaborators):
@@ -235,23 +268,78 @@ class Director:
         unknown = sorted(set(collaborators) - set(self._envoys))
         if unknown:
             raise InvalidArgumentError(f"unknown collaborators (no such shard): {unknown}")
+        self._check_limits(owner)
+
+    def _check_limits(self, owner: str) -> None:
+        limits = self.limits
+        queued = sum(1 for e in self._experiments.values()
+                     if e.owner == owner and e.status is ExperimentState.PENDING)
+        if limits.max_queued and queued >= limits.max_queued:
+            raise ResourceExhaustedError(
+                f"you have {queued} experiments queued, the most this director takes from "
+                f"one owner (--max-queued-per-owner {limits.max_queued}); wait for some to "
+                "start, or remove some")
+        if limits.max_stored_bytes and self.stored_bytes(owner) >= limits.max_stored_bytes:
+            raise ResourceExhaustedError(
+                f"your experiments hold {self.stored_bytes(owner)} bytes on the director, "
+                f"its limit per owner (--max-stored-bytes-per-owner "
+                f"{limits.max_stored_bytes}); remove some (fedkube experiment remove)")
+
+    def stored_bytes(self, owner: str) -> int:
+        """What an owner's experiments hold on the director's disk."""
+        return sum(_tree_bytes(self.experiment_dir(e.name))
+                   for e in self._experiments.values() if e.owner == owner)
+
+    def upload_budget(self, owner: str) -> int | None:
+        """The bytes an owner's next upload may add, or None when owners are not limited."""
+        if not self.limits.max_stored_bytes:
+            return None
+        return max(0, self.limits.max_stored_bytes - self.stored_bytes(owner))
+
+    def claim_name(self, owner: str, name: str, collaborators: Sequence[str]) -> str:
+        """Checks a new experiment and holds a key for it until release_name (an upload
+        under way); returns the key: its name, or, when another owner's experiment has
+        that key, the name with a digest of owner and name."""
+        self.validate_new_experiment(name, collaborators, owner)
+        taken = self._experiments.keys() | self._claimed.keys()
+        key = name
+        digest = hashlib.sha256(f"{owner}\0{name}".encode()).hexdigest()
+        attempt = 0
+        while key in taken:
+            suffix = digest[:10] + (f"-{attempt}" if attempt else "")
+            key = f"{name[:252 - len(suffix)].rstrip('._-')}-{suffix}"
+            attempt += 1
+        self._claimed[key] = (owner, name)
+        return key
+
+    def release_name(self, key: str) -> None:
+        self._claimed.pop(key, None)
 
     def set_new_experiment(
         self, *, name: str, owner: str, collaborators: Sequence[str], archive_path: Path,
-        total_rounds: int = 0, extra: dict[str, str] | None = None,
+        total_rounds: int = 0, extra: dict[str, str] | None = None, key: str | None = None,
     ) -> ExperimentRecord:
-        """Registers an experiment whose archive is already at archive_path; queues it."""
-        self.validate_new_experiment(name, collaborators)
-        now = self.clock()
-        record = ExperimentRecord(
-            name=name, owner=owner, collaborators=tuple(collaborators),
-            archive_path=str(archive_path), status=ExperimentState.PENDING,
-            created_at=now, updated_at=now, total_rounds=total_rounds, extra=extra or {},
-        )
-        self._save(record)
-        log.info("experiment %s submitted by %s for %s", name, owner, list(collaborators))
+        """Registers an experiment whose archive is already at archive_path; queues it.
+        `key` is what claim_name returned for it (claimed here when not given)."""
+        if key is None:
+            key = self.claim_name(owner, name, collaborators)
+        elif self._claimed.get(key) != (owner, name):
+            raise InternalError(f"experiment key {key!r} is not claimed for {name!r}")
+        try:
+            now = self.clock()
+            record = ExperimentRecord(
+                name=key, owner=owner, collaborators=tuple(collaborators),
+                archive_path=str(archive_path), status=ExperimentState.PENDING,
+                created_at=now, updated_at=now, total_rounds=total_rounds,
+                extra=extra or {}, given_name=name if name != key else "",
+            )
+            self._save(record)
+        finally:
+            self.release_name(key)
+        self._by_owner[owner, name] = key
+        log.info("experiment %s submitted by %s for %s", key, owner, list(collaborators))
         self.schedule()
-        return self._experiments[name]
+        return self._experiments[key]
 
     def _save(self, record: ExperimentRecord) -> None:
         """The store first: what the owner sees is always what a restart finds."""
@@ -284,17 +372,33 @@ class Director:
         return {c for e in self._experiments.values() if e.status is ExperimentState.IN_PROGRESS
                 for c in e.collaborators}
 
+    def in_turn(self) -> list[ExperimentRecord]:
+        """The pending experiments in the order they get their shards: round-robin by
+        owner, so one owner's thousand never starve another's one. Each owner's oldest go
+        first; an owner's running experiments count as turns it has had; between owners
+        on the same turn, the one served longest ago goes first."""
+        turns: dict[str, int] = {}
+        for e in self._experiments.values():
+            if e.status is ExperimentState.IN_PROGRESS:
+                turns[e.owner] = turns.get(e.owner, 0) + 1
+        ordered = []
+        for e in self._experiments.values():  # oldest first: the store's order
+            if e.status is ExperimentState.PENDING:
+                turn = turns.get(e.owner, 0)
+                turns[e.owner] = turn + 1
+                ordered.append((turn, self._served.get(e.owner, 0), e.created_at, e))
+        return [t[-1] for t in sorted(ordered, key=lambda t: t[:3])]
+
     def schedule(self) -> list[str]:
-        """Starts every pending experiment whose shards are all free, oldest first."""
+        """Starts every pending experiment whose shards are all free, in turn."""
         started = []
         busy = self.busy_shards()
-        for experiment in list(self._experiments.values()):
-            if experiment.status is not ExperimentState.PENDING:
-                continue
+        for experiment in self.in_turn():
             if busy.intersection(experiment.collaborators):
                 continue
             busy.update(experiment.collaborators)
             record = self.move(experiment.name, ExperimentState.IN_PROGRESS)
+            self._served[record.owner] = next(self._starts)
             self._assign(record)
             if self.runner is not None:
                 self.runner.start(record)
@@ -308,9 +412,7 @@ class Director:
         experiment = self.experiment(name)
         if experiment.status is not ExperimentState.PENDING:
             return 0
-        pending = [e.name for e in self._experiments.values()
-                   if e.status is ExperimentState.PENDING]
-        return pending.index(name) + 1
+        return [e.name for e in self.in_turn()].index(name) + 1
 
     def _assign(self, experiment: ExperimentRecord) -> None:
         for collaborator in experiment.collaborators:
@@ -427,14 +529,17 @@ class Director:
         experiment = self._owned(caller, name, admin)
         if experiment.status is ExperimentState.IN_PROGRESS:
             if self.runner is not None:
-                self.runner.stop(name)
-            self.finish_experiment(name, ExperimentState.FAILED, "removed by its owner")
+                self.runner.stop(experiment.name)
+            self.finish_experiment(experiment.name, ExperimentState.FAILED,
+                                   "removed by its owner")
         # Files first: a crash in between leaves a row whose files are gone (its models
         # answer "none yet"), never files that a new experiment of the name could serve.
-        shutil.rmtree(self.experiment_dir(name), ignore_errors=True)
-        del self._experiments[name]
-        self.store.delete_experiment(name)
-        log.info("experiment %s removed", name)
+        key = experiment.name
+        shutil.rmtree(self.experiment_dir(key), ignore_errors=True)
+        del self._experiments[key]
+        self._by_owner.pop((experiment.owner, experiment.title), None)
+        self.store.delete_experiment(key)
+        log.info("experiment %s removed", key)
 
     def require_running(self, name: str) -> ExperimentRecord:
         experiment = self.experiment(name)
@@ -446,3 +551,15 @@ class Director:
     def close(self) -> None:
         self.flush()
         self.store.close()
+
+
+def _tree_bytes(directory: Path) -> int:
+    """The bytes of the files under directory (0 when it is gone)."""
+    total = 0
+    for root, _, files in os.walk(directory):
+        for file in files:
+            try:
+                total += os.lstat(os.path.join(root, file)).st_size
+            except OSError:  # removed meanwhile
+                continue
+    return total

@@ -31,7 +31,7 @@ from fedkube.aggregator.runner import AggregatorRunner
 from fedkube.aggregator.servicer import AggregatorService, add_aggregator_to_server
 from fedkube.api.config import DirectorConfig
 from fedkube.api.experiment import ExperimentState
-from fedkube.director.core import Director
+from fedkube.director.core import Director, OwnerLimits
 from fedkube.director.frontend_pool import FrontendReports, Frontends
 from fedkube.director.metrics import MetricsServer
 from fedkube.director.servicer import DirectorService
@@ -69,6 +69,8 @@ class DirectorServer:
             store=open_store(config.data_dir), data_dir=config.data_dir,
             sample_shape=config.sample_shape, target_shape=config.target_shape,
             health_check_period=config.health_check_period,
+            limits=OwnerLimits(max_queued=config.max_queued_per_owner,
+                               max_stored_bytes=config.max_stored_bytes_per_owner),
         )
         self.server: grpc.aio.Server
         self.server, self.port = create_server(config.host, config.port, tls=tls)

@@ -24,7 +24,12 @@ from fedkube.director.store import ExperimentRecord
 from fedkube.director.upload import ExperimentUploads
 from fedkube.proto import base_pb2, director_pb2, director_pb2_grpc
 from fedkube.transport import metrics as transfer_metrics
-from fedkube.transport.identity import REASON_HEADER, acting_for_another, caller_identity
+from fedkube.transport.identity import (
+    REASON_HEADER,
+    acting_for_another,
+    caller_identity,
+    caller_principal,
+)
 from fedkube.transport.limits import CHUNK_BYTES
 from fedkube.transport.roles import is_admin
 from fedkube.transport.status import Context, stream_errors, unary_errors
@@ -34,10 +39,11 @@ log = logging.getLogger(__name__)
 
 
 
-def experiment_description(record: ExperimentRecord) -> base_pb2.ExperimentDescription:
+def experiment_description(record: ExperimentRecord,
+                           shown_name: str) -> base_pb2.ExperimentDescription:
     progress = record.current_round / record.total_rounds if record.total_rounds else 0.0
     return base_pb2.ExperimentDescription(
-        name=record.name, status=record.status.value, progress=progress,
+        name=shown_name, status=record.status.value, progress=progress,
         total_rounds=record.total_rounds, current_round=record.current_round,
         download_statuses=base_pb2.DownloadStatuses(),
         collaborators=[base_pb2.CollaboratorDescription(name=c, status=record.status.value,
@@ -57,8 +63,9 @@ class DirectorService(director_pb2_grpc.DirectorServicer):
         return caller_identity(context, tls=self.tls)
 
     def _viewer(self, context: Context) -> tuple[str, bool]:
-        """The caller and whether it is an admin (who sees every owner's experiments)."""
-        return self._caller(context), is_admin(context, tls=self.tls)
+        """Who owns what the caller submits, (role, CN) under mTLS, and whether it is an
+        admin (who sees every owner's experiments)."""
+        return caller_principal(context, tls=self.tls), is_admin(context, tls=self.tls)
 
     def _require_self(self, context: Context, claimed: str) -> None:
         """Under mTLS an envoy acts only for the shard named in its certificate."""
@@ -122,17 +129,18 @@ class DirectorService(director_pb2_grpc.DirectorServicer):
     @unary_errors
     async def SetNewExperiment(self, request_iterator: AsyncIterator[director_pb2.ExperimentInfo],
                                context: Context) -> director_pb2.SetNewExperimentResponse:
-        await self.uploads.receive(self._caller(context), request_iterator)
+        await self.uploads.receive(self._viewer(context)[0], request_iterator)
         return director_pb2.SetNewExperimentResponse(accepted=True)
 
     @unary_errors
     async def GetExperimentsList(self, request: director_pb2.GetExperimentsListRequest,
                                  context: Context) -> director_pb2.GetExperimentsListResponse:
         items = []
-        for record in self.director.get_experiments_list(*self._viewer(context)):
+        caller, admin = self._viewer(context)
+        for record in self.director.get_experiments_list(caller, admin):
             progress = record.current_round / record.total_rounds if record.total_rounds else 0.0
             items.append(director_pb2.ExperimentListItem(
-                name=record.name, status=record.status.value,
+                name=self.director.shown_name(record, caller, admin), status=record.status.value,
                 collaborators_amount=len(record.collaborators), tasks_amount=2,
                 progress=progress))
         return director_pb2.GetExperimentsListResponse(experiments=items)
@@ -149,7 +157,8 @@ class DirectorService(director_pb2_grpc.DirectorServicer):
                   **{f"fedkube-{k.replace('_', '-')}": v for k, v in record.extra.items()}}
         context.set_trailing_metadata(text_trailers(extras.items()))
         return director_pb2.GetExperimentDescriptionResponse(
-            experiment=experiment_description(record))
+            experiment=experiment_description(
+                record, self.director.shown_name(record, caller, admin)))
 
     @unary_errors
     async def GetExperimentStatus(self, request: director_pb2.GetExperimentStatusRequest,
@@ -208,7 +217,8 @@ class DirectorService(director_pb2_grpc.DirectorServicer):
         infos = []
         period = self.director.health_check_period
         caller, admin = self._viewer(context)
-        visible = {r.name for r in self.director.get_experiments_list(caller, admin)}
+        visible = {r.name: self.director.shown_name(r, caller, admin)
+                   for r in self.director.get_experiments_list(caller, admin)}
         for state in self.director.get_envoys():
             # Whether a shard is busy is everyone's to see (it is unavailable); what it
             # runs is only its owner's (and an admin's).
@@ -216,7 +226,7 @@ class DirectorService(director_pb2_grpc.DirectorServicer):
             info = director_pb2.EnvoyInfo(
                 shard_info=state.shard_info, is_online=self.director.is_online(state),
                 is_experiment_running=state.is_experiment_running,
-                experiment_name=current if current in visible else "")
+                experiment_name=visible.get(current, ""))
             info.last_updated.FromNanoseconds(int(state.last_updated * 1e9))
             info.valid_duration.FromNanoseconds(int(2 * period * 1e9))
             infos.append(info)

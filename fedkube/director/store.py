@@ -41,6 +41,14 @@ class ExperimentRecord:
     current_round: int = 0
     total_rounds: int = 0
     extra: dict[str, str] = field(default_factory=dict)
+    # The name its owner gave it, when `name` (the director's key, unique across owners,
+    # which envoys and collaborators use) had to differ: names are scoped per owner.
+    given_name: str = ""
+
+    @property
+    def title(self) -> str:
+        """The name its owner knows it by."""
+        return self.given_name or self.name
 
     def evolve(self, **changes: object) -> ExperimentRecord:
         return replace(self, **changes)  # type: ignore[arg-type]
@@ -123,9 +131,14 @@ CREATE TABLE IF NOT EXISTS experiments (
     error TEXT NOT NULL DEFAULT '',
     current_round INTEGER NOT NULL DEFAULT 0,
     total_rounds INTEGER NOT NULL DEFAULT 0,
-    extra TEXT NOT NULL DEFAULT '{}'
+    extra TEXT NOT NULL DEFAULT '{}',
+    given_name TEXT NOT NULL DEFAULT ''
 );
 """
+# Columns added since the first schema, with what an older store's rows read as.
+_ADDED_COLUMNS = {"experiments": [("given_name", "TEXT NOT NULL DEFAULT ''")]}
+_EXPERIMENT_COLUMNS = ("name, owner, collaborators, archive_path, status, created_at, "
+                       "updated_at, error, current_round, total_rounds, extra, given_name")
 
 
 class SqliteStore(DirectorStore):
@@ -143,12 +156,21 @@ class SqliteStore(DirectorStore):
             if verdict != "ok":
                 raise sqlite3.DatabaseError(verdict)
             self._db.executescript(_SCHEMA)
+            self._migrate()
         except sqlite3.DatabaseError as exc:
             self._db.close()
             raise StoreError(
                 f"the director's store {path} is damaged ({exc}): restore it from a "
                 f"backup, or move it aside to start with an empty store (the experiments' "
                 f"files under {path.parent / 'experiments'} are kept)") from exc
+
+    def _migrate(self) -> None:
+        """Adds the columns a store written by an earlier version lacks."""
+        for table, columns in _ADDED_COLUMNS.items():
+            present = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
+            for column, declaration in columns:
+                if column not in present:
+                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
 
     def _many(self, statement: str, rows: list[tuple[object, ...]]) -> None:
         """statement for every row, in one transaction (rolled back if one fails)."""
@@ -183,22 +205,24 @@ class SqliteStore(DirectorStore):
     def put_experiment(self, record: ExperimentRecord) -> None:
         with self._lock:
             self._db.execute(
-                "INSERT OR REPLACE INTO experiments VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT OR REPLACE INTO experiments ({_EXPERIMENT_COLUMNS}) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (record.name, record.owner, json.dumps(list(record.collaborators)),
                  record.archive_path, record.status.value, record.created_at, record.updated_at,
                  record.error, record.current_round, record.total_rounds,
-                 json.dumps(record.extra)),
+                 json.dumps(record.extra), record.given_name),
             )
 
     def experiments(self) -> list[ExperimentRecord]:
         with self._lock:
-            rows = self._db.execute("SELECT * FROM experiments ORDER BY created_at").fetchall()
+            rows = self._db.execute(f"SELECT {_EXPERIMENT_COLUMNS} FROM experiments "
+                                    "ORDER BY created_at").fetchall()
         return [
             ExperimentRecord(
                 name=row[0], owner=row[1], collaborators=tuple(json.loads(row[2])),
                 archive_path=row[3], status=ExperimentState(row[4]), created_at=row[5],
                 updated_at=row[6], error=row[7], current_round=row[8], total_rounds=row[9],
-                extra=json.loads(row[10]),
+                extra=json.loads(row[10]), given_name=row[11],
             )
             for row in rows
         ]

@@ -30,49 +30,59 @@ INITIAL_MODEL = "initial_model.pb"
 
 
 class ExperimentUploads:
-    """The uploads under way, one per experiment name at a time."""
+    """The uploads under way; each holds its experiment's key in the core until it ends."""
 
     def __init__(self, director: Director) -> None:
         self.director = director
-        self._uploading: set[str] = set()
 
     async def receive(self, owner: str,
                       messages: AsyncIterator[director_pb2.ExperimentInfo]) -> ExperimentRecord:
         """Takes one SetNewExperiment stream to its end; returns the registered experiment
         (raising ServiceError, with nothing left on disk, if it is refused)."""
         first: director_pb2.ExperimentInfo | None = None
-        claimed = False  # whether this stream holds its name (a refused one does not)
+        key: str | None = None  # the experiment's key, once this stream holds it
         tmp: Path | None = None
         sink: BinaryIO | None = None
         model = ModelAssembler(MAX_MODEL_BYTES)
+        budget: int | None = None  # what the owner may still store, if owners are limited
+        received = 0
         try:
             async for message in messages:
                 if first is None:
                     first = message
-                    tmp = self._begin(message)
-                    claimed = True
+                    key = self.director.claim_name(owner, message.name,
+                                                   list(message.collaborator_names))
+                    budget = self.director.upload_budget(owner)
+                    tmp = _fresh_directory(self.director.experiment_dir(key))
                     sink = tmp.open("wb")
                 elif message.name != first.name:
                     raise InvalidArgumentError("experiment name changed within the stream")
+                received += message.ByteSize()
+                if budget is not None and received > budget:
+                    raise ResourceExhaustedError(
+                        f"this experiment would take your experiments past "
+                        f"{self.director.limits.max_stored_bytes} bytes on the director "
+                        "(--max-stored-bytes-per-owner); remove some (fedkube experiment "
+                        "remove)")
                 assert sink is not None
                 _take_chunk(message, sink, model)
-            if first is None:
+            if first is None or key is None:
                 raise InvalidArgumentError("empty SetNewExperiment stream")
             assert sink is not None and tmp is not None
             sink.close()
             archive = tmp.with_name(ARCHIVE)
             os.replace(tmp, archive)
             _save_initial_model(model, archive.parent)
-            rounds = (self.director.runner.inspect(archive, first.name) if self.director.runner
+            rounds = (self.director.runner.inspect(archive, key) if self.director.runner
                       else 0)
             return self.director.set_new_experiment(
                 name=first.name, owner=owner, collaborators=list(first.collaborator_names),
-                archive_path=archive, total_rounds=rounds)
+                archive_path=archive, total_rounds=rounds, key=key)
         except BaseException as exc:
             if sink is not None:
                 sink.close()
-            if tmp is not None and first is not None and first.name not in {
-                    e.name for e in self.director.get_experiments_list(owner)}:
+            if tmp is not None and key is not None and key not in {
+                    e.name for e in self.director.experiment_records()}:
                 shutil.rmtree(tmp.parent, ignore_errors=True)
             if isinstance(exc, OSError):  # writing the archive or model: a full disk, say
                 if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -80,21 +90,17 @@ class ExperimentUploads:
                 raise InternalError(f"cannot store the experiment: {exc}") from exc
             raise
         finally:
-            if first is not None and claimed:
-                self._uploading.discard(first.name)
+            if key is not None:
+                self.director.release_name(key)
 
-    def _begin(self, first: director_pb2.ExperimentInfo) -> Path:
-        """Checks the experiment the stream names; returns where its archive goes."""
-        if first.name in self._uploading:
-            raise InvalidArgumentError(f"experiment {first.name!r} is uploading")
-        self.director.validate_new_experiment(first.name, list(first.collaborator_names))
-        directory = self.director.experiment_dir(first.name)
-        # The name is free, so whatever is there is a removed experiment's leftover (a
-        # crash mid-removal): a new experiment starts from an empty directory of its own.
-        shutil.rmtree(directory, ignore_errors=True)
-        directory.mkdir(parents=True)
-        self._uploading.add(first.name)  # last: the caller releases it from here on
-        return directory / f"{ARCHIVE}.part"
+
+def _fresh_directory(directory: Path) -> Path:
+    """An empty directory for a new experiment; returns where its archive goes. The key is
+    free, so whatever is there is a removed experiment's leftover (a crash mid-removal):
+    a new experiment starts from an empty directory of its own."""
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(parents=True)
+    return directory / f"{ARCHIVE}.part"
 
 
 def _take_chunk(message: director_pb2.ExperimentInfo, sink: BinaryIO,

@@ -160,7 +160,10 @@ def build_director_deployment(name: str, namespace: str, spec: FederationSpec) -
             "--health-check-period", str(spec.health_check_period_seconds),
             "--metrics-port", str(METRICS_PORT), "--bulk-port", str(BULK_PORT),
             "--health-port", str(HEALTH_PORT),
-            "--frontends", str(spec.director_frontends), *_tls_flags(spec)]
+            "--frontends", str(spec.director_frontends),
+            "--max-queued-per-owner", str(spec.max_queued_per_owner),
+            "--max-stored-bytes-per-owner", str(spec.max_stored_bytes_per_owner),
+            *_tls_flags(spec)]
     return {
         "apiVersion": "apps/v1", "kind": "Deployment",
         "metadata": {"name": names(name).director, "namespace": namespace,

@@ -1,4 +1,5 @@
-"""Who is calling: the client certificate's CN under mTLS, the `client_id` header otherwise.
+"""Who is calling: the client certificate's CN under mTLS, the `client_id` header otherwise;
+and who owns what it submits, its (role, CN).
 
 The header is what OpenFL 1.6 clients send in insecure mode; it proves nothing and is used
 for bookkeeping only.
@@ -9,6 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 import grpc
+
+from fedkube.transport.roles import caller_role
 
 CLIENT_ID_HEADER = "client_id"
 ANONYMOUS = "__default__"  # OpenFL's CLIENT_ID_DEFAULT
@@ -35,6 +38,16 @@ def caller_identity(context: grpc.aio.ServicerContext[Any, Any], *, tls: bool) -
         if key == CLIENT_ID_HEADER:
             return value if isinstance(value, str) else value.decode()
     return ANONYMOUS
+
+
+def caller_principal(context: grpc.aio.ServicerContext[Any, Any], *, tls: bool) -> str:
+    """Who owns what a caller submits: under mTLS its role and CN (`owner:alice`), so an
+    admin named alice and the owner alice are two principals; the client_id otherwise."""
+    name = caller_identity(context, tls=tls)
+    if not tls:
+        return name
+    role = caller_role(context)
+    return f"{role.value}:{name}" if role is not None else name
 
 
 def acting_for_another(caller: str, claimed: str) -> str:
