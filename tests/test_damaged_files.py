@@ -281,3 +281,81 @@ def _answers(client: Any) -> bool:
         return True
     except grpc.RpcError:
         return False
+
+
+def _fill(disk: Path) -> Path:
+    """Every free byte of disk in one file, then ENOSPC (unbuffered: closing it raises
+    nothing more); returns the file."""
+    filler = disk / "filler"
+    with contextlib.suppress(OSError), filler.open("wb", buffering=0) as sink:
+        while True:
+            sink.write(b"\0" * (1 << 20))
+    return filler
+
+
+def test_an_experiment_that_ends_on_a_full_disk_is_what_a_restart_finds(
+        small_disk: Path, tmp_path: Path, processes: list[Any]) -> None:
+    """A real director process: its experiment ends (a collaborator's failure) while the
+    disk is full. The owner is told what the store holds, a SIGKILL and a restart on the
+    still-full disk find the same, and once space returns the end is written with its
+    reason: nothing the owner saw is taken back."""
+    import asyncio
+
+    from fedkube.client.director_client import DirectorClient
+    from fedkube.dev.processes import director_process, free_port
+    from tests.helpers import shard_request, stub
+
+    port = free_port()
+    data_dir = small_disk / "director"
+
+    def start() -> Any:
+        director = director_process(tmp_path, port, period=1.0,
+                                    extra=["--data-dir", str(data_dir)])
+        processes.append(director.start())
+        wait_for(lambda: _answers(client), timeout=60, message="the director serving")
+        return director
+
+    def envoy_call(call: Any) -> None:
+        async def run() -> None:
+            envoy = stub(f"localhost:{port}", client_id="env1")
+            try:
+                await call(envoy)
+            finally:
+                await envoy.channel.close()  # type: ignore[attr-defined]
+        asyncio.run(run())
+
+    async def register(envoy: Any) -> None:
+        assert (await envoy.UpdateShardInfo(shard_request("env1"))).accepted
+
+    async def fail(envoy: Any) -> None:
+        await envoy.SetExperimentFailed(director_pb2.SetExperimentFailedRequest(
+            experiment_name="ends-on-a-full-disk", collaborator_name="env1", error_code=1,
+            error_description="out of memory"))
+
+    client = DirectorClient(f"localhost:{port}", client_id="alice", timeout=10)
+    try:
+        director = start()
+        envoy_call(register)
+        archive, initial = experiment_archive(Plan(task="digits-logreg", rounds=50))
+        client.submit("ends-on-a-full-disk", archive, collaborators=["env1"],
+                      initial_model=initial)
+        assert client.status("ends-on-a-full-disk").status == "in_progress"
+        filler = _fill(small_disk)
+        envoy_call(fail)
+        seen = client.status("ends-on-a-full-disk")
+        assert director.running
+        assert _stored(data_dir)["ends-on-a-full-disk"].value == seen.status
+        director.kill()
+        start()  # on the disk still full
+        again = client.status("ends-on-a-full-disk")
+        assert again.status == seen.status and again.error == seen.error
+        filler.unlink()
+        if again.status == "in_progress":  # the end was not written: it is, now
+            envoy_call(register)
+            envoy_call(fail)
+        wait_for(lambda: client.status("ends-on-a-full-disk").status == "failed",
+                 timeout=30, message="the experiment's end written")
+        assert "out of memory" in client.status("ends-on-a-full-disk").error
+        assert _stored(data_dir)["ends-on-a-full-disk"] is ExperimentState.FAILED
+    finally:
+        client.close()
