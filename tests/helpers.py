@@ -13,10 +13,11 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import numpy as np
+import yaml
 from google.protobuf.descriptor import MethodDescriptor
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -27,7 +28,14 @@ from fedkube.client import DirectorClient, EnvoyView, experiment_archive
 from fedkube.dev.processes import Process, director_process, envoy_process, free_port, wait_for
 from fedkube.director.frontend_pool import stop_frontend
 from fedkube.director.server import DirectorServer
-from fedkube.proto import aggregator_pb2, base_pb2, director_pb2, director_pb2_grpc, streaming_pb2
+from fedkube.proto import (
+    aggregator_pb2,
+    base_pb2,
+    director_pb2,
+    director_pb2_grpc,
+    review_pb2,
+    streaming_pb2,
+)
 from fedkube.transport.channel import open_channel
 from fedkube.transport.tensors import to_named_tensor
 from fedkube.transport.tls import TLSFiles
@@ -77,7 +85,7 @@ def served_rpcs() -> list[tuple[str, MethodDescriptor]]:
     """Every RPC the director's port serves, as (path, method descriptor)."""
     found = []
     for module, service in ((director_pb2, "Director"), (aggregator_pb2, "Aggregator"),
-                            (streaming_pb2, "TensorStream")):
+                            (streaming_pb2, "TensorStream"), (review_pb2, "Review")):
         descriptor = module.DESCRIPTOR.services_by_name[service]
         found += [(f"/{descriptor.full_name}/{method.name}", method)
                   for method in descriptor.methods]
@@ -241,17 +249,34 @@ def start(processes: list[Process], process: Process) -> Process:
     return process
 
 
+def write_policy(tmp_path: Path, policy: dict[str, Any], name: str = "policy") -> Path:
+    """A shard policy file (fedkube.api.policy) for `fedkube envoy start --policy`."""
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(policy))
+    return path
+
+
+# The tests' experiments use their own tasks (SLOW_TASK, broken ones) and requirements, and
+# tell their tasks how long to train through DELAY_ENV: their data owner allows that.
+USER_CODE_POLICY: dict[str, Any] = {"userCode": True, "requirements": True,
+                                    "passEnv": ["FEDKUBE_TEST_TRAIN_DELAY_S"]}
+
+
 def start_federation(tmp_path: Path, processes: list[Process], envoys: int, *,
-                     delays: dict[int, float] | None = None) -> tuple[int, DirectorClient,
-                                                                      list[Process]]:
+                     delays: dict[int, float] | None = None,
+                     policy: dict[str, Any] | None = None) -> tuple[int, DirectorClient,
+                                                                    list[Process]]:
     """A director and envoys env0..env{n-1} on digits shards as real processes, all online;
     its port, a client as owner alice, and the envoys. `delays` slows envoys' training
-    (seconds, by index) for tasks that read DELAY_ENV."""
+    (seconds, by index) for tasks that read DELAY_ENV; the envoys' shard policy is
+    USER_CODE_POLICY unless given."""
     port = free_port()
     processes.append(director_process(tmp_path, port, period=1.0).start())
+    policy_file = write_policy(tmp_path, USER_CODE_POLICY if policy is None else policy)
     started = []
     for i in range(envoys):
-        envoy = envoy_process(tmp_path, f"env{i}", port, index=i, count=envoys)
+        envoy = envoy_process(tmp_path, f"env{i}", port, index=i, count=envoys,
+                              policy=policy_file)
         envoy.env[DELAY_ENV] = str((delays or {}).get(i, 0.0))
         processes.append(envoy.start())
         started.append(envoy)

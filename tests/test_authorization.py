@@ -59,7 +59,7 @@ async def test_role_table_enforced_on_every_rpc(mtls_director: RunningDirector,
                            client_id=cert)
     role = CERTS[cert]
     methods = served_rpcs()
-    assert len(methods) == 22  # 14 director, 6 aggregator, 2 streaming: all in this matrix
+    assert len(methods) == 24  # 14 director, 6 aggregator, 2 streaming, 2 review: all here
     refused: list[str] = []
     passed: list[str] = []
     for path, method in methods:
@@ -74,7 +74,7 @@ async def test_role_table_enforced_on_every_rpc(mtls_director: RunningDirector,
         "root": ["GetDatasetInfo", "GetEnvoys", "GetExperimentDescription",
                  "GetExperimentStatus", "GetExperimentsList", "GetMetricStream",
                  "GetTrainedModel", "RemoveExperimentData", "SetNewExperiment"],
-        "env1": ["BulkEndpoint", "GetAggregatedTensor", "GetDatasetInfo",
+        "env1": ["BulkEndpoint", "Decide", "Describe", "GetAggregatedTensor", "GetDatasetInfo",
                  "GetExperimentData", "GetTasks", "SendLocalTaskResults",
                  "SetExperimentFailed", "StreamAggregatedTensor", "UpdateEnvoyStatus",
                  "UpdateShardInfo", "WaitExperiment"],

@@ -293,3 +293,19 @@ def test_names_are_scoped_per_owner(tmp_path: Path) -> None:
     again.remove_experiment_data("owner:bob", "mnist")
     assert again.get_experiment_status("owner:alice", "mnist").name == alices
     _queue(again, tmp_path, "owner:bob", "mnist", ["env1"])  # the name is bob's to reuse
+
+
+def test_an_owner_at_its_running_limit_waits_while_others_run(tmp_path: Path) -> None:
+    director = Director(store=MemoryStore(), data_dir=tmp_path, sample_shape=["8", "8"],
+                        target_shape=["1"], health_check_period=10, clock=Clock(),
+                        limits=OwnerLimits(max_running=1))
+    for name in ("env1", "env2", "env3"):
+        director.acknowledge_shard(shard(name))
+    _queue(director, tmp_path, "alice", "a1", ["env1"])
+    _queue(director, tmp_path, "alice", "a2", ["env2"])  # a free shard, but alice's turn is up
+    _queue(director, tmp_path, "bob", "b1", ["env3"])
+    states = {n: director.experiment(n).status for n in ("a1", "a2", "b1")}
+    assert states == {"a1": ExperimentState.IN_PROGRESS, "a2": ExperimentState.PENDING,
+                      "b1": ExperimentState.IN_PROGRESS}
+    director.finish_experiment("a1", ExperimentState.FINISHED)
+    assert director.experiment("a2").status is ExperimentState.IN_PROGRESS

@@ -16,7 +16,7 @@ import pytest
 
 from fedkube.client.director_client import DirectorClient
 from fedkube.dev.processes import Process, director_process, free_port, wait_for
-from tests.helpers import CertDir, current_round, start
+from tests.helpers import CertDir, current_round, start, write_policy
 from tests.test_openfl_compat import openfl_client
 from tests.test_openfl_experiments import (
     SHARD_FILES,
@@ -40,6 +40,8 @@ def fedkube_envoys(tmp_path: Path, port: int, count: int, openfl_python: Path, *
     class (rank i of shards), each run in a directory holding its module, as an OpenFL
     envoy's is; under mTLS with its certificate, named relative to that directory."""
     envoys = []
+    # An OpenFL experiment is its owner's code: these data owners allow it.
+    policy = write_policy(tmp_path, {"userCode": True}, name=f"policy-{first}")
     for rank in range(first, first + count):
         name = f"env{rank}"
         home = tmp_path / f"{name}-home"
@@ -54,7 +56,8 @@ def fedkube_envoys(tmp_path: Path, port: int, count: int, openfl_python: Path, *
             "envoy", "start", "--name", name, "--director", f"localhost:{port}",
             "--shard", "openfl:shard_descriptor.DigitsShardDescriptor",
             "--shard-option", f"rank_worldsize={rank},{shards or count}", "--openfl-python",
-            str(openfl_python), "--work-dir", str(tmp_path / name), *tls],
+            str(openfl_python), "--work-dir", str(tmp_path / name), "--policy", str(policy),
+            *tls],
             tmp_path / "logs" / f"{name}.log", cwd=home))
     return envoys
 

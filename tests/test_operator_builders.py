@@ -24,6 +24,7 @@ from fedkube.client import EnvoyView, ExperimentView
 from fedkube.operator.conditions import set_condition
 from fedkube.operator.experiments import build_plan, build_status
 from fedkube.operator.manifests import (
+    build_collaborator_network_policy,
     build_director_deployment,
     build_director_service,
     build_envoy_config,
@@ -239,7 +240,7 @@ def test_envoy_config_per_node() -> None:
 def test_workloads_share_the_federation_labels() -> None:
     kinds = [m["kind"] for m in build_federation_workloads("fed", "ns", FED)]
     assert kinds == ["PersistentVolumeClaim", "Service", "Deployment", "ServiceAccount",
-                     "ServiceAccount", "Role", "RoleBinding", "DaemonSet"]
+                     "ServiceAccount", "Role", "RoleBinding", "DaemonSet", "NetworkPolicy"]
     for manifest in build_federation_workloads("fed", "ns", FED):
         assert manifest["metadata"]["labels"]["fedkube.io/federation"] == "fed"
 
@@ -249,7 +250,8 @@ def test_federation_names_name_the_objects_it_owns() -> None:
     assert (n.director, n.envoy, n.ca_bundle, n.operator_tls) == (
         "fed-director", "fed-envoy", "fed-ca-bundle", "fed-operator-tls")
     owned = {m["metadata"]["name"] for m in build_federation_workloads("fed", "ns", FED)}
-    assert owned == {n.data, n.director, n.envoy, n.collaborator}
+    assert owned == {n.data, n.director, n.envoy, n.collaborator,
+                     f"{n.collaborator}-egress"}
     with pytest.raises(AttributeError):  # frozen
         n.director = "other"  # type: ignore[misc]
 
@@ -590,3 +592,76 @@ def test_two_shards_on_one_node_leave_one_out_said_so_and_bad_node_names_are_ref
     with pytest.raises(ValidationError):
         FederationSpec.model_validate({**FED.model_dump(by_alias=True),
                                        "sampleShape": ["8", "--insecure"]})
+
+
+def test_the_shards_policy_reaches_its_envoys_config_whole() -> None:
+    policy = {"owners": ["owner:alice"], "approval": "manual", "maxRounds": 20,
+              "userCode": True, "maxMemory": "8Gi"}
+    shards = {"a": ShardSpec.model_validate({"federation": "fed", "nodeName": "gpu-1",
+                                             "policy": policy})}
+    config = yaml.safe_load(build_envoy_config("fed", "ns", FED, shards)["data"]["gpu-1.yaml"])
+    assert config["policy"] == policy
+    from fedkube.api.config import EnvoyConfig
+
+    config["tls"] = {"insecure": True}  # the certificates exist only in the Pod
+    assert EnvoyConfig.model_validate(config).policy == ShardSpec.model_validate(
+        {"federation": "fed", "policy": policy}).policy
+    # No policy: the default (built-in tasks, automatic), said by nothing in the config.
+    plain = {"a": ShardSpec(federation="fed", node_name="gpu-1")}
+    assert yaml.safe_load(build_envoy_config("fed", "ns", FED, plain)["data"][
+        "gpu-1.yaml"])["policy"] == {}
+    with pytest.raises(ValidationError):
+        ShardSpec.model_validate({"federation": "fed", "policy": {"approval": "sometimes"}})
+
+
+def test_the_approved_condition_follows_the_shards_review() -> None:
+    from fedkube.client.director_client import Review
+
+    both = ["a", "b"]
+    waiting = build_status({}, _report("in_progress", collaborators=both, review={
+        "a": Review("accepted", "the shard policy allows it"),
+        "b": Review("awaiting", "waiting for the data owner's approval")}), 1)
+    approved = {c["type"]: c for c in waiting.status["conditions"]}["Approved"]
+    assert (approved["status"], approved["reason"]) == ("False", "AwaitingApproval")
+    assert approved["message"] == "waiting for the data owners of b"
+    assert ("Normal", "AwaitingApproval", "b: waiting for its data owner's approval") in \
+        waiting.events
+    decided = build_status(waiting.status, _report("in_progress", collaborators=both, review={
+        "a": Review("accepted", "the shard policy allows it"),
+        "b": Review("refused", "not during the audit")}), 1)
+    approved = {c["type"]: c for c in decided.status["conditions"]}["Approved"]
+    assert (approved["status"], approved["reason"]) == ("True", "Approved")
+    assert "refused by b" in approved["message"]
+    # One event per new decision: a's did not change, b's did.
+    assert [e[1] for e in decided.events] == ["ShardRefused"]
+    again = build_status(decided.status, _report("in_progress", collaborators=both, review={
+        "a": Review("accepted", ""), "b": Review("refused", "not during the audit")}), 1)
+    assert again.events == []
+    assert decided.status["review"]["b"] == {"decision": "refused",
+                                             "reason": "not during the audit"}
+
+
+def test_collaborators_may_reach_only_their_director_and_dns() -> None:
+    from fedkube.envoy_agent.pods import PodPlacement, build_collaborator_pod
+    from fedkube.envoy_agent.runtime import CollaboratorJob
+
+    policy = build_collaborator_network_policy("fed", "ns")
+    pod = build_collaborator_pod(
+        CollaboratorJob(experiment="e", collaborator="a", archive=Path("a.zip"),
+                        work_dir=Path("w"), cuda_devices=()),
+        PodPlacement(namespace="ns", node_name="n", image="i", director="d:1", loader="digits",
+                     options={}))
+    selector = policy["spec"]["podSelector"]["matchLabels"]
+    assert selector.items() <= pod["metadata"]["labels"].items()  # it selects collaborators
+    assert policy["spec"]["ingress"] == []
+    to_director, dns = policy["spec"]["egress"]
+    director = build_director_deployment("fed", "ns", FED)["spec"]["template"]["metadata"]
+    assert to_director["to"][0]["podSelector"]["matchLabels"].items() <= \
+        director["labels"].items()
+    service_ports = {p["port"] for p in build_director_service("fed", "ns", FED)["spec"]["ports"]}
+    assert {p["port"] for p in to_director["ports"]} == service_ports
+    assert {p["port"] for p in dns["ports"]} == {53} and "to" not in dns
+    # And the Pod itself keeps Pod Security `restricted` with no token it does not need.
+    assert pod["spec"]["automountServiceAccountToken"] is False
+    assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+    assert pod["spec"]["containers"][0]["securityContext"]["capabilities"] == {"drop": ["ALL"]}

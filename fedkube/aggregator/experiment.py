@@ -148,6 +148,14 @@ class Outcome(Protocol):
     def experiment_done(self, name: str, *, error: str | None) -> None: ...
 
 
+def refused_error(refusals: Mapping[str, str], left: int, quorum: int) -> str:
+    """Why an experiment its shards refused cannot run: each refusal's reason."""
+    reasons = "; ".join(f"{shard}: {reason or 'no reason given'}"
+                        for shard, reason in sorted(refusals.items()))
+    return (f"refused by its shards ({reasons}); {left} collaborator"
+            f"{'' if left == 1 else 's'} left, quorum {quorum}")
+
+
 class ExperimentAggregator:
     def __init__(self, *, name: str, plan: Plan, collaborators: list[str], initial: Model,
                  workdir: Path, outcome: Outcome, clock: Callable[[], float],
@@ -170,6 +178,10 @@ class ExperimentAggregator:
         self.events: list[MetricEvent] = []
         self.dropped: set[str] = set()  # out now: missed a deadline, not back yet
         self.dropouts: set[str] = set(dropouts)  # ever dropped, for the status
+        # The shards' review (fedkube.director.core.Director.decide): while one awaits
+        # its data owner, nobody gets tasks and nothing times out; refused ones are out.
+        self.awaiting: set[str] = set()
+        self.refusals: dict[str, str] = {}
         self.changed = asyncio.Event()
         if start_round > 0:
             self._resume_metrics(start_round)
@@ -400,6 +412,11 @@ class ExperimentAggregator:
         if self.phase is not RoundPhase.OPEN or self._receiving.locked():
             return
         now = self.clock()
+        if self.awaiting:  # a data owner's answer may take days: the clocks wait too
+            self._round_opened = now
+            if self._round_started is not None:
+                self._round_started = now
+            return
         if self._round_started is None:
             if now - self._round_opened >= STARTUP_TIMEOUT_S:
                 self._finish(f"no collaborator asked for round {self.round}'s tasks within "
@@ -421,6 +438,26 @@ class ExperimentAggregator:
     def fail(self, error: str) -> None:
         self._finish(error)
 
+    def review(self, shard: str, decision: str, reason: str) -> None:
+        """A shard's decision: awaiting holds the rounds, refused leaves it out for good
+        (failing the experiment when those left are fewer than its quorum)."""
+        if self.done or shard not in self.collaborators:
+            return
+        if decision == "awaiting":
+            self.awaiting.add(shard)
+            return
+        self.awaiting.discard(shard)
+        if decision == "refused":
+            self.refusals[shard] = reason
+            self.collaborators.remove(shard)
+            self.dropped.discard(shard)
+            if len(self.collaborators) < self.quorum:
+                self._finish(refused_error(self.refusals, len(self.collaborators),
+                                           self.quorum))
+                return
+            self._in_background(self._when_free(self._advance))
+        self._signal()
+
     # -- RPCs ----------------------------------------------------------------------------
 
     def _check_sender(self, sender: str) -> None:
@@ -437,6 +474,9 @@ class ExperimentAggregator:
                             "collaborator": sender})
         if self.done:
             return aggregator_pb2.GetTasksResponse(round_number=self.round, quit=True)
+        if self.awaiting:
+            return aggregator_pb2.GetTasksResponse(round_number=self.round,
+                                                   sleep_time=WAIT_SECONDS)
         tasks = self.tasks_for(sender)
         if tasks and self._round_started is None:
             self._round_started = self.clock()

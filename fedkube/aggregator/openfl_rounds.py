@@ -50,6 +50,7 @@ from fedkube.aggregator.experiment import (
     Outcome,
     append_metric,
     check_data_size,
+    refused_error,
     resumed_events,
     save_model,
 )
@@ -139,6 +140,9 @@ class OpenFLRounds:
         self.done = False
         self.events: list[MetricEvent] = []
         self.changed = asyncio.Event()
+        # The shards' review, as ExperimentAggregator keeps it.
+        self.awaiting: set[str] = set()
+        self.refusals: dict[str, str] = {}
         self._lock = asyncio.Lock()
         self._closing: set[asyncio.Task[None]] = set()  # a round end a cut-off started
         self._tensors: dict[tuple[str, str], base_pb2.NamedTensor] = {}
@@ -215,6 +219,9 @@ class OpenFLRounds:
         self._check_sender(sender)
         if self.done:
             return aggregator_pb2.GetTasksResponse(round_number=self.round, quit=True)
+        if self.awaiting:
+            return aggregator_pb2.GetTasksResponse(round_number=self.round,
+                                                   sleep_time=WAIT_SECONDS)
         tasks = self._tasks_left(sender)
         if not tasks:
             return aggregator_pb2.GetTasksResponse(round_number=self.round,
@@ -399,6 +406,11 @@ class OpenFLRounds:
         fails an experiment nobody started."""
         if self.done or self._lock.locked():
             return
+        if self.awaiting:  # a data owner's answer may take days: the clocks wait too
+            self._opened = self.clock()
+            if self._policy_started is not None:
+                self._policy_started = self._opened
+            return
         if self._policy_started is None:
             if self.clock() - self._opened >= STARTUP_TIMEOUT_S:
                 self._finish(f"no collaborator asked for round {self.round}'s tasks within "
@@ -522,6 +534,32 @@ class OpenFLRounds:
                                       total_rounds=self.plan.rounds,
                                       summary=summary or self._summary())
         self.outcome.experiment_done(self.name, error=error)
+        self._signal()
+
+    def review(self, shard: str, decision: str, reason: str) -> None:
+        """A shard's decision: awaiting holds the rounds, refused leaves it out for good
+        (failing the experiment when no collaborator, or fewer than the straggler policy's
+        minimum, is left)."""
+        if self.done or shard not in self.collaborators:
+            return
+        if decision == "awaiting":
+            self.awaiting.add(shard)
+            return
+        self.awaiting.discard(shard)
+        if decision == "refused":
+            self.refusals[shard] = reason
+            self.collaborators.remove(shard)
+            self._results.pop(shard, None)
+            if shard in self._done:
+                self._done.remove(shard)
+            quorum = max(1, self.plan.straggler.minimum_reporting)
+            if len(self.collaborators) < quorum:
+                self._finish(refused_error(self.refusals, len(self.collaborators), quorum))
+                return
+            if self._done and self._round_can_end() and not self._closing:
+                task = asyncio.get_running_loop().create_task(self._end_round_when_free())
+                self._closing.add(task)
+                task.add_done_callback(self._closing.discard)
         self._signal()
 
     def fail(self, error: str) -> None:

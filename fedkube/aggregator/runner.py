@@ -31,6 +31,7 @@ from fedkube.api.errors import (
     UnauthenticatedError,
 )
 from fedkube.api.plan import Plan
+from fedkube.api.review import reviews_of
 from fedkube.openfl.workspace import (
     PLAN_NAME,
     OpenFLArchiveError,
@@ -40,11 +41,11 @@ from fedkube.openfl.workspace import (
 )
 from fedkube.proto import base_pb2
 from fedkube.tasks.archive import ArchiveError, check_archive, load_task, read_plan
+from fedkube.transport.model_files import has_model, read_model
 from fedkube.transport.tensors import Model, TensorError, model_from_proto
 
 log = logging.getLogger(__name__)
 TICK_S = 0.25
-INITIAL_MODEL = "initial_model.pb"
 # An experiment's rounds: fedkube's own, or OpenFL 1.6's (fedkube.aggregator.openfl_rounds).
 Rounds = ExperimentAggregator | OpenFLRounds
 
@@ -67,17 +68,23 @@ class StartedExperiment(Protocol):
 
 
 def initial_model(plan: Plan, directory: Path) -> Model:
-    """The owner's initial model if sent, else the built-in task's own initialisation."""
-    path = directory / INITIAL_MODEL
-    if path.exists():
-        try:
-            return model_from_proto(base_pb2.ModelProto.FromString(path.read_bytes()))
-        except (TensorError, ValueError) as exc:
-            raise InvalidArgumentError(f"invalid initial model: {exc}") from exc
+    """The owner's initial model if sent, else the built-in task's own initialisation.
+    A sent model is read as fedkube.transport.model_files stored it: its tensors views of
+    the mapped file, in memory once (an earlier version's initial_model.pb is read too)."""
+    sent = _sent_model(directory)
+    if sent is not None:
+        return sent
     try:
         return load_task(plan, None).init_model(plan.params)
     except ArchiveError as exc:
         raise InvalidArgumentError(f"{exc}; send an initial model with the experiment") from exc
+
+
+def _sent_model(directory: Path) -> Model | None:
+    try:
+        return read_model(directory)
+    except (TensorError, ValueError, OSError) as exc:  # ModelFileError is a ValueError
+        raise InvalidArgumentError(f"invalid initial model: {exc}") from exc
 
 
 class AggregatorRunner:
@@ -107,7 +114,7 @@ class AggregatorRunner:
                 rounds = read_openfl_plan(archive).rounds
             except OpenFLArchiveError as exc:
                 raise InvalidArgumentError(f"OpenFL experiment: {exc}") from exc
-            if not (archive.parent / INITIAL_MODEL).exists():
+            if not has_model(archive.parent):
                 raise InvalidArgumentError("OpenFL experiment: no initial model was sent")
             if self.port is None:
                 raise FailedPreconditionError("this director serves no aggregator port")
@@ -141,6 +148,7 @@ class AggregatorRunner:
             start_round=start_round, dropouts=dropouts.split(",") if dropouts else (),
             samples=self._samples(experiment.collaborators))
         self.aggregators[experiment.name] = aggregator
+        self._review_again(experiment, aggregator)
         self._ensure_ticker()
         log.info("aggregator for %s: %d rounds over %s", experiment.name, plan.rounds,
                  list(experiment.collaborators), extra={"experiment": experiment.name})
@@ -148,7 +156,9 @@ class AggregatorRunner:
     def _start_openfl(self, experiment: StartedExperiment, archive: Path) -> None:
         plan = read_openfl_plan(archive)
         start_round, previous = 0, None
-        model = _read_model(archive.parent / INITIAL_MODEL)[0]
+        model = _sent_model(archive.parent)
+        if model is None:
+            raise InvalidArgumentError("OpenFL experiment: its initial model is gone")
         if experiment.current_round > 0 and (archive.parent / "last.pb").exists():
             model, start_round = _read_model(archive.parent / "last.pb")
             if (archive.parent / "previous.pb").exists():
@@ -163,10 +173,22 @@ class AggregatorRunner:
         rounds.metric_name = experiment.extra.get("metric", "")
         self.openfl[experiment.name] = rounds
         self.aliases[plan.federation_uuid] = experiment.name
+        self._review_again(experiment, rounds)
         self._ensure_ticker()
         log.info("aggregator for OpenFL experiment %s (federation %s): %d rounds over %s",
                  experiment.name, plan.federation_uuid, plan.rounds,
                  list(experiment.collaborators), extra={"experiment": experiment.name})
+
+    @staticmethod
+    def _review_again(experiment: StartedExperiment, rounds: Rounds) -> None:
+        """The shards' decisions before a restart, applied to the resumed rounds."""
+        for shard, (decision, reason) in sorted(reviews_of(experiment.extra).items()):
+            rounds.review(shard, decision, reason)
+
+    def reviewed(self, name: str, shard: str, decision: str, reason: str) -> None:
+        rounds = self.aggregators.get(name) or self.openfl.get(name)
+        if rounds is not None:
+            rounds.review(shard, decision, reason)
 
     def _samples(self, collaborators: Iterable[str]) -> dict[str, int]:
         counts = {c: self.registered_samples(c) for c in collaborators}

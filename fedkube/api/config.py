@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fedkube.api.errors import ConfigError
+from fedkube.api.policy import ShardPolicy
 
 DEFAULT_PORT = 50051
 DEFAULT_HEALTH_CHECK_PERIOD = 60.0
@@ -101,6 +102,17 @@ class DirectorConfig(_Strict):
     max_stored_bytes_per_owner: int = Field(default=100 << 30, ge=0, description=(
         "bytes one owner's experiments may hold on the director's disk: archives, models "
         "and metrics (0: no limit)"))
+    max_running_per_owner: int = Field(default=0, ge=0, description=(
+        "experiments of one owner running at once; the others wait their turn (0: no "
+        "limit)"))
+    policy: Path | None = Field(default=None, description=(
+        "the federation's policy on new experiments (YAML, a shard policy's fields): "
+        "which owners, tasks, code, requirements, rounds and GPUs it takes"))
+    max_model_bytes: int | None = Field(default=None, ge=1, description=(
+        "the largest initial model an experiment may bring; larger ones are refused "
+        "(RESOURCE_EXHAUSTED) before they are taken in (default: a quarter of this "
+        "machine's or container's memory, at most 16 GiB: the aggregator holds the model, "
+        "its average and a result arriving)"))
 
     _shapes = field_validator("sample_shape", "target_shape", mode="before")(parse_shape)
 
@@ -132,6 +144,39 @@ class PodSettings(_Strict):
                                          "stay unschedulable before the experiment fails")
 
 
+# How the envoy tells its (process runtime's) collaborator whether requirements may be
+# installed: "refuse", "binary" (wheels only) or "hashes" (wheels, each pinned by hash).
+# Read by fedkube.collaborator.environment; unset (a collaborator Pod, a run by hand): binary.
+REQUIREMENTS_POLICY_ENV = "FEDKUBE_REQUIREMENTS_POLICY"
+ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
+
+
+class SandboxSettings(_Strict):
+    """How the process runtime confines an experiment's collaborator, whose task is the
+    experiment owner's code (docs/concepts.md#sandbox). The shard's policy fills these."""
+
+    pass_env: list[Annotated[str, Field(pattern=ENV_NAME_PATTERN)]] = Field(
+        default_factory=list, description=(
+            "names of the envoy's environment variables its collaborators get; nothing else "
+            "of its environment reaches them but PATH, LANG, LC_ALL, LC_CTYPE, TZ and "
+            "CUDA_VISIBLE_DEVICES"))
+    allow_requirements: bool = Field(default=False, description=(
+        "let experiments install their requirements.txt (install_requirements): binary "
+        "wheels only, no pip options; refused by default"))
+    require_hashes: bool = Field(default=False, description=(
+        "with allow_requirements: every requirement must be pinned with --hash"))
+    user: str | int | None = Field(default=None, description=(
+        "when the envoy runs as root: the user (name or uid) its collaborators run as; "
+        "default a uid of this envoy's own, 2000000000 plus a hash of its name and work "
+        "directory; 'root' runs them as root, unconfined by file permissions"))
+
+    @model_validator(mode="after")
+    def _hashes_need_requirements(self) -> SandboxSettings:
+        if self.require_hashes and not self.allow_requirements:
+            raise ValueError("require_hashes goes with allow_requirements")
+        return self
+
+
 class EnvoyConfig(_Strict):
     name: Name = Field(description="the shard's name (under mTLS, its certificate's CN)")
     director: str = Field(pattern=r"^[^:\s]+:\d{1,5}$", description="host:port of the director")
@@ -148,6 +193,16 @@ class EnvoyConfig(_Strict):
         "the Python of an OpenFL 1.6 environment, for OpenFL experiments and shard "
         "descriptors (default: $FEDKUBE_OPENFL_PYTHON, else one built once under "
         "~/.cache/fedkube)"))
+    sandbox: SandboxSettings = Field(default_factory=SandboxSettings, description=(
+        "how the process runtime confines collaborators"))
+    shard_namespace: str | None = Field(default=None, max_length=63, description=(
+        "on Kubernetes, the namespace of this shard's Shard object: its data owner answers "
+        "experiments awaiting approval with its fedkube.io/approve and fedkube.io/refuse "
+        "annotations"))
+    policy: ShardPolicy | Path | None = Field(default=None, description=(
+        "the shard policy (a YAML file, or its fields inline in a config file): who may "
+        "use this shard, with what, and whether its data owner approves each experiment "
+        "by hand (default: built-in tasks only, no requirements, approved automatically)"))
 
 
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
@@ -182,8 +237,8 @@ def build_config(model: type[ConfigT], file: Path | None, overrides: dict[str, A
     for key, value in overrides.items():
         if value is None:
             continue
-        if key == "tls" and isinstance(data.get("tls"), dict):
-            data["tls"] = {**data["tls"], **value}
+        if key in ("tls", "sandbox") and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **value}
         else:
             data[key] = value
     try:

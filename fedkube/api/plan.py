@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from fedkube.api.resources import ComputeResources
+from fedkube.api.compute import ComputeResources
 
 PLAN_FILE = "plan.yaml"
 REQUIREMENTS_FILE = "requirements.txt"

@@ -6,8 +6,11 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
+from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
+
+from fedkube.api.compute import ComputeResources
+from fedkube.api.policy import ShardPolicy
 
 GROUP = "fedkube.io"
 VERSION = "v1alpha1"
@@ -17,8 +20,6 @@ NODE_NAME = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 # One dimension of a sample or target shape: it becomes a director flag's value.
 DIMENSION = r"^[0-9]{1,9}$"
 QUANTITY = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|k|M|G|T)?$"
-# A resource quantity as a Pod's requests and limits take it (cpu in millicores too).
-RESOURCE_QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|Ki|Mi|Gi|Ti|Pi|k|M|G|T|P)?$"
 # What `make image` builds (no registry publishes fedkube's image): load it into the
 # cluster's nodes (`kind load docker-image fedkube:0.1.0`, `minikube image load ...`) or
 # push it to a registry of your own and set Federation.spec.image / the chart's image.
@@ -48,32 +49,6 @@ class Condition(_Model):
 
 _CONDITIONS = Field(default_factory=list, **_k8s(**{"x-kubernetes-list-type": "map",
                                                     "x-kubernetes-list-map-keys": ["type"]}))
-
-
-# -- a container's resources (Federation and Experiment) ------------------------------
-
-def _quantity_text(value: object) -> object:
-    """`cpu: 2` in YAML is an integer: a quantity all the same, as in a Pod spec."""
-    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
-
-
-# An int-or-string with a pattern, as controller-gen writes resource.Quantity.
-_Quantity = Annotated[str, BeforeValidator(_quantity_text),
-                      Field(pattern=RESOURCE_QUANTITY, max_length=64),
-                      WithJsonSchema({"anyOf": [{"type": "integer"}, {"type": "string"}],
-                                      "pattern": RESOURCE_QUANTITY, "maxLength": 64,
-                                      "x-kubernetes-int-or-string": True})]
-# Resource names are checked by the apiserver when the operator creates the Pods (a
-# structural schema cannot constrain map keys); the quantities are checked here.
-_Quantities = Annotated[dict[str, _Quantity], Field(max_length=16)]
-
-
-class ComputeResources(_Model):
-    """A container's requests and limits, as in a Pod spec."""
-
-    requests: _Quantities = Field(default_factory=dict,
-                                  description="e.g. cpu: 500m, memory: 1Gi")
-    limits: _Quantities = Field(default_factory=dict)
 
 
 # -- Federation ---------------------------------------------------------------------------
@@ -154,6 +129,11 @@ class ShardSpec(_Model):
                                     description="settings passed to the loader")
     data_path: str | None = Field(default=None, max_length=4096,
                                   description="host path of the data on its node")
+    policy: ShardPolicy = Field(
+        default_factory=ShardPolicy,
+        description="what the shard's data owner lets run on it: owners, tasks, user code, "
+                    "requirements, limits, and whether each experiment waits for "
+                    "approval; default: built-in tasks only, approved automatically")
 
 
 class ShardStatus(_Model):
@@ -198,6 +178,11 @@ class ExperimentSpec(_Model):
     higher_is_better: bool = True
 
 
+class ShardDecision(_Model):
+    decision: Literal["accepted", "refused", "awaiting"]
+    reason: str = Field(default="", max_length=2000)
+
+
 class ExperimentStatus(_Model):
     conditions: list[Condition] = _CONDITIONS
     phase: str = ""
@@ -212,6 +197,9 @@ class ExperimentStatus(_Model):
         default_factory=list,
         description="collaborators that missed a round's deadline (the round closed on quorum)")
     queue_position: int = 0
+    review: dict[str, ShardDecision] = Field(
+        default_factory=dict, description="each shard's decision on the experiment (its "
+                                          "shard policy's, or its data owner's)")
     start_time: str | None = None
     completion_time: str | None = None
     model_location: str | None = None

@@ -14,7 +14,7 @@ from fedkube.cli.options import add_field_flags, add_tls_flags, field_values, sh
 
 FIELDS = ("host", "port", "data_dir", "sample_shape", "target_shape", "health_check_period",
           "metrics_port", "health_port", "frontends", "advertise_address",
-          "max_queued_per_owner", "max_stored_bytes_per_owner")
+          "max_queued_per_owner", "max_stored_bytes_per_owner", "max_model_bytes")
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -25,7 +25,8 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
                     types={"sample_shape": shape, "target_shape": shape},
                     metavars={"sample_shape": "N,N", "target_shape": "N,N",
                               "max_queued_per_owner": "N",
-                              "max_stored_bytes_per_owner": "BYTES"})
+                              "max_stored_bytes_per_owner": "BYTES",
+                              "max_model_bytes": "BYTES"})
     bulk = start.add_mutually_exclusive_group()
     add_field_flags(bulk, DirectorConfig, ["bulk_port"])
     bulk.add_argument("--no-bulk", action="store_true",

@@ -6,7 +6,7 @@ from enum import IntEnum
 
 import grpc
 
-from fedkube.api.errors import ConfigError, RefusedError, StoreError
+from fedkube.api.errors import ConfigError, RefusedError, ServiceError, StoreError
 
 
 class ExitCode(IntEnum):
@@ -22,7 +22,7 @@ def describe(exc: BaseException) -> tuple[ExitCode, str] | None:
         return ExitCode.USAGE, str(exc)
     if isinstance(exc, RefusedError):
         return ExitCode.REFUSED, str(exc)
-    if isinstance(exc, StoreError):
+    if isinstance(exc, StoreError | ServiceError):  # a refusal made here, not remotely
         return ExitCode.FAILED, str(exc)
     if isinstance(exc, TimeoutError):
         return ExitCode.FAILED, f"timed out: {exc}"

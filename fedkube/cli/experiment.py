@@ -78,6 +78,10 @@ def status(client: DirectorClient, args: argparse.Namespace) -> int:
               + (f", {view.metric} last {view.last_metrics} best {view.best_metrics}"
                  if view.metric else "")
               + (f", queued at {view.queue_position}" if view.queue_position else "")
+              + (f", awaiting approval from {', '.join(view.awaiting_approval)}"
+                 if view.awaiting_approval else "")
+              + "".join(f"\nrefused by {shard}: {r.reason}" for shard, r in view.review.items()
+                        if r.decision == "refused")
               + (f"\nerror: {view.error}" if view.error else ""))
     return 0
 

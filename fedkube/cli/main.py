@@ -6,12 +6,23 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from fedkube.cli import certs, collaborator, dev, director, envoy, experiment, operator, shards
+from fedkube.cli import (
+    certs,
+    collaborator,
+    dev,
+    director,
+    envoy,
+    experiment,
+    operator,
+    shard,
+    shards,
+)
 from fedkube.cli.exits import describe
 
 DESCRIPTION = ("Federated learning on Kubernetes: the director, envoys and collaborators, "
                "the operator, and the model owner's commands.")
-COMMAND_GROUPS = (director, envoy, shards, collaborator, experiment, dev, operator, certs)
+COMMAND_GROUPS = (director, envoy, shards, shard, collaborator, experiment, dev, operator,
+                  certs)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -24,11 +24,13 @@ import numpy as np
 import numpy.typing as npt
 
 from fedkube.api.plan import Plan
+from fedkube.api.review import reviews_of
 from fedkube.proto import base_pb2, director_pb2, director_pb2_grpc
 from fedkube.tasks.archive import build_archive, load_task
 from fedkube.transport.channel import open_sync_channel
 from fedkube.transport.identity import CLIENT_ID_HEADER
-from fedkube.transport.limits import CHUNK_BYTES
+from fedkube.transport.limits import CHUNK_BYTES, MODEL_BYTES_HEADER
+from fedkube.transport.model_files import model_data_bytes
 from fedkube.transport.tensors import model_from_proto, model_pieces, model_to_proto
 from fedkube.transport.tls import TLSFiles
 from fedkube.transport.trailers import read_text_trailers
@@ -67,6 +69,12 @@ class EnvoyView:
 
 
 @dataclass(frozen=True)
+class Review:
+    decision: str  # accepted | refused | awaiting
+    reason: str
+
+
+@dataclass(frozen=True)
 class ExperimentView:
     """An experiment as `fedkube experiment status --output json` prints it."""
 
@@ -82,10 +90,17 @@ class ExperimentView:
     collaborators: list[str]
     # Collaborators that missed a round's deadline at least once.
     dropped: list[str] = field(default_factory=list)
+    # Each shard's decision on it, for the shards that have decided (fedkube envoys).
+    review: dict[str, Review] = field(default_factory=dict)
 
     @property
     def done(self) -> bool:
         return self.status in ("finished", "failed", "rejected")
+
+    @property
+    def awaiting_approval(self) -> list[str]:
+        """The shards whose data owners have not answered yet."""
+        return [shard for shard, r in self.review.items() if r.decision == "awaiting"]
 
 
 @dataclass(frozen=True)
@@ -151,7 +166,9 @@ class DirectorClient:
 
     def submit(self, name: str, archive: bytes, *, collaborators: list[str] | None = None,
                initial_model: base_pb2.ModelProto | None = None) -> None:
-        """Uploads an experiment archive; collaborators default to every online shard."""
+        """Uploads an experiment archive; collaborators default to every online shard.
+        The model's size goes ahead in the call's metadata: a director that takes no
+        model that large refuses it (RESOURCE_EXHAUSTED, naming its limit) at once."""
         if collaborators is None:
             collaborators = sorted(e.name for e in self.envoys() if e.online)
         model = initial_model or base_pb2.ModelProto()
@@ -170,7 +187,8 @@ class DirectorClient:
                     name=name, collaborator_names=collaborators,
                     experiment_data=director_pb2.ExperimentData(), model_proto=piece)
 
-        self._stub.SetNewExperiment(messages(), metadata=self._metadata, timeout=self.timeout)
+        metadata = (*self._metadata, (MODEL_BYTES_HEADER, str(model_data_bytes(model))))
+        self._stub.SetNewExperiment(messages(), metadata=metadata, timeout=self.timeout)
 
     def experiments(self) -> list[tuple[str, str, float]]:
         response = self._stub.GetExperimentsList(director_pb2.GetExperimentsListRequest(),
@@ -194,7 +212,9 @@ class DirectorClient:
             last_metrics=figure("last-metric"), best_metrics=figure("best-metric"),
             error=extra.get("error", ""), queue_position=int(extra.get("queue-position", 0)),
             collaborators=[c.name for c in experiment.collaborators],
-            dropped=[d for d in extra.get("dropped", "").split(",") if d])
+            dropped=[d for d in extra.get("dropped", "").split(",") if d],
+            review={shard: Review(*decided)
+                    for shard, decided in sorted(reviews_of(extra).items())})
 
     def wait(self, name: str, *, timeout: float = 3600, interval: float = 0.5,
              on_update: Callable[[ExperimentView], None] | None = None) -> ExperimentView:

@@ -46,6 +46,8 @@ def wait_with_progress(client: DirectorClient, name: str, *, timeout: float
             detail = status.status
             if status.queue_position:
                 detail += f" (queued, position {status.queue_position})"
+            if status.awaiting_approval:
+                detail += f" (awaiting approval from {', '.join(status.awaiting_approval)})"
             if status.last_metrics:
                 detail += "  " + "  ".join(f"{k} {v:.4f}" for k, v in status.last_metrics.items())
             bar.update(task, total=status.total_rounds or None, completed=status.round,

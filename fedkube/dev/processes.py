@@ -133,12 +133,13 @@ def director_process(work: Path, port: int, *, period: float = 2.0,
 
 
 def envoy_process(work: Path, name: str, port: int, *, index: int, count: int,
-                  cert_dir: Path | None = None, extra: Sequence[str] = ()) -> Process:
+                  cert_dir: Path | None = None, extra: Sequence[str] = (),
+                  policy: Path | None = None) -> Process:
     return Process(name, [
         "envoy", "start", "--name", name, "--director", f"localhost:{port}",
         "--shard", "digits", "--shard-option", f"index={index}",
         "--shard-option", f"count={count}", "--work-dir", str(work / name),
-        *tls_args(cert_dir, name), *extra,
+        *tls_args(cert_dir, name), *(["--policy", str(policy)] if policy else []), *extra,
     ], work / "logs" / f"{name}.log")
 
 

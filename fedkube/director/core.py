@@ -29,10 +29,15 @@ from fedkube.api.errors import (
     ResourceExhaustedError,
 )
 from fedkube.api.experiment import ExperimentState, check_transition
+from fedkube.api.policy import ShardPolicy
+from fedkube.api.review import DECISIONS, REVIEW_EXTRA, encoded_reviews, reviews_of
 from fedkube.director.store import WRITE_ERRORS, DirectorStore, ExperimentRecord, ShardRecord
 from fedkube.proto import director_pb2
 
 log = logging.getLogger(__name__)
+
+# Extra fields a round's summary does not replace.
+_KEPT_EXTRA = frozenset({REVIEW_EXTRA})
 
 # Matched whole (fullmatch): with `match`, `$` also matches before a trailing newline.
 EXPERIMENT_NAME = re.compile(r"[a-z0-9]([a-z0-9._-]{0,251}[a-z0-9])?")
@@ -57,6 +62,7 @@ class OwnerLimits:
     refused past its limit with RESOURCE_EXHAUSTED naming it); 0 is no limit."""
 
     max_queued: int = 100  # experiments waiting for their shards
+    max_running: int = 0  # experiments running at once (the others wait their turn)
     max_stored_bytes: int = 100 << 30  # archives, models and metrics on the director's disk
 
 
@@ -76,6 +82,9 @@ class ExperimentRunner(Protocol):
     def start(self, experiment: ExperimentRecord) -> None: ...
 
     def stop(self, name: str) -> None: ...
+
+    def reviewed(self, name: str, shard: str, decision: str, reason: str) -> None:
+        """A shard decided on experiment name (see Director.decide)."""
 
 
 class Director:
@@ -97,6 +106,8 @@ class Director:
         self.health_check_period = health_check_period
         self.clock = clock
         self.limits = limits or OwnerLimits()
+        # The federation's policy on new experiments (the shape of a shard's), if any.
+        self.policy: ShardPolicy | None = None
         self.runner: ExperimentRunner | None = None
         self._envoys: dict[str, EnvoyState] = {}
         self._dirty_health: set[str] = set()
@@ -393,9 +404,17 @@ class Director:
         """Starts every pending experiment whose shards are all free, in turn."""
         started = []
         busy = self.busy_shards()
+        running: dict[str, int] = {}
+        for e in self._experiments.values():
+            if e.status is ExperimentState.IN_PROGRESS:
+                running[e.owner] = running.get(e.owner, 0) + 1
         for experiment in self.in_turn():
             if busy.intersection(experiment.collaborators):
                 continue
+            if self.limits.max_running and running.get(experiment.owner, 0) >= \
+                    self.limits.max_running:
+                continue
+            running[experiment.owner] = running.get(experiment.owner, 0) + 1
             busy.update(experiment.collaborators)
             record = self.move(experiment.name, ExperimentState.IN_PROGRESS)
             self._served[record.owner] = next(self._starts)
@@ -491,9 +510,10 @@ class Director:
     def round_closed(self, name: str, *, round_number: int, total_rounds: int,
                      summary: dict[str, str]) -> None:
         if name in self._experiments:
+            kept = {k: v for k, v in self._experiments[name].extra.items() if k in _KEPT_EXTRA}
             try:
                 self.update_experiment(name, current_round=round_number,
-                                       total_rounds=total_rounds, extra=summary)
+                                       total_rounds=total_rounds, extra={**kept, **summary})
             except ResourceExhaustedError as exc:  # the next round's close writes it
                 log.error("experiment %s round %d not recorded: %s", name, round_number, exc,
                           extra={"experiment": name})
@@ -516,6 +536,37 @@ class Director:
         self.finish_experiment(
             name, ExperimentState.FAILED,
             f"collaborator {collaborator} failed (code {code}): {description}")
+
+    # -- the shards' review ---------------------------------------------------------------
+
+    def describe_for_review(self, name: str, shard: str) -> ExperimentRecord:
+        """An experiment dispatched to shard, for its review (who submitted it)."""
+        experiment = self.experiment(name)
+        if shard not in experiment.collaborators:
+            raise PermissionDeniedError(f"{shard!r} is not a collaborator of experiment "
+                                        f"{name!r}")
+        return experiment
+
+    def decide(self, name: str, shard: str, decision: str, reason: str) -> None:
+        """A shard's decision on an experiment dispatched to it: `awaiting` holds its rounds
+        (nothing times out meanwhile), `refused` leaves it out for good, and when those
+        left are fewer than its quorum the experiment fails with every refusal's reason."""
+        experiment = self.describe_for_review(name, shard)
+        if decision not in DECISIONS:
+            raise InvalidArgumentError(f"unknown decision {decision!r}")
+        if experiment.status is not ExperimentState.IN_PROGRESS:
+            raise FailedPreconditionError(
+                f"experiment {name!r} is {experiment.status.value}, not dispatched")
+        reviews = reviews_of(experiment.extra)
+        if reviews.get(shard, ("", ""))[0] == "refused":
+            raise FailedPreconditionError(f"{shard} has refused experiment {name!r} already")
+        reviews[shard] = (decision, reason)
+        self.update_experiment(name, extra={**experiment.extra,
+                                            REVIEW_EXTRA: encoded_reviews(reviews)})
+        log.info("experiment %s: %s %s%s", name, shard, decision,
+                 f" ({reason})" if reason else "", extra={"experiment": name})
+        if self.runner is not None:
+            self.runner.reviewed(name, shard, decision, reason)
 
     def get_experiments_list(self, caller: str, admin: bool = False) -> list[ExperimentRecord]:
         return [e for e in self._experiments.values() if admin or e.owner == caller]

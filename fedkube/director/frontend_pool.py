@@ -19,7 +19,14 @@ from fedkube.director import metrics
 from fedkube.director.core import Director
 from fedkube.director.frontend_process import READY
 from fedkube.proto import frontend_pb2, frontend_pb2_grpc
-from fedkube.transport.forwarding import PRIVATE_OPTIONS, Context
+from fedkube.transport.forwarding import (
+    PRIVATE_OPTIONS,
+    SECRET_HEADER,
+    Context,
+    forget_frontend_secret,
+    is_frontend_secret,
+    new_frontend_secret,
+)
 from fedkube.transport.limits import SERVER_OPTIONS
 
 log = logging.getLogger(__name__)
@@ -27,6 +34,17 @@ log = logging.getLogger(__name__)
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 10.0
 RESTART_BACKOFF_S = 5.0
+
+
+async def _require_frontend(context: Context) -> None:
+    """Only a frontend the director started, which holds its secret, reports here: the
+    socket alone would let any process of this user register any shard."""
+    secret = next((value for key, value in context.invocation_metadata() or ()
+                   if key == SECRET_HEADER), None)
+    if not is_frontend_secret(secret):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                            "only the director's own frontends report here (no valid "
+                            "frontend secret)")
 
 
 class FrontendReports(frontend_pb2_grpc.FrontendServicer):
@@ -38,6 +56,7 @@ class FrontendReports(frontend_pb2_grpc.FrontendServicer):
 
     async def ReportHealth(self, report: frontend_pb2.HealthReport,
                            context: Context) -> frontend_pb2.HealthReportReply:
+        await _require_frontend(context)
         unknown, answered = [], 0
         for check in report.checks:
             request = check.request
@@ -56,6 +75,7 @@ class FrontendReports(frontend_pb2_grpc.FrontendServicer):
 
     async def RegisterShards(self, registrations: frontend_pb2.ShardRegistrations,
                              context: Context) -> frontend_pb2.ShardAcknowledgements:
+        await _require_frontend(context)
         acknowledgements = []
         for request in registrations.requests:
             ack = self.director.acknowledge_shard(request.shard_info)
@@ -86,6 +106,8 @@ class Frontends:
             raise OSError(f"cannot listen on {self.socket}")
         self.processes: list[asyncio.subprocess.Process] = []
         self._keepers: list[asyncio.Task[None]] = []
+        # What the frontends prove their calls with: handed to each on its stdin.
+        self.secret = new_frontend_secret()
 
     async def start(self, port: int) -> None:
         """Starts the private server, then the frontends on `port`; returns once each of
@@ -123,10 +145,12 @@ class Frontends:
             "--config-json", self.config.model_dump_json(), "--port", str(port),
             "--socket", self.socket,
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
-        assert process.stdout is not None
+        assert process.stdin is not None and process.stdout is not None
         try:
+            process.stdin.write(f"{self.secret}\n".encode())
+            await asyncio.wait_for(process.stdin.drain(), START_TIMEOUT_S)
             line = await asyncio.wait_for(process.stdout.readline(), START_TIMEOUT_S)
-        except TimeoutError:
+        except (TimeoutError, ConnectionError):  # it died before reading its secret
             line = b""
         if line.decode().strip() != READY:
             await stop_frontend(process)
@@ -141,6 +165,7 @@ class Frontends:
         await asyncio.gather(*(stop_frontend(process) for process in self.processes))
         self.processes.clear()
         await self.server.stop(1.0)
+        forget_frontend_secret(self.secret)
         shutil.rmtree(self._dir, ignore_errors=True)
 
 

@@ -9,8 +9,9 @@ seen the director accept, and hands those checks to the director in batches
 (`ReportHealth`); every other call it relays, as bytes, to the director over its private
 Unix socket (fedkube.transport.forwarding). The director stays the only holder of state.
 
-Run by the director (fedkube.director.frontend_pool), never by hand; it exits when its stdin
-closes, that is when the director stops or dies.
+Run by the director (fedkube.director.frontend_pool), never by hand: the first line of its
+stdin is the secret it proves its calls to the director with (fedkube.transport.forwarding);
+it exits when its stdin closes, that is when the director stops or dies.
 """
 
 from __future__ import annotations
@@ -34,9 +35,17 @@ from fedkube.proto import (
     director_pb2_grpc,
     frontend_pb2,
     frontend_pb2_grpc,
+    review_pb2,
     streaming_pb2,
 )
-from fedkube.transport.forwarding import PRIVATE_OPTIONS, Context, Relay, UnaryRelay
+from fedkube.transport.forwarding import (
+    PRIVATE_OPTIONS,
+    Context,
+    Metadata,
+    Relay,
+    UnaryRelay,
+    frontend_metadata,
+)
 from fedkube.transport.guard import Handlers, generated_handlers, guarded_handlers
 from fedkube.transport.identity import REASON_HEADER, acting_for_another, caller_identity
 from fedkube.transport.server import create_server
@@ -51,6 +60,7 @@ SERVICES: tuple[ServiceDescriptor, ...] = (
     director_pb2.DESCRIPTOR.services_by_name["Director"],
     aggregator_pb2.DESCRIPTOR.services_by_name["Aggregator"],
     streaming_pb2.DESCRIPTOR.services_by_name["TensorStream"],
+    review_pb2.DESCRIPTOR.services_by_name["Review"],
     # Relayed too: a health check that the kernel hands this process gets the director's
     # own answer (NOT_SERVING while it starts or stops), as on the director's connections.
     health_pb2.DESCRIPTOR.services_by_name["Health"],
@@ -70,8 +80,10 @@ class RegistrationBatches:
     """Hands registrations to the director many per call: those that arrive while one
     batch is on its way go in the next."""
 
-    def __init__(self, reports: frontend_pb2_grpc.FrontendAsyncStub) -> None:
+    def __init__(self, reports: frontend_pb2_grpc.FrontendAsyncStub, *,
+                 metadata: Metadata) -> None:
         self._reports = reports
+        self._metadata = metadata
         self._waiting: list[tuple[director_pb2.UpdateShardInfoRequest,
                                   asyncio.Future[frontend_pb2.ShardAcknowledgement]]] = []
         self._sender: asyncio.Task[None] | None = None
@@ -92,7 +104,8 @@ class RegistrationBatches:
             batch, self._waiting = self._waiting[:MAX_BATCH], self._waiting[MAX_BATCH:]
             try:
                 reply = await self._reports.RegisterShards(frontend_pb2.ShardRegistrations(
-                    requests=[request for request, _ in batch]), timeout=60)
+                    requests=[request for request, _ in batch]), timeout=60,
+                    metadata=self._metadata)
             except grpc.aio.AioRpcError as error:
                 for _, answer in batch:
                     if not answer.done():
@@ -111,10 +124,11 @@ class EnvoyAnswers(director_pb2_grpc.DirectorServicer):
     go to the director in batches."""
 
     def __init__(self, relay: UnaryRelay, reports: frontend_pb2_grpc.FrontendAsyncStub,
-                 *, period: float, tls: bool) -> None:
+                 *, period: float, tls: bool, metadata: Metadata) -> None:
         self._relay = relay
         self._reports = reports
-        self._registrations = RegistrationBatches(reports)
+        self._metadata = metadata  # proves these calls come from a frontend
+        self._registrations = RegistrationBatches(reports, metadata=metadata)
         self._tls = tls
         self.period = period
         # Per shard the director has accepted: the last status (UpdateEnvoyStatusRequest
@@ -170,7 +184,8 @@ class EnvoyAnswers(director_pb2_grpc.DirectorServicer):
         now = time.monotonic()
         reply = await self._reports.ReportHealth(frontend_pb2.HealthReport(checks=[
             frontend_pb2.HealthCheck(request=request, age_s=now - at, count=count)
-            for at, request, count in answered.values()]), timeout=30)
+            for at, request, count in answered.values()]), timeout=30,
+            metadata=self._metadata)
         for name in reply.unknown:
             self.known.pop(name, None)
         self.period = reply.health_check_period_s
@@ -196,16 +211,17 @@ def public_handlers(relay: Relay, health: EnvoyAnswers, *, tls: bool) -> dict[st
     return services
 
 
-async def serve(config: DirectorConfig, port: int, socket: str) -> None:
+async def serve(config: DirectorConfig, port: int, socket: str, secret: str) -> None:
     tls = TLSFiles.load(config.tls)
     channel = grpc.aio.insecure_channel(f"unix:{socket}", options=PRIVATE_OPTIONS)
-    relay = Relay(channel)
+    relay = Relay(channel, secret)
     # The generated base answers UNIMPLEMENTED for the methods EnvoyAnswers leaves out (its
     # stub calls them abstract); public_handlers relays those instead.
     health = EnvoyAnswers(  # type: ignore[abstract]
         relay.unary(f"/openfl.director.Director/{HEALTH_METHOD}"),
         frontend_pb2_grpc.FrontendStub(channel),
-        period=config.health_check_period, tls=tls is not None)
+        period=config.health_check_period, tls=tls is not None,
+        metadata=frontend_metadata(secret))
     server, _ = create_server(config.host, port, tls=tls)
     for service, handlers in public_handlers(relay, health, tls=tls is not None).items():
         server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(service,
@@ -251,7 +267,11 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s frontend %(levelname)s %(name)s: %(message)s")
     config = DirectorConfig.model_validate_json(args.config_json)
-    asyncio.run(serve(config, args.port, args.socket))
+    # Not in argv, which every user can read (/proc/PID/cmdline).
+    secret = sys.stdin.buffer.readline().decode().strip()
+    if not secret:
+        parser.error("no secret on stdin: frontends are started by the director")
+    asyncio.run(serve(config, args.port, args.socket, secret))
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -30,13 +31,15 @@ from fedkube.aggregator.bulk import AggregatorBulkHandler
 from fedkube.aggregator.runner import AggregatorRunner
 from fedkube.aggregator.servicer import AggregatorService, add_aggregator_to_server
 from fedkube.api.config import DirectorConfig
+from fedkube.api.errors import ConfigError
 from fedkube.api.experiment import ExperimentState
+from fedkube.api.policy import ShardPolicy, load_policy
 from fedkube.director.core import Director, OwnerLimits
 from fedkube.director.frontend_pool import FrontendReports, Frontends
 from fedkube.director.metrics import MetricsServer
-from fedkube.director.servicer import DirectorService
+from fedkube.director.servicer import DirectorService, ReviewService
 from fedkube.director.store import ExperimentRecord, open_store
-from fedkube.proto import director_pb2_grpc, frontend_pb2_grpc
+from fedkube.proto import director_pb2_grpc, frontend_pb2_grpc, review_pb2_grpc
 from fedkube.transport.bulk import BulkServer
 from fedkube.transport.guard import add_guarded_service, generated_handlers
 from fedkube.transport.server import create_server
@@ -49,12 +52,22 @@ FLUSH_INTERVAL_S = 2.0
 HEALTH_SERVICE: str = health.SERVICE_NAME  # grpc.health.v1.Health
 # What the director's port serves, each reported by Health beside the overall status ("").
 SERVED = ("openfl.director.Director", "openfl.aggregator.Aggregator",
-          "fedkube.streaming.TensorStream")
+          "fedkube.streaming.TensorStream", "fedkube.review.Review")
 
 
 def health_handlers(servicer: Any) -> Any:
     """Health's method handlers, to register behind fedkube.transport.guard."""
     return generated_handlers(health_pb2_grpc.add_HealthServicer_to_server, servicer)
+
+
+def federation_policy(path: Path) -> ShardPolicy:
+    """The federation's policy: a shard policy's rules and hooks; approval is the shards'
+    (a federation admin who must see each experiment reviews it with a hook)."""
+    policy = load_policy(path)
+    if policy.approval == "manual":
+        raise ConfigError(f"{path}: approval: manual is a shard's; a federation reviews "
+                          "with reviewCommand or reviewCallback")
+    return policy
 
 
 class DirectorServer:
@@ -70,8 +83,11 @@ class DirectorServer:
             sample_shape=config.sample_shape, target_shape=config.target_shape,
             health_check_period=config.health_check_period,
             limits=OwnerLimits(max_queued=config.max_queued_per_owner,
-                               max_stored_bytes=config.max_stored_bytes_per_owner),
+                               max_stored_bytes=config.max_stored_bytes_per_owner,
+                               max_running=config.max_running_per_owner),
         )
+        if config.policy is not None:
+            self.director.policy = federation_policy(config.policy)
         self.server: grpc.aio.Server
         self.server, self.port = create_server(config.host, config.port, tls=tls)
         self.runner = AggregatorRunner(self.director)
@@ -79,10 +95,16 @@ class DirectorServer:
         self.runner.registered_samples = self.director.registered_samples
         self.director.runner = self.runner
         secure = tls is not None  # under mTLS every call also passes the role table
+        service = DirectorService(self.director, tls=secure,
+                                  max_model_bytes=config.max_model_bytes)
         director_handlers = generated_handlers(director_pb2_grpc.add_DirectorServicer_to_server,
-                                               DirectorService(self.director, tls=secure))
+                                               service)
         aggregator = AggregatorService(self.runner, tls=secure)
         add_guarded_service(self.server, "openfl.director.Director", director_handlers,
+                            check_roles=secure)
+        review_handlers = generated_handlers(review_pb2_grpc.add_ReviewServicer_to_server,
+                                             ReviewService(self.director, tls=secure))
+        add_guarded_service(self.server, "fedkube.review.Review", review_handlers,
                             check_roles=secure)
         # Collaborators reach their aggregators on the director's own port.
         add_aggregator_to_server(aggregator, self.server, check_roles=secure)
@@ -108,6 +130,8 @@ class DirectorServer:
             self.frontends = Frontends(config.frontends, config)
             private = self.frontends.server
             add_guarded_service(private, "openfl.director.Director", director_handlers,
+                                check_roles=secure, forwarded=True)
+            add_guarded_service(private, "fedkube.review.Review", review_handlers,
                                 check_roles=secure, forwarded=True)
             add_aggregator_to_server(aggregator, private, check_roles=secure, forwarded=True)
             add_guarded_service(private, HEALTH_SERVICE, health_handlers(self.health),

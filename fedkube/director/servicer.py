@@ -17,12 +17,16 @@ import logging
 from collections.abc import AsyncIterator
 
 from fedkube.aggregator.runner import AggregatorRunner
-from fedkube.api.errors import FailedPreconditionError, PermissionDeniedError
+from fedkube.api.errors import (
+    FailedPreconditionError,
+    InvalidArgumentError,
+    PermissionDeniedError,
+)
 from fedkube.director import metrics
 from fedkube.director.core import Director
 from fedkube.director.store import ExperimentRecord
-from fedkube.director.upload import ExperimentUploads
-from fedkube.proto import base_pb2, director_pb2, director_pb2_grpc
+from fedkube.director.upload import ExperimentUploads, declared_model_bytes
+from fedkube.proto import base_pb2, director_pb2, director_pb2_grpc, review_pb2, review_pb2_grpc
 from fedkube.transport import metrics as transfer_metrics
 from fedkube.transport.identity import (
     REASON_HEADER,
@@ -54,10 +58,11 @@ def experiment_description(record: ExperimentRecord,
 
 
 class DirectorService(director_pb2_grpc.DirectorServicer):
-    def __init__(self, director: Director, *, tls: bool) -> None:
+    def __init__(self, director: Director, *, tls: bool,
+                 max_model_bytes: int | None = None) -> None:
         self.director = director
         self.tls = tls
-        self.uploads = ExperimentUploads(director)
+        self.uploads = ExperimentUploads(director, max_model_bytes=max_model_bytes)
 
     def _caller(self, context: Context) -> str:
         return caller_identity(context, tls=self.tls)
@@ -129,7 +134,9 @@ class DirectorService(director_pb2_grpc.DirectorServicer):
     @unary_errors
     async def SetNewExperiment(self, request_iterator: AsyncIterator[director_pb2.ExperimentInfo],
                                context: Context) -> director_pb2.SetNewExperimentResponse:
-        await self.uploads.receive(self._viewer(context)[0], request_iterator)
+        await self.uploads.receive(
+            self._viewer(context)[0], request_iterator,
+            declared_model_bytes=declared_model_bytes(context.invocation_metadata()))
         return director_pb2.SetNewExperimentResponse(accepted=True)
 
     @unary_errors
@@ -231,3 +238,40 @@ class DirectorService(director_pb2_grpc.DirectorServicer):
             info.valid_duration.FromNanoseconds(int(2 * period * 1e9))
             infos.append(info)
         return director_pb2.GetEnvoysResponse(envoy_infos=infos)
+
+
+_DECISIONS = {review_pb2.ACCEPTED: "accepted", review_pb2.REFUSED: "refused",
+              review_pb2.AWAITING: "awaiting"}
+
+
+class ReviewService(review_pb2_grpc.ReviewServicer):
+    """fedkube.review.Review: an envoy's decision on an experiment dispatched to its shard,
+    as its shard policy and its data owner answered (under mTLS only for its own shard)."""
+
+    def __init__(self, director: Director, *, tls: bool) -> None:
+        self.director = director
+        self.tls = tls
+
+    def _require_self(self, context: Context, claimed: str) -> None:
+        if self.tls:
+            caller = caller_identity(context, tls=True)
+            if caller != claimed:
+                raise PermissionDeniedError(acting_for_another(caller, claimed))
+
+    @unary_errors
+    async def Describe(self, request: review_pb2.DescribeRequest,
+                       context: Context) -> review_pb2.DescribeResponse:
+        self._require_self(context, request.shard_name)
+        record = self.director.describe_for_review(request.experiment_name, request.shard_name)
+        return review_pb2.DescribeResponse(owner=record.owner, status=record.status.value)
+
+    @unary_errors
+    async def Decide(self, request: review_pb2.DecideRequest,
+                     context: Context) -> review_pb2.DecideResponse:
+        self._require_self(context, request.shard_name)
+        decision = _DECISIONS.get(request.decision)
+        if decision is None:
+            raise InvalidArgumentError("decision must be ACCEPTED, REFUSED or AWAITING")
+        self.director.decide(request.experiment_name, request.shard_name, decision,
+                             request.reason[:2000])
+        return review_pb2.DecideResponse()

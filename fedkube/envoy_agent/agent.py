@@ -19,12 +19,16 @@ import grpc
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_exponential_jitter
 
 from fedkube.api.config import EnvoyConfig
-from fedkube.api.errors import RefusedError
+from fedkube.api.errors import FedkubeError, RefusedError
+from fedkube.api.policy import ShardPolicy
+from fedkube.envoy_agent import approvals
 from fedkube.envoy_agent.health import BEAT_S, Beat, write_beat
 from fedkube.envoy_agent.nvml import NvmlMonitor
 from fedkube.envoy_agent.runtime import CollaboratorFailed, CollaboratorJob, Runtime
+from fedkube.kube.shard_answers import read_answer
 from fedkube.openfl.workspace import is_openfl_archive, prefers_cuda
-from fedkube.proto import director_pb2, director_pb2_grpc
+from fedkube.proto import director_pb2, director_pb2_grpc, review_pb2, review_pb2_grpc
+from fedkube.review.plan_review import Verdict, describe, review
 from fedkube.tasks.archive import read_plan
 from fedkube.tasks.shard import ShardDescriptor
 from fedkube.transport.certs import renewal_delay
@@ -43,6 +47,13 @@ MIN_RENEWAL_INTERVAL_S = 1.0
 RENEWAL_RETRY_S = 30.0
 
 
+# How often a shard waiting for its data owner looks at its Shard object (Kubernetes) and
+# checks that the experiment still runs.
+ANSWER_CHECK_S = 2.0
+_DECISIONS = {"accepted": review_pb2.ACCEPTED, "refused": review_pb2.REFUSED,
+              "awaiting": review_pb2.AWAITING}
+
+
 class ShardRefused(RefusedError):
     """The director does not accept this shard (wrong shapes); retrying will not help."""
 
@@ -50,10 +61,12 @@ class ShardRefused(RefusedError):
 class EnvoyAgent:
     def __init__(self, config: EnvoyConfig, shard: ShardDescriptor, *,
                  runtime: Runtime | None = None, monitor: NvmlMonitor | None = None,
-                 renew_certificate: Callable[[], None] | None = None) -> None:
+                 renew_certificate: Callable[[], None] | None = None,
+                 policy: ShardPolicy | None = None) -> None:
         """renew_certificate, where the envoy requests its own certificate: obtains a new
         one into config.tls's cert and key files (blocking; run on a thread)."""
         self.config = config
+        self.policy = policy or ShardPolicy()
         self.shard = shard
         self.runtime = runtime
         self.monitor = monitor or NvmlMonitor(config.cuda_devices)
@@ -176,6 +189,11 @@ class EnvoyAgent:
         await self._download(experiment, archive)
         log.info("experiment %s: archive received (%d bytes)", experiment,
                  archive.stat().st_size)
+        verdict = await self.review_experiment(experiment, archive)
+        if verdict.decision != "accepted":
+            log.warning("experiment %s: not run on this shard: %s", experiment, verdict.reason,
+                        extra={"experiment": experiment})
+            return
         if self.runtime is None:
             raise CollaboratorFailed("this envoy has no collaborator runtime")
         devices = tuple(self.config.cuda_devices)
@@ -191,6 +209,93 @@ class EnvoyAgent:
                               work_dir=work_dir, cuda_devices=devices, gpus=gpus,
                               resources=resources)
         await self.runtime.run(job)
+
+    # -- the data owner's review ----------------------------------------------------------
+
+    async def review_experiment(self, experiment: str, archive: Path) -> Verdict:
+        """The shard policy's verdict on an experiment dispatched here, the data owner's
+        answer when the policy leaves it to them; told to the director either way (which
+        the model owner sees), and binding here whatever the director does with it."""
+        described = await self._describe(experiment)
+        owner = described.owner if described is not None else ""
+        try:
+            submission = await asyncio.to_thread(describe, archive, experiment, owner)
+            verdict = await asyncio.to_thread(review, self.policy, submission)
+        except FedkubeError as exc:
+            verdict = Verdict("refused", f"the shard cannot review this experiment: {exc}")
+            submission = None
+        if verdict.decision == "awaiting" and submission is not None:
+            approvals.post(self.config.work_dir, experiment, {
+                "owner": owner, "task": submission.task, "rounds": submission.rounds,
+                "gpus": submission.gpus, "digest": submission.digest,
+                "user_code": submission.user_code, "requirements": submission.requirements})
+            log.warning("experiment %s from %s waits for the data owner: fedkube shard "
+                        "approve|refuse %s --work-dir %s", experiment, owner or "?",
+                        experiment, self.config.work_dir, extra={"experiment": experiment})
+            await self._decide(experiment, verdict)
+            verdict = await self._owners_answer(experiment)
+        await self._decide(experiment, verdict)
+        return verdict
+
+    async def _owners_answer(self, experiment: str) -> Verdict:
+        """The data owner's answer (`fedkube shard approve|refuse` on this machine, or on
+        Kubernetes the Shard's annotations), or a refusal once the experiment has ended
+        meanwhile."""
+        waiting = asyncio.get_running_loop().create_task(
+            approvals.wait_for_answer(self.config.work_dir, experiment))
+        try:
+            while True:
+                done, _ = await asyncio.wait({waiting}, timeout=ANSWER_CHECK_S)
+                answer = waiting.result() if done else await self._shard_answer(experiment)
+                if answer is not None:
+                    approvals.withdraw(self.config.work_dir, experiment)
+                    text = answer.reason or ("approved" if answer.decision == "accepted"
+                                             else "refused") + " by the data owner"
+                    return Verdict("accepted" if answer.decision == "accepted" else "refused",
+                                   text)
+                described = await self._describe(experiment)
+                if described is not None and described.status != "in_progress":
+                    approvals.withdraw(self.config.work_dir, experiment)
+                    return Verdict("refused", f"the experiment is {described.status}")
+        finally:
+            waiting.cancel()
+
+    async def _shard_answer(self, experiment: str) -> approvals.Answer | None:
+        """The answer in this shard's Shard object, where it has one (Kubernetes)."""
+        namespace = self.config.shard_namespace
+        if namespace is None:
+            return None
+        try:
+            found = await asyncio.to_thread(read_answer, namespace, self.name, experiment)
+        except Exception as exc:  # the API away or the Shard gone: files still answer
+            log.warning("cannot read Shard %s/%s for an answer: %s", namespace, self.name,
+                        exc)
+            return None
+        return approvals.Answer(*found) if found is not None else None
+
+    async def _describe(self, experiment: str) -> review_pb2.DescribeResponse | None:
+        """Who submitted the experiment, and its status; None from a director that has no
+        review service (OpenFL's)."""
+        stub = review_pb2_grpc.ReviewStub(self._channel)
+        try:
+            return await self._call(lambda: stub.Describe(
+                review_pb2.DescribeRequest(experiment_name=experiment, shard_name=self.name),
+                timeout=CALL_TIMEOUT_S))
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
+                raise
+            return None
+
+    async def _decide(self, experiment: str, verdict: Verdict) -> None:
+        stub = review_pb2_grpc.ReviewStub(self._channel)
+        request = review_pb2.DecideRequest(
+            experiment_name=experiment, shard_name=self.name,
+            decision=_DECISIONS[verdict.decision], reason=verdict.reason[:2000])
+        try:
+            await self._call(lambda: stub.Decide(request, timeout=CALL_TIMEOUT_S))
+        except grpc.aio.AioRpcError as exc:  # an OpenFL director; an experiment ended
+            log.info("experiment %s: the director took no decision: %s", experiment,
+                     exc.details())
 
     async def experiment_loop(self) -> None:
         await self.registered.wait()

@@ -8,10 +8,15 @@ import contextlib
 import functools
 import signal
 from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-from fedkube.api.config import EnvoyConfig
+from fedkube.api.config import EnvoyConfig, SandboxSettings
 from fedkube.api.errors import ConfigError
 from fedkube.envoy_agent.runtime import Runtime
+
+if TYPE_CHECKING:
+    from fedkube.api.policy import ShardPolicy
 
 
 def make_runtime(config: EnvoyConfig) -> Runtime:
@@ -38,14 +43,29 @@ def certificate_renewal(config: EnvoyConfig) -> Callable[[], None] | None:
                              lifetime_s=config.tls.certificate_lifetime_s)
 
 
+def sandbox_settings(config: EnvoyConfig, policy: ShardPolicy) -> SandboxSettings:
+    """The sandbox of the envoy's config, with what the shard policy allows on top: its
+    environment names passed, requirements (and hashes) where either allows (or asks)."""
+    settings = config.sandbox
+    return SandboxSettings(
+        pass_env=list(dict.fromkeys([*settings.pass_env, *policy.pass_env])),
+        allow_requirements=settings.allow_requirements or policy.requirements,
+        require_hashes=settings.require_hashes or policy.require_hashes, user=settings.user)
+
+
 def run_envoy(config: EnvoyConfig) -> None:
     """Runs until SIGTERM or Ctrl-C; raises ShardRefused when the director refuses the
-    shard, ConfigError when the shard cannot be loaded."""
+    shard, ConfigError when the shard cannot be loaded or the sandbox user cannot be had."""
     from fedkube.envoy_agent.agent import EnvoyAgent
     from fedkube.envoy_agent.openfl_shard import OpenFLShard
     from fedkube.openfl.environment import DESCRIPTOR_PREFIX, OpenFLEnvironmentError
     from fedkube.tasks.shard import ShardDescriptor, ShardLoaderError, load_shard
 
+    if config.runtime == "process":  # a sandbox user that cannot be had: say so first
+        from fedkube.envoy_agent.process_runtime import envoy_key
+        from fedkube.envoy_agent.sandbox import sandbox_identity
+
+        sandbox_identity(config.sandbox, envoy_key(config))
     shard: ShardDescriptor
     try:
         if config.shard.loader.startswith(DESCRIPTOR_PREFIX):
@@ -55,12 +75,20 @@ def run_envoy(config: EnvoyConfig) -> None:
             shard = load_shard(config.shard.loader, dict(config.shard.options))
     except (ShardLoaderError, OpenFLEnvironmentError) as exc:
         raise ConfigError(str(exc)) from exc
+    from fedkube.api.policy import load_policy
+
+    # A bad policy stops the envoy before it registers: a shard never runs on a policy
+    # that its data owner did not mean.
+    policy = load_policy(config.policy) if isinstance(config.policy, Path) else config.policy
+    if policy is not None:
+        config = config.model_copy(update={"sandbox": sandbox_settings(config, policy)})
     renew = certificate_renewal(config)
     if renew is not None:
         renew()
 
     async def main() -> None:
-        agent = EnvoyAgent(config, shard, runtime=make_runtime(config), renew_certificate=renew)
+        agent = EnvoyAgent(config, shard, runtime=make_runtime(config), renew_certificate=renew,
+                           policy=policy)
         # SIGTERM (a Pod deleted, a test's stop) unwinds like Ctrl-C: the running
         # collaborator is stopped with its envoy instead of left behind.
         task = asyncio.current_task()

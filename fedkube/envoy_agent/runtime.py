@@ -6,8 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from fedkube.api.compute import ComputeResources
 from fedkube.api.errors import FedkubeError
-from fedkube.api.resources import ComputeResources
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +42,40 @@ class Transition:
     final: bool = False
 
 
+def _approval(report: ExperimentView, current: dict[str, Any],
+              cond: Callable[[str, bool | None, str, str], None],
+              events: list[tuple[str, str, str]]) -> None:
+    """`Approved` from the shards' review: False with AwaitingApproval naming the shards
+    whose data owners have not answered; an event per shard's new decision."""
+    if not report.review:
+        return
+    awaiting = report.awaiting_approval
+    refused = {s: r.reason for s, r in report.review.items() if r.decision == "refused"}
+    undecided = sorted(set(report.collaborators) - set(report.review))
+    if awaiting:
+        cond("Approved", False, "AwaitingApproval",
+             f"waiting for the data owners of {', '.join(awaiting)}")
+    elif undecided and report.status in ("pending", "in_progress"):
+        cond("Approved", None, "Reviewing", f"not yet reviewed by {', '.join(undecided)}")
+    elif refused and len(refused) == len(report.collaborators):
+        cond("Approved", False, "Refused", "; ".join(f"{s}: {r}" for s, r in refused.items()))
+    else:
+        accepted = sorted(s for s, r in report.review.items() if r.decision == "accepted")
+        cond("Approved", True, "Approved", f"accepted by {', '.join(accepted)}"
+             + (f"; refused by {', '.join(sorted(refused))}" if refused else ""))
+    before = current.get("review") or {}
+    for shard, decided in sorted(report.review.items()):
+        if (before.get(shard) or {}).get("decision") == decided.decision:
+            continue
+        if decided.decision == "awaiting":
+            events.append(("Normal", "AwaitingApproval",
+                           f"{shard}: waiting for its data owner's approval"))
+        elif decided.decision == "refused":
+            events.append(("Warning", "ShardRefused", f"{shard}: {decided.reason}"))
+        else:
+            events.append(("Normal", "ShardApproved", f"{shard}: {decided.reason}"))
+
+
 PHASES = {DirectorState.PENDING: "Queued", DirectorState.IN_PROGRESS: "Running",
           DirectorState.FINISHED: "Succeeded", DirectorState.FAILED: "Failed",
           DirectorState.REJECTED: "Failed"}
@@ -71,6 +106,10 @@ def build_status(current: dict[str, Any], report: ExperimentView, generation: in
         nonlocal conditions
         conditions = set_condition(conditions, type_, value, reason, message,
                                    generation=generation)
+
+    _approval(report, current, cond, events)
+    status["review"] = {shard: {"decision": r.decision, "reason": r.reason}
+                        for shard, r in report.review.items()}
 
     if state is DirectorState.PENDING:
         message = f"waiting for busy shards (queue position {report.queue_position})"

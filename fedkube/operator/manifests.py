@@ -8,8 +8,9 @@ from typing import Any
 
 import yaml
 
+from fedkube.api.compute import ComputeResources
 from fedkube.api.config import DEFAULT_PORT
-from fedkube.api.resources import ComputeResources, FederationSpec, ShardSpec
+from fedkube.api.resources import GROUP, FederationSpec, ShardSpec
 
 Manifest = dict[str, Any]
 APP = "app.kubernetes.io/name"
@@ -223,7 +224,10 @@ def build_envoy_config(federation: str, namespace: str, spec: FederationSpec,
         config: dict[str, Any] = {
             "name": shard_name, "director": service_endpoint(federation, namespace),
             "shard": {"loader": shard.loader, "options": shard.options},
-            "runtime": "pod", "work_dir": ENVOY_WORK_DIR,
+            "runtime": "pod", "work_dir": ENVOY_WORK_DIR, "shard_namespace": namespace,
+            # The data owner's policy, as the Shard says it (the envoy enforces it).
+            "policy": shard.policy.model_dump(mode="json", by_alias=True,
+                                              exclude_defaults=True),
             "pod": ({} if spec.tls == "insecure" else
                     {"ca_config_map": names(federation).ca_bundle,
                      "certificate_account": names(federation).collaborator}),
@@ -312,9 +316,10 @@ def build_envoy_daemonset(name: str, namespace: str, spec: FederationSpec) -> Ma
 
 
 def build_envoy_rbac(name: str, namespace: str) -> list[Manifest]:
-    """The envoy may create, watch and delete collaborator Pods in its namespace: nothing
-    else. Collaborator Pods get an account of their own with no Role at all: its token only
-    proves their node when they request their shard's certificate."""
+    """The envoy may create, watch and delete collaborator Pods in its namespace, and read
+    Shards (its data owner's answers): nothing else. Collaborator Pods get an account of
+    their own with no Role at all: its token only proves their node when they request
+    their shard's certificate."""
     account = names(name).envoy
     meta = {"name": account, "namespace": namespace, "labels": labels(name, "envoy")}
     collaborator = {"name": names(name).collaborator, "namespace": namespace,
@@ -326,7 +331,9 @@ def build_envoy_rbac(name: str, namespace: str) -> list[Manifest]:
         {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": meta,
          "rules": [{"apiGroups": [""], "resources": ["pods"],
                     "verbs": ["create", "get", "list", "watch", "delete"]},
-                   {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]}]},
+                   {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]},
+                   # Its data owner's answers: the Shards' annotations (read only).
+                   {"apiGroups": [GROUP], "resources": ["shards"], "verbs": ["get"]}]},
         {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": meta,
          "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": account},
          "subjects": [{"kind": "ServiceAccount", "name": account, "namespace": namespace}]},
@@ -353,10 +360,36 @@ def build_ca_bundle(federation: str, namespace: str, ca_pem: bytes) -> Manifest:
             "data": {"ca.crt": ca_pem.decode()}}
 
 
+def build_collaborator_network_policy(name: str, namespace: str) -> Manifest:
+    """Collaborator Pods (experiments' code, next to the data) may reach the director's
+    gRPC and bulk ports and DNS, and nothing else: no other host, no other Pod, no way to
+    send the data anywhere but as the model updates the director aggregates. Enforced by
+    the cluster's network plugin (one without NetworkPolicy support ignores it). The
+    collaborators of every federation in the namespace share the label, so each one's
+    policy lets them reach their own federation's director: NetworkPolicies add up."""
+    return {
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"name": f"{names(name).collaborator}-egress", "namespace": namespace,
+                     "labels": labels(name, "collaborator")},
+        "spec": {
+            "podSelector": {"matchLabels": {APP: "fedkube", COMPONENT: "collaborator"}},
+            "policyTypes": ["Ingress", "Egress"],
+            "ingress": [],  # nothing calls a collaborator
+            "egress": [
+                {"to": [{"podSelector": {"matchLabels": labels(name, "director")}}],
+                 "ports": [{"protocol": "TCP", "port": DEFAULT_PORT},
+                           {"protocol": "TCP", "port": BULK_PORT}]},
+                {"ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]},
+            ],
+        },
+    }
+
+
 def build_federation_workloads(name: str, namespace: str, spec: FederationSpec) -> list[Manifest]:
     """Everything a Federation owns except its Secrets and envoy config."""
     return [build_director_pvc(name, namespace, spec),
             build_director_service(name, namespace, spec),
             build_director_deployment(name, namespace, spec),
             *build_envoy_rbac(name, namespace),
-            build_envoy_daemonset(name, namespace, spec)]
+            build_envoy_daemonset(name, namespace, spec),
+            build_collaborator_network_policy(name, namespace)]

@@ -9,7 +9,9 @@ streams. The payloads are the same wire bytes as on gRPC: a GetAggregatedTensor 
 and a TaskResults message.
 
 Under mTLS the socket is TLS with the same certificates, and the caller's certificate is
-checked as on the gRPC port (role table, then identity) by the handler.
+checked as on the gRPC port: its chain by fedkube.transport.peer (the handshake's OpenSSL
+already holds it to the CA's path length, which the gRPC port's BoringSSL does not), then
+the role table and identity by the handler.
 
 A connection gets a worker thread only once it has said what it wants: its TLS handshake
 and request header are read without blocking on one thread, within HEADER_TIMEOUT_S in
@@ -43,6 +45,7 @@ from typing import Any, Protocol
 import grpc
 
 from fedkube.transport.identity import certificate_auth
+from fedkube.transport.peer import CHAIN_KEY, chain_problem
 from fedkube.transport.tls import TLSFiles, ssl_context
 
 log = logging.getLogger(__name__)
@@ -77,9 +80,12 @@ class PeerContext:
     PEM under TLS (read by fedkube.transport.identity and roles), nothing otherwise.
 
     A resumed TLS session skips the certificate check of a full handshake, and its
-    ticket may outlive the certificate it was made with: an expired one is refused here."""
+    ticket may outlive the certificate it was made with: an expired one is refused here.
+    With `ca`, the chain (the leaf, and the intermediates the peer presented, DER) is
+    verified against it as on the gRPC port, or refused (UNAUTHENTICATED)."""
 
-    def __init__(self, peer_cert_der: bytes | None) -> None:
+    def __init__(self, peer_cert_der: bytes | None, chain_der: Sequence[bytes] = (), *,
+                 ca: bytes | None = None) -> None:
         self._auth: dict[str, list[bytes]] = {}
         if peer_cert_der:
             from cryptography import x509
@@ -93,9 +99,15 @@ class PeerContext:
                                 f"{cert.not_valid_before_utc:%Y-%m-%d %H:%M:%S} to "
                                 f"{cert.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC, not now")
             names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-            self._auth = certificate_auth(
-                str(names[0].value).encode() if names else None,
-                ssl.DER_cert_to_PEM_cert(peer_cert_der).encode())
+            pem = ssl.DER_cert_to_PEM_cert(peer_cert_der).encode()
+            intermediates = "".join(ssl.DER_cert_to_PEM_cert(der) for der in chain_der
+                                    if der != peer_cert_der).encode()
+            if ca is not None and (problem := chain_problem(pem, intermediates, ca)):
+                raise BulkError(grpc.StatusCode.UNAUTHENTICATED, problem)
+            self._auth = certificate_auth(str(names[0].value).encode() if names else None,
+                                          pem)
+            if intermediates:
+                self._auth[CHAIN_KEY] = [intermediates]
 
     def auth_context(self) -> dict[str, list[bytes]]:
         return self._auth
@@ -155,6 +167,19 @@ def _read_status(sock: socket.socket) -> None:
 
 # -- server ---------------------------------------------------------------------------------
 
+def _presented_chain(conn: socket.socket) -> list[bytes]:
+    """The certificates the peer sent (DER, its leaf first); none on a resumed session.
+    Public in Python 3.13 (get_unverified_chain), on the private _sslobj before."""
+    method: Any = getattr(conn, "get_unverified_chain", None)
+    if method is None:
+        method = getattr(getattr(conn, "_sslobj", None), "get_unverified_chain", None)
+    if method is None:
+        return []
+    # 3.13 gives DER; _ssl.Certificate.public_bytes() gives PEM.
+    return [cert if isinstance(cert, bytes) else ssl.PEM_cert_to_DER_cert(cert.public_bytes())
+            for cert in method() or ()]
+
+
 class _Arrival:
     """A connection whose handshake and request header are still coming in."""
 
@@ -199,6 +224,7 @@ class BulkServer:
                  handler: BulkHandler) -> None:
         self.handler = handler
         self._context = ssl_context(tls, server=True) if tls else None
+        self._ca = tls.ca if tls else None
         self._listener = socket.create_server((host, port), reuse_port=False)
         self._listener.setblocking(False)
         self.port: int = self._listener.getsockname()[1]
@@ -316,6 +342,10 @@ class BulkServer:
         except (ssl.SSLWantReadError, BlockingIOError, InterruptedError):
             selector.modify(conn, selectors.EVENT_READ, arrival)
             return
+        except ssl.SSLCertVerificationError as exc:  # worth an operator's eye, unlike resets
+            log.warning("bulk connection refused: %s", exc.verify_message or exc)
+            drop(arrival)
+            return
         except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
             log.debug("bulk connection failed before its request: %s", exc)
             drop(arrival)
@@ -347,7 +377,9 @@ class BulkServer:
 
     def _exchange(self, conn: socket.socket, op: bytes, header: bytes) -> None:
         der = conn.getpeercert(binary_form=True) if isinstance(conn, ssl.SSLSocket) else None
-        context = self._answer(conn, lambda: PeerContext(der))
+        chain = _presented_chain(conn) if der else []
+        ca = self._ca
+        context = self._answer(conn, lambda: PeerContext(der, chain, ca=ca))
         if context is None:
             return
         if op == DOWNLOAD:

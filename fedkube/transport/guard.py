@@ -1,5 +1,7 @@
-"""What every call to the director's port passes before its handler: the role table (under
-mTLS) and a clear INVALID_ARGUMENT for request bytes that do not parse.
+"""What every call to the director's port passes before its handler: under mTLS the client
+certificate's chain, verified against the CA (fedkube.transport.peer: UNAUTHENTICATED
+when it does not), and the role table; on the private hop, proof that a frontend relayed
+the call; a clear INVALID_ARGUMENT for request bytes that do not parse.
 
 grpc.aio answers a request that fails to deserialize with UNKNOWN and the parser's
 exception text; here the deserializer returns a marker instead and the wrapped handler
@@ -17,7 +19,7 @@ from typing import Any
 import grpc
 
 from fedkube.transport.forwarding import ForwardedContext
-from fedkube.transport.roles import caller_role, refusal
+from fedkube.transport.roles import refusal, verified_role
 
 Handlers = dict[str, Any]  # method name -> grpc.RpcMethodHandler
 
@@ -99,9 +101,18 @@ async def _checked_stream(requests: AsyncIterator[Any], method: str,
 def _guarded(handler: Any, method: str, check_roles: bool, forwarded: bool) -> Any:
     """The same handler with the checks in front of its behaviour."""
     context_of: Callable[[Any], Any] = ForwardedContext if forwarded else _same
+    checked = check_roles or forwarded  # a relayed call proves its frontend in any mode
 
     async def admit(context: Any) -> None:
-        reason = refusal(method, caller_role(context))
+        if forwarded and context.refusal is not None:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, context.refusal)
+        if not check_roles:
+            return
+        # One auth context read: the health-check path comes through here.
+        role, problem = verified_role(context.auth_context())
+        if problem is not None:  # a chain the handshake let through: no role at all
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, problem)
+        reason = refusal(method, role)
         if reason is not None:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, reason)
 
@@ -112,7 +123,7 @@ def _guarded(handler: Any, method: str, check_roles: bool, forwarded: bool) -> A
 
         async def guarded_unary_unary(request: Any, context: Any) -> Any:
             context = context_of(context)
-            if check_roles:
+            if checked:
                 await admit(context)
             if isinstance(request, Malformed):
                 await _abort_malformed(request, method, context)
@@ -124,7 +135,7 @@ def _guarded(handler: Any, method: str, check_roles: bool, forwarded: bool) -> A
 
         async def guarded_stream_unary(requests: Any, context: Any) -> Any:
             context = context_of(context)
-            if check_roles:
+            if checked:
                 await admit(context)
             return await stream_unary(_checked_stream(requests, method, context), context)
 
@@ -136,7 +147,7 @@ def _guarded(handler: Any, method: str, check_roles: bool, forwarded: bool) -> A
             # does, rather than yields them: grpc.aio tells the two apart by their kind.
             async def guarded_writer(request: Any, context: Any) -> None:
                 context = context_of(context)
-                if check_roles:
+                if checked:
                     await admit(context)
                 if isinstance(request, Malformed):
                     await _abort_malformed(request, method, context)
@@ -146,7 +157,7 @@ def _guarded(handler: Any, method: str, check_roles: bool, forwarded: bool) -> A
 
         async def guarded_unary_stream(request: Any, context: Any) -> AsyncIterator[Any]:
             context = context_of(context)
-            if check_roles:
+            if checked:
                 await admit(context)
             if isinstance(request, Malformed):
                 await _abort_malformed(request, method, context)
@@ -158,7 +169,7 @@ def _guarded(handler: Any, method: str, check_roles: bool, forwarded: bool) -> A
 
     async def guarded_stream_stream(requests: Any, context: Any) -> AsyncIterator[Any]:
         context = context_of(context)
-        if check_roles:
+        if checked:
             await admit(context)
         async for item in stream_stream(_checked_stream(requests, method, context), context):
             yield item

@@ -6,6 +6,9 @@ listed is refused to everyone. The servicers then check identity within the role
 acts only for the shard named in its certificate, a collaborator only in experiments its
 shard belongs to, a model owner sees only the experiments it submitted (an admin sees all).
 
+A certificate gets its role only once its chain verifies against the CA, the same way on
+every port (fedkube.transport.peer): the TLS handshakes alone do not agree on the rules.
+
 Insecure mode has no certificates and so no roles: every call is allowed, as in OpenFL.
 """
 
@@ -13,11 +16,14 @@ from __future__ import annotations
 
 import enum
 import functools
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import grpc
 from cryptography import x509
 from cryptography.x509.oid import NameOID
+
+from fedkube.transport.peer import LEAF_KEY, auth_problem
 
 
 class Role(enum.StrEnum):
@@ -54,6 +60,10 @@ ROLE_TABLE: dict[str, frozenset[Role]] = {
     _AGGREGATOR + "SendLocalTaskResults": _TRAINING,
     "/fedkube.streaming.TensorStream/StreamAggregatedTensor": _TRAINING,
     "/fedkube.streaming.TensorStream/BulkEndpoint": _TRAINING,
+    # A shard's review of an experiment dispatched to it: its envoy's, never its
+    # collaborator's (the experiment's own code must not approve itself).
+    "/fedkube.review.Review/Describe": frozenset({Role.ENVOY}),
+    "/fedkube.review.Review/Decide": frozenset({Role.ENVOY}),
     # The standard health protocol tells only whether the director serves: open to every
     # role. (A kubelet's probe has no certificate at all; it uses the director's plaintext
     # health port, which serves nothing else: fedkube.director.server.)
@@ -77,9 +87,20 @@ def role_of_certificate(pem: bytes) -> Role | None:
     return roles.pop() if len(roles) == 1 else None
 
 
+def verified_role(auth: Mapping[str, Iterable[bytes]]) -> tuple[Role | None, str | None]:
+    """The role of an auth context's certificate, and why it has none when its chain does
+    not verify (fedkube.transport.peer)."""
+    certs = list(auth.get(LEAF_KEY) or ())
+    if not certs:
+        return None, None
+    problem = auth_problem(auth)
+    if problem is not None:
+        return None, problem
+    return role_of_certificate(certs[0]), None
+
+
 def caller_role(context: grpc.aio.ServicerContext[Any, Any]) -> Role | None:
-    certs = list(context.auth_context().get("x509_pem_cert") or ())
-    return role_of_certificate(certs[0]) if certs else None
+    return verified_role(context.auth_context())[0]
 
 
 def is_admin(context: grpc.aio.ServicerContext[Any, Any], *, tls: bool) -> bool:

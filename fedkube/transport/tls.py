@@ -10,6 +10,7 @@ from pathlib import Path
 import grpc
 
 from fedkube.api.config import TLSSettings
+from fedkube.transport import peer
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,10 @@ class TLSFiles:
 
 
 def server_credentials(tls: TLSFiles) -> grpc.ServerCredentials:
-    """Server side of mTLS: clients must present a certificate signed by our CA."""
+    """Server side of mTLS: clients must present a certificate signed by our CA. (Its
+    handshake does not hold their chains to the CA's path length: the guard does, through
+    fedkube.transport.peer, which learns the CA here.)"""
+    peer.trust(tls.ca)
     return grpc.ssl_server_credentials(
         [(tls.key, tls.cert)], root_certificates=tls.ca, require_client_auth=True
     )
@@ -69,6 +73,7 @@ def ssl_context(tls: TLSFiles, *, server: bool) -> ssl.SSLContext:
     context.load_verify_locations(cadata=tls.ca.decode())
     if server:
         context.verify_mode = ssl.CERT_REQUIRED
+        peer.trust(tls.ca)  # for the role checks, as on the gRPC port
     # The ssl module loads a key pair from files only: a private directory, gone at once.
     with tempfile.TemporaryDirectory(prefix="fedkube-tls-") as directory:
         cert, key = Path(directory) / "tls.crt", Path(directory) / "tls.key"

@@ -71,6 +71,7 @@ def test_install_creates_crds_and_an_available_operator(cluster: ControlPlane) -
     ("patch", "experiments.fedkube.io", True),
     ("create", "deployments.apps", True),
     ("create", "daemonsets.apps", True),
+    ("create", "networkpolicies.networking.k8s.io", True),
     ("create", "secrets", True),
     ("create", "events", True),
     ("delete", "experiments.fedkube.io", False),

@@ -197,7 +197,8 @@ ENVOY_ACCOUNT = "system:serviceaccount:fl-test:digits-envoy"
     ("list", "secrets", False),
     ("create", "deployments.apps", False),
     ("patch", "experiments.fedkube.io", False),
-    ("get", "shards.fedkube.io", False),
+    ("get", "shards.fedkube.io", True),  # its data owner's answers, in annotations
+    ("patch", "shards.fedkube.io", False),
     ("list", "nodes", False),
     ("create", "pods -n default", False),
 ])
@@ -361,6 +362,57 @@ def test_unschedulable_collaborator_pod_fails_the_experiment(operated: Operated,
     finally:
         envoy.stop()
         print(f"----- hospital-c -----\n{envoy.output()[-4000:]}")
+
+
+def test_an_experiment_waits_for_its_data_owner_who_refuses_by_annotation(
+        operated: Operated, tmp_path: Path) -> None:
+    """A shard whose policy says `approval: manual`: the Experiment says Approved=False
+    AwaitingApproval naming it, until its data owner annotates the Shard; the refusal's
+    reason reaches the Experiment's status and Events."""
+    config = tmp_path / "envoy.yaml"
+    config.write_text(yaml.safe_dump({
+        "name": "hospital-d", "director": f"localhost:{operated.director_port}",
+        "shard": {"loader": "digits", "options": {"index": 0, "count": 2}},
+        "work_dir": str(tmp_path / "work"), "tls": {"insecure": True},
+        "shard_namespace": NAMESPACE, "policy": {"approval": "manual"}}))
+    envoy = Process("hospital-d", ["envoy", "start", "--config", str(config)],
+                    tmp_path / "hospital-d.log",
+                    env={"KUBECONFIG": str(operated.cluster.kubeconfig)}).start()
+    try:
+        operated.apply(_local_federation(operated), {
+            "apiVersion": "fedkube.io/v1alpha1", "kind": "Shard",
+            "metadata": {"name": "hospital-d"},
+            "spec": {"federation": "digits", "policy": {"approval": "manual"}}})
+        asking = examples("experiment.yaml")[0]
+        asking["metadata"]["name"] = "consent"
+        asking["spec"].update(shards=["hospital-d"], minCollaborators=1, rounds=1)
+        operated.apply(asking)
+
+        def approved() -> dict[str, Any]:
+            conditions = operated.get("experiment", "consent").get("status", {}).get(
+                "conditions", [])
+            return next((c for c in conditions if c["type"] == "Approved"), {})
+
+        wait_for(lambda: approved().get("reason") == "AwaitingApproval", timeout=90,
+                 message="Approved=False AwaitingApproval")
+        assert approved()["status"] == "False" and "hospital-d" in approved()["message"]
+        assert operated.get("experiment", "consent")["status"]["round"] == 0
+        operated.kubectl("annotate", "shard", "hospital-d",
+                         f"fedkube.io/refuse={NAMESPACE}.consent",
+                         "fedkube.io/reason=our ethics board said no")
+        operated.kubectl("wait", "--for=condition=Failed", "experiment/consent",
+                         "--timeout=90s")
+        status = operated.get("experiment", "consent")["status"]
+        assert "hospital-d: our ethics board said no" in status["error"]
+        assert status["review"]["hospital-d"] == {"decision": "refused",
+                                                  "reason": "our ethics board said no"}
+        reasons = [e["reason"] for e in operated.get(
+            "events", "--field-selector", "involvedObject.name=consent")["items"]]
+        assert "AwaitingApproval" in reasons and "ShardRefused" in reasons
+        operated.kubectl("delete", "experiment", "consent", "--wait=true", "--timeout=60s")
+    finally:
+        envoy.stop()
+        print(f"----- hospital-d -----\n{envoy.output()[-4000:]}")
 
 
 def test_operator_metrics_move(operated: Operated) -> None:

@@ -1,0 +1,1 @@
+"""Reviewing experiments against policies: what a shard (or a federation) lets run."""
