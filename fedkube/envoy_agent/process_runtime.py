@@ -193,7 +193,9 @@ class ProcessRuntime:
         if identity is not None:
             job.work_dir.chmod(0o700 if self.namespaces else 0o711)
             job.archive.chmod(0o600)
-        own, credentials = job.work_dir / SANDBOX_DIR, job.work_dir / CREDENTIALS_DIR
+        # Absolute: the collaborator runs in its own directory, not where the envoy does.
+        work = job.work_dir.resolve()
+        own, credentials = work / SANDBOX_DIR, work / CREDENTIALS_DIR
         for path in (own, credentials):
             shutil.rmtree(path, ignore_errors=True)
             path.mkdir(mode=0o700)

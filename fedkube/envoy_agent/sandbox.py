@@ -171,10 +171,14 @@ def _allows(st: os.stat_result, identity: Identity, want: int) -> bool:
     return bits & want == want
 
 
-def blocking_directory(path: Path, identity: Identity) -> Path | None:
-    """The first directory above path (resolved) that identity may not pass through, by
-    its permission bits (ACLs are not read: a directory they open is still covered)."""
+def blocking_directory(path: Path, identity: Identity, below: Path | None = None
+                       ) -> Path | None:
+    """The first directory above path (resolved), or above it and below `below`, that
+    identity may not pass through, by its permission bits (ACLs are not read: a directory
+    they open is covered all the same)."""
     for parent in reversed(Path(os.path.realpath(path)).parents):
+        if below is not None and (parent == below or not parent.is_relative_to(below)):
+            continue
         if not _allows(os.stat(parent), identity, 1):
             return parent
     return None
@@ -187,9 +191,10 @@ def readable(path: Path, identity: Identity) -> bool:
 
 @dataclass(frozen=True)
 class Reach:
-    """How a sandbox user gets to the paths it needs: `covers` lists each directory it
-    cannot pass with the paths beneath it to bind in (done in a mount namespace);
-    `problems` the needed paths it cannot read even so."""
+    """How a sandbox user gets to the paths it needs: `covers` lists, shallowest first,
+    each directory it cannot pass, to be covered with a tmpfs, and the paths beneath it to
+    bind in at their own place (done in a mount namespace); `problems` the needed paths it
+    cannot read even so."""
 
     covers: list[tuple[str, list[str]]]
     problems: list[str]
@@ -198,26 +203,34 @@ class Reach:
 def plan_reach(needed: Iterable[Path], identity: Identity,
                optional: Iterable[Path] = ()) -> Reach:
     """needed: paths the collaborator cannot do without; optional: paths bound in where
-    they are out of reach but whose own permissions are not checked (sys.path entries)."""
-    covers: dict[str, list[str]] = {}
+    they are out of reach but whose own permissions are not checked (sys.path entries,
+    directories it only passes through)."""
+    pending: dict[Path, set[Path]] = {}
     problems = []
     for paths, required in ((needed, True), (optional, False)):
         for path in paths:
             if not os.path.exists(path):
                 continue
-            real = os.path.realpath(path)
-            blocked = blocking_directory(Path(real), identity)
+            real = Path(os.path.realpath(path))
+            blocked = blocking_directory(real, identity)
             if blocked is not None:
-                covers.setdefault(str(blocked), []).append(real)
-            if required and not readable(Path(real), identity):
+                pending.setdefault(blocked, set()).add(real)
+            if required and not readable(real, identity):
                 problems.append(f"{real} is not readable by {identity}")
     plan = []
-    for cover, binds in sorted(covers.items(), key=lambda item: item[0].count("/")):
-        kept: list[str] = []
-        for bind in sorted(set(binds)):  # a parent sorts before what is under it
-            if not any(bind.startswith(k.rstrip("/") + "/") for k in kept):
+    while pending:  # shallowest first: a cover may lie inside an earlier one's bind
+        cover = min(pending, key=lambda path: (len(path.parts), str(path)))
+        kept: list[Path] = []
+        for bind in sorted(pending.pop(cover)):  # a parent sorts before what is under it
+            anchor = next((k for k in kept if bind.is_relative_to(k)), None)
+            if anchor is None:
                 kept.append(bind)
-        plan.append((cover, kept))
+                continue
+            # Under another bind, as on the host: a directory there may block it again.
+            deeper = blocking_directory(bind, identity, below=anchor)
+            if deeper is not None:
+                pending.setdefault(deeper, set()).add(bind)
+        plan.append((str(cover), [str(bind) for bind in kept]))
     return Reach(plan, problems)
 
 

@@ -88,38 +88,6 @@ def model_pieces(model: base_pb2.ModelProto, piece_bytes: int
             yield base_pb2.ModelProto(tensors=[piece])
 
 
-class ModelAssembler:
-    """Joins the pieces of model_pieces() (or whole tensors) back into one ModelProto."""
-
-    def __init__(self, limit_bytes: int) -> None:
-        self.limit = limit_bytes
-        self._tensors: dict[str, tuple[base_pb2.NamedTensor, list[bytes]]] = {}
-        self._size = 0
-
-    def add(self, model: base_pb2.ModelProto) -> None:
-        for tensor in model.tensors:
-            self._size += len(tensor.data_bytes)
-            if self._size > self.limit:
-                raise OverflowError(f"initial model exceeds {self.limit} bytes")
-            if tensor.name in self._tensors:
-                self._tensors[tensor.name][1].append(tensor.data_bytes)
-            else:
-                head = base_pb2.NamedTensor()
-                head.CopyFrom(tensor)
-                head.ClearField("data_bytes")
-                self._tensors[tensor.name] = (head, [tensor.data_bytes])
-
-    def model(self) -> base_pb2.ModelProto:
-        """The joined model; TensorError when a tensor's bytes and shape disagree."""
-        joined = base_pb2.ModelProto()
-        for head, parts in self._tensors.values():
-            checked_shape(head, sum(len(part) for part in parts))
-            tensor = joined.tensors.add()
-            tensor.CopyFrom(head)
-            tensor.data_bytes = b"".join(parts)
-        return joined
-
-
 # Field numbers of the wire contract (protos/fedkube/proto): TaskResults.tensors and
 # NamedTensor.data_bytes, each the last field of its message, and the reply's tensor.
 _TENSORS_FIELD, _DATA_FIELD = 5, 7
