@@ -55,8 +55,10 @@ def test_experiment_crd_schema() -> None:
     version = crd["spec"]["versions"][0]
     spec = version["schema"]["openAPIV3Schema"]["properties"]["spec"]
     assert spec["required"] == ["federation", "task"]
-    assert spec["properties"]["rounds"] == {"default": 10, "maximum": 100000, "minimum": 1,
-                                            "type": "integer"}
+    rounds = spec["properties"]["rounds"]
+    assert {k: v for k, v in rounds.items() if k != "description"} == {
+        "default": 10, "maximum": 100000, "minimum": 1, "type": "integer"}
+    assert rounds["description"]  # kubectl explain experiment.spec.rounds
     assert spec["properties"]["params"]["x-kubernetes-preserve-unknown-fields"] is True
     # The one union a structural schema allows: int-or-string (resource quantities).
     def unions(node: Any) -> list[dict[str, Any]]:
@@ -73,7 +75,7 @@ def test_experiment_crd_schema() -> None:
     assert any("size(self.shards)" in rule for rule in rules)
     assert version["subresources"] == {"status": {}}
     assert [c["name"] for c in version["additionalPrinterColumns"]] == [
-        "Ready", "Status", "Round", "Metric", "Federation", "Age"]
+        "Ready", "Status", "Reason", "Round", "Metric", "Federation", "Age"]
     assert crd["spec"]["names"]["categories"] == ["fl", "all"]
 
 

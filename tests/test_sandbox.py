@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from fedkube.api.config import EnvoyConfig, SandboxSettings
+from fedkube.api.config import EnvoyConfig, SandboxSettings, TLSSettings
 from fedkube.api.errors import ConfigError
 from fedkube.api.plan import Plan
 from fedkube.client import DirectorClient, experiment_archive
@@ -445,7 +445,7 @@ def test_sandbox_flags_reach_the_envoy_config(tmp_path: Path) -> None:
     assert isinstance(config, EnvoyConfig)
     assert config.sandbox == SandboxSettings(pass_env=["HF_HOME"], allow_requirements=True,
                                              require_hashes=True, user="nobody")
-    assert EnvoyConfig(name="e", director="h:1", tls={"insecure": True}).sandbox == \
+    assert EnvoyConfig(name="e", director="h:1", tls=TLSSettings(insecure=True)).sandbox == \
         SandboxSettings()
     with pytest.raises(ValueError, match="require_hashes goes with allow_requirements"):
         SandboxSettings(require_hashes=True)

@@ -2,7 +2,7 @@
 
 Submit with its requirements, which each envoy installs into the experiment's own
 virtualenv:
-    fedkube experiment submit --director HOST:PORT --name cnn --archive task.py \
+    fedkube experiment submit --director HOST:PORT --insecure --name cnn --archive task.py \
         --requirements requirements.txt --rounds 5
 torch is imported inside the functions: `init_model` also runs where the experiment is
 submitted, and builds the initial weights from numpy alone.

@@ -1,9 +1,12 @@
 """A user task: softmax regression trained with momentum and a decaying learning rate.
 
 Submit it with
-    fedkube experiment submit --director HOST:PORT --name mine --archive task.py --rounds 10
-Each envoy imports this module from the experiment's archive and calls the three
-functions on its own shard; the model is a dict of float32 arrays.
+    fedkube experiment submit --director HOST:PORT --insecure --name mine --archive task.py \
+        --rounds 10 --param learning_rate=0.5
+(--ca/--cert/--key instead of --insecure under mTLS). Each envoy imports this module from
+the experiment's archive and calls the three functions on its own shard; the model is a
+dict of float32 arrays. PARAMS declares the parameters it takes, with their defaults:
+`submit` refuses other names, and values of other types, before sending anything.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 CLASSES = 10
+PARAMS = {"features": 64, "seed": 0, "learning_rate": 0.5, "momentum": 0.9, "epochs": 1}
 
 
 def init_model(params: dict) -> dict[str, np.ndarray]:

@@ -40,7 +40,14 @@ from fedkube.openfl.workspace import (
     read_openfl_plan,
 )
 from fedkube.proto import base_pb2
-from fedkube.tasks.archive import ArchiveError, check_archive, load_task, read_plan
+from fedkube.tasks.archive import (
+    ArchiveError,
+    check_archive,
+    check_builtin_plan,
+    load_task,
+    read_plan,
+)
+from fedkube.tasks.params import ParamsError
 from fedkube.transport.model_files import has_model, read_model
 from fedkube.transport.tensors import Model, TensorError, model_from_proto
 
@@ -122,7 +129,8 @@ class AggregatorRunner:
             return rounds
         try:
             plan = check_archive(archive)
-        except ArchiveError as exc:
+            check_builtin_plan(plan)
+        except (ArchiveError, ParamsError) as exc:
             raise InvalidArgumentError(str(exc)) from exc
         initial_model(plan, archive.parent)
         return plan.rounds

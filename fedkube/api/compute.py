@@ -35,4 +35,5 @@ class ComputeResources(BaseModel):
 
     requests: _Quantities = Field(default_factory=dict,
                                   description="e.g. cpu: 500m, memory: 1Gi")
-    limits: _Quantities = Field(default_factory=dict)
+    limits: _Quantities = Field(default_factory=dict,
+                                description="e.g. memory: 4Gi; the container may use no more")

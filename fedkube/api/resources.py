@@ -39,16 +39,21 @@ def _k8s(**extra: Any) -> dict[str, Any]:
 class Condition(_Model):
     """metav1.Condition."""
 
-    type: str = Field(max_length=316)
-    status: Literal["True", "False", "Unknown"]
-    reason: str = Field(max_length=1024)
-    message: str = Field(default="", max_length=32768)
-    last_transition_time: str
-    observed_generation: int = Field(default=0, ge=0)
+    type: str = Field(max_length=316, description="the condition's kind, e.g. Ready")
+    status: Literal["True", "False", "Unknown"] = Field(
+        description="True, False or Unknown")
+    reason: str = Field(max_length=1024,
+                        description="why, as one CamelCase word (kubectl get shows it)")
+    message: str = Field(default="", max_length=32768, description="why, for people")
+    last_transition_time: str = Field(description="when the status last changed")
+    observed_generation: int = Field(
+        default=0, ge=0, description="the object's generation the condition was set for")
 
 
-_CONDITIONS = Field(default_factory=list, **_k8s(**{"x-kubernetes-list-type": "map",
-                                                    "x-kubernetes-list-map-keys": ["type"]}))
+_CONDITIONS = Field(default_factory=list,
+                    description="Ready and the conditions it follows, each with its reason",
+                    **_k8s(**{"x-kubernetes-list-type": "map",
+                              "x-kubernetes-list-map-keys": ["type"]}))
 
 
 # -- Federation ---------------------------------------------------------------------------
@@ -69,8 +74,11 @@ class FederationSpec(_Model):
     sample_shape: list[Annotated[str, Field(pattern=DIMENSION)]] = Field(
         min_length=1, max_length=8, description="shape every shard's samples must have")
     target_shape: list[Annotated[str, Field(pattern=DIMENSION)]] = Field(
-        min_length=1, max_length=8)
-    health_check_period_seconds: int = Field(default=60, ge=1, le=3600)
+        min_length=1, max_length=8, description="shape every shard's targets must have")
+    health_check_period_seconds: int = Field(
+        default=60, ge=1, le=3600,
+        description="how often each envoy reports to the director; an envoy silent for "
+                    "two periods is offline")
     director_frontends: int = Field(
         default=0, ge=0, le=64,
         description="processes in the director's pod that share its port and answer "
@@ -103,26 +111,37 @@ class FederationSpec(_Model):
 
 
 class FederationStatus(_Model):
+    """DirectorAvailable from the director's Deployment, Ready once the director answers."""
+
     conditions: list[Condition] = _CONDITIONS
-    director_endpoint: str = ""
-    observed_generation: int = 0
+    director_endpoint: str = Field(default="",
+                                   description="host:port at which the operator reaches "
+                                               "the director")
+    observed_generation: int = Field(default=0,
+                                     description="the generation the operator last applied")
 
 
 # -- Shard --------------------------------------------------------------------------------
 
 class CudaDevice(_Model):
-    index: int = Field(ge=0)
-    name: str = ""
-    memory_total_mib: int = Field(default=0, ge=0)
-    memory_used_mib: int = Field(default=0, ge=0)
-    utilization_percent: int = Field(default=0, ge=0, le=100)
+    """A GPU of the shard's node, as its envoy last reported it."""
+
+    index: int = Field(ge=0, description="the device's CUDA index")
+    name: str = Field(default="", description="the device's model")
+    memory_total_mib: int = Field(default=0, ge=0, description="its memory, in MiB")
+    memory_used_mib: int = Field(default=0, ge=0, description="memory in use, in MiB")
+    utilization_percent: int = Field(default=0, ge=0, le=100,
+                                     description="its utilization, 0 to 100")
 
 
 class ShardSpec(_Model):
     """A data shard on a node; the envoy on that node registers it."""
 
-    federation: str = Field(min_length=1, max_length=253, pattern=DNS_NAME)
-    node_name: str | None = Field(default=None, max_length=253, pattern=NODE_NAME)
+    federation: str = Field(min_length=1, max_length=253, pattern=DNS_NAME,
+                            description="the Federation (in this namespace) it belongs to")
+    node_name: str | None = Field(
+        default=None, max_length=253, pattern=NODE_NAME,
+        description="the node whose envoy serves this shard (one shard per node)")
     loader: str = Field(default="digits", min_length=1, max_length=256,
                         description="a built-in shard loader or module:Class")
     options: dict[str, str] = Field(default_factory=dict,
@@ -137,13 +156,19 @@ class ShardSpec(_Model):
 
 
 class ShardStatus(_Model):
+    """From the director's registry of envoys."""
+
     conditions: list[Condition] = _CONDITIONS
-    online: bool = False
-    gpus: int = 0
-    last_health_check: str | None = None
-    cuda_devices: list[CudaDevice] = Field(default_factory=list)
-    current_experiment: str | None = None
-    node: str | None = None
+    online: bool = Field(default=False,
+                         description="whether its envoy's health checks are arriving")
+    gpus: int = Field(default=0, description="GPUs its envoy reports")
+    last_health_check: str | None = Field(
+        default=None, description="when its envoy last reported (to the minute)")
+    cuda_devices: list[CudaDevice] = Field(default_factory=list,
+                                           description="its envoy's GPUs")
+    current_experiment: str | None = Field(default=None,
+                                           description="the experiment running on it")
+    node: str | None = Field(default=None, description="the node of its envoy")
 
 
 # -- Experiment ---------------------------------------------------------------------------
@@ -159,52 +184,77 @@ class ExperimentSpec(_Model):
          "message": "federation is immutable"},
     ]})
 
-    federation: str = Field(min_length=1, max_length=253, pattern=DNS_NAME)
+    federation: str = Field(min_length=1, max_length=253, pattern=DNS_NAME,
+                            description="the Federation (in this namespace) to run on; "
+                                        "immutable")
     task: str = Field(min_length=1, max_length=200,
                       description="a built-in task: digits-logreg, digits-mlp")
     params: dict[str, Any] = Field(default_factory=dict,
                                    description="task parameters (learning_rate, epochs, ...)")
-    rounds: int = Field(default=10, ge=1, le=100_000)
-    min_collaborators: int | None = Field(default=None, ge=1, le=10_000)
+    rounds: int = Field(default=10, ge=1, le=100_000,
+                        description="training rounds: each collaborator trains, the "
+                                    "director aggregates")
+    min_collaborators: int | None = Field(
+        default=None, ge=1, le=10_000,
+        description="a round closes at its deadline with at least this many collaborators "
+                    "(the others are dropped); default: all of them")
     shards: list[Annotated[str, Field(max_length=253)]] | None = Field(
         default=None, min_length=1, max_length=10_000,
         description="shard names; default: every online shard")
-    gpus_per_collaborator: int = Field(default=0, ge=0, le=64)
+    gpus_per_collaborator: int = Field(default=0, ge=0, le=64,
+                                       description="GPUs each collaborator Pod requests")
     collaborator_resources: ComputeResources | None = Field(
         default=None, description="each collaborator Pod's requests and limits besides its "
                                   "GPUs (gpusPerCollaborator), e.g. memory for its data")
-    round_timeout_seconds: int = Field(default=600, ge=1, le=7 * 24 * 3600)
-    metric: str = Field(default="accuracy", min_length=1, max_length=63)
-    higher_is_better: bool = True
+    round_timeout_seconds: int = Field(default=600, ge=1, le=7 * 24 * 3600,
+                                       description="a round's deadline")
+    metric: str = Field(default="accuracy", min_length=1, max_length=63,
+                        description="the validation metric that picks the best model")
+    higher_is_better: bool = Field(default=True,
+                                   description="whether a higher metric is better")
 
 
 class ShardDecision(_Model):
-    decision: Literal["accepted", "refused", "awaiting"]
-    reason: str = Field(default="", max_length=2000)
+    """A shard's decision on an experiment."""
+
+    decision: Literal["accepted", "refused", "awaiting"] = Field(
+        description="accepted, refused, or awaiting its data owner's answer")
+    reason: str = Field(default="", max_length=2000, description="why")
 
 
 class ExperimentStatus(_Model):
+    """From the director's report of the experiment."""
+
     conditions: list[Condition] = _CONDITIONS
-    phase: str = ""
-    round: int = 0
-    total_rounds: int = 0
+    phase: str = Field(default="", description="Pending, Accepted, Queued, Running, "
+                                                "Succeeded or Failed")
+    round: int = Field(default=0, description="rounds done")
+    total_rounds: int = Field(default=0, description="rounds planned")
     progress: str = Field(default="", description="round/total, for kubectl get")
-    metric: str = ""
-    best_metric: float | None = None
-    last_metric: float | None = None
-    collaborators: list[Annotated[str, Field(max_length=253)]] = Field(default_factory=list)
+    metric: str = Field(default="", description="the metric of bestMetric and lastMetric")
+    best_metric: float | None = Field(default=None,
+                                      description="the best aggregated validation metric")
+    last_metric: float | None = Field(default=None,
+                                      description="the last round's aggregated metric")
+    collaborators: list[Annotated[str, Field(max_length=253)]] = Field(
+        default_factory=list, description="the shards it was submitted with")
     dropped_collaborators: list[Annotated[str, Field(max_length=253)]] = Field(
         default_factory=list,
         description="collaborators that missed a round's deadline (the round closed on quorum)")
-    queue_position: int = 0
+    queue_position: int = Field(default=0,
+                                description="its place among experiments waiting for "
+                                            "busy shards; 0: not waiting")
     review: dict[str, ShardDecision] = Field(
         default_factory=dict, description="each shard's decision on the experiment (its "
                                           "shard policy's, or its data owner's)")
-    start_time: str | None = None
-    completion_time: str | None = None
-    model_location: str | None = None
-    error: str | None = None
-    observed_generation: int = 0
+    start_time: str | None = Field(default=None,
+                                   description="when the director started it")
+    completion_time: str | None = Field(default=None, description="when it ended")
+    model_location: str | None = Field(default=None,
+                                       description="how to fetch its best model")
+    error: str | None = Field(default=None, description="why it failed")
+    observed_generation: int = Field(default=0,
+                                     description="the generation the status describes")
 
 
 # -- the kinds ----------------------------------------------------------------------------
@@ -233,22 +283,27 @@ def _column(name: str, path: str, kind: str = "string", priority: int = 0,
 
 AGE = _column("Age", ".metadata.creationTimestamp", "date")
 
+READY = _column("Ready", '.status.conditions[?(@.type=="Ready")].status')
+REASON = _column("Reason", '.status.conditions[?(@.type=="Ready")].reason',
+                 description="why it is (not) Ready: kubectl describe has the message")
+
 FEDERATION = Kind(kind="Federation", plural="federations", short_names=["fed"],
                   spec=FederationSpec, status=FederationStatus, columns=[
-                      _column("Ready", '.status.conditions[?(@.type=="Ready")].status'),
+                      READY, REASON,
                       _column("TLS", ".spec.tls"),
                       _column("Director", ".status.directorEndpoint"), AGE])
 SHARD = Kind(kind="Shard", plural="shards", short_names=["shard"], spec=ShardSpec,
              status=ShardStatus, columns=[
+                 READY, REASON,
                  _column("Online", ".status.online", "boolean"),
                  _column("GPUs", ".status.gpus", "integer"),
-                 _column("Node", ".status.node"),
+                 _column("Node", ".spec.nodeName"),
                  _column("Experiment", ".status.currentExperiment", priority=1),
                  _column("Federation", ".spec.federation", priority=1), AGE])
 EXPERIMENT = Kind(kind="Experiment", plural="experiments", short_names=["exp"],
                   spec=ExperimentSpec, status=ExperimentStatus, columns=[
-                      _column("Ready", '.status.conditions[?(@.type=="Ready")].status'),
-                      _column("Status", ".status.phase"),
+                      READY,
+                      _column("Status", ".status.phase"), REASON,
                       _column("Round", ".status.progress"),
                       _column("Metric", ".status.bestMetric", "number",
                               description="best validation metric"),

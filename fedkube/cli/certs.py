@@ -11,7 +11,8 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     certs.add_argument("--out", type=Path, required=True, help="directory for PEM files")
     certs.add_argument("--director", metavar="HOST", help="issue the director's certificate")
     certs.add_argument("--san", action="append", default=[], help="extra director host names")
-    certs.add_argument("--envoy", action="append", default=[], metavar="NAME")
+    certs.add_argument("--envoy", action="append", default=[], metavar="NAME",
+                       help="an envoy's certificate for shard NAME, repeatable")
     certs.add_argument("--user", action="append", default=[], metavar="NAME",
                        help="a model owner's client certificate (sees its own experiments)")
     certs.add_argument("--admin", action="append", default=[], metavar="NAME",

@@ -13,14 +13,17 @@ from fedkube.cli.options import add_tls_flags, key_values
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     collaborator = commands.add_parser("collaborator", help="run a collaborator (envoys do)")
     run = collaborator.add_subparsers(dest="action", required=True).add_parser("run")
-    run.add_argument("--director", required=True)
-    run.add_argument("--experiment", required=True)
-    run.add_argument("--name", required=True)
+    run.add_argument("--director", required=True, metavar="HOST:PORT",
+                     help="the director (its aggregator port)")
+    run.add_argument("--experiment", required=True, help="the experiment to train in")
+    run.add_argument("--name", required=True, help="this collaborator's (its shard's) name")
     run.add_argument("--archive", type=Path,
                      help="the experiment archive (default: download it from the director)")
-    run.add_argument("--work-dir", type=Path, required=True)
-    run.add_argument("--shard", default="digits")
-    run.add_argument("--shard-option", action="append", default=[])
+    run.add_argument("--work-dir", type=Path, required=True,
+                     help="where the archive is extracted and the task runs")
+    run.add_argument("--shard", default="digits", help="the shard loader")
+    run.add_argument("--shard-option", action="append", default=[], metavar="K=V",
+                     help="an option of the shard loader, repeatable")
     run.add_argument("--openfl-python", type=Path,
                      help="the Python of an OpenFL 1.6 environment, for OpenFL experiments")
     add_tls_flags(run)

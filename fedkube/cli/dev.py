@@ -9,10 +9,13 @@ from pathlib import Path
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     demo = commands.add_parser("demo", help="a whole federation on this machine")
-    demo.add_argument("--envoys", type=int, default=3)
-    demo.add_argument("--rounds", type=int, default=20)
-    demo.add_argument("--non-iid", action="store_true")
-    demo.add_argument("--out", type=Path, default=Path("demo-output"))
+    demo.add_argument("--envoys", type=int, default=3, metavar="N",
+                      help="envoy processes, each on its share of the digits")
+    demo.add_argument("--rounds", type=int, default=20, metavar="N", help="federated rounds")
+    demo.add_argument("--non-iid", action="store_true",
+                      help="give each envoy a skewed mix of digits")
+    demo.add_argument("--out", type=Path, default=Path("demo-output"), metavar="DIR",
+                      help="where the plot, models and logs go")
     demo.add_argument("--json", action="store_true", help="end with one JSON object")
     demo.set_defaults(func=run_demo)
 
@@ -22,7 +25,8 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
                                              "GPU nodes").add_subparsers(dest="action",
                                                                          required=True)
     up = cluster.add_parser("up", help="start it in the foreground (Ctrl-C stops it)")
-    up.add_argument("--dir", type=Path, default=Path(".fedkube-cluster"))
+    up.add_argument("--dir", type=Path, default=Path(".fedkube-cluster"),
+                    help="the control plane's state and logs")
     up.set_defaults(func=cluster_up)
 
 

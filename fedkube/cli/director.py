@@ -26,7 +26,11 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
                     metavars={"sample_shape": "N,N", "target_shape": "N,N",
                               "max_queued_per_owner": "N",
                               "max_stored_bytes_per_owner": "BYTES",
-                              "max_model_bytes": "BYTES"})
+                              "max_model_bytes": "BYTES"},
+                    notes={"sample_shape": "comma-separated sizes, as the shards' loaders "
+                                           "report them (8,8; 28,28,1)",
+                           "target_shape": "comma-separated sizes (1: one label)",
+                           "data_dir": "a directory, created if missing"})
     bulk = start.add_mutually_exclusive_group()
     add_field_flags(bulk, DirectorConfig, ["bulk_port"])
     bulk.add_argument("--no-bulk", action="store_true",

@@ -10,11 +10,18 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pydantic import ValidationError
+
 from fedkube.api.errors import ConfigError
+from fedkube.api.plan import USER_TASK_PREFIX
 from fedkube.cli.options import add_client_flags, director_client
 
 if TYPE_CHECKING:
+    from fedkube.api.plan import Plan
     from fedkube.client import DirectorClient, ExperimentView
+    from fedkube.proto import base_pb2
+
+DEFAULT_TASK = "digits-logreg"
 
 Action = Callable[["DirectorClient", argparse.Namespace], int]
 
@@ -22,7 +29,7 @@ Action = Callable[["DirectorClient", argparse.Namespace], int]
 def _param(value: str) -> tuple[str, Any]:
     key, sep, raw = value.partition("=")
     if not sep or not key:
-        raise argparse.ArgumentTypeError(f"--param wants key=value, got {value!r}")
+        raise argparse.ArgumentTypeError(f"--param wants NAME=VALUE, got {value!r}")
     try:
         parsed: Any = json.loads(raw)
     except json.JSONDecodeError:
@@ -30,28 +37,107 @@ def _param(value: str) -> tuple[str, Any]:
     return key, parsed
 
 
-def submit(client: DirectorClient, args: argparse.Namespace) -> int:
+def _read(path: Path, flag: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{flag} {path}: no such file; check the path") from None
+    except OSError as exc:
+        raise ConfigError(f"{flag} {path}: {exc.strerror or exc}; check the path") from None
+
+
+def writable(path: Path, flag: str) -> None:
+    """Refuses an output path whose directory does not exist, before any work is done."""
+    directory = path.parent
+    if not directory.is_dir():
+        raise ConfigError(f"{flag} {path}: the directory {directory} does not exist; create "
+                          f"it or write elsewhere")
+    if path.is_dir():
+        raise ConfigError(f"{flag} {path} is a directory; name a file in it")
+
+
+# How a field of the plan is set on the command line, for its validation errors.
+PLAN_FLAGS = {"task": "--task", "params": "--param", "rounds": "--rounds",
+              "min_collaborators": "--min-collaborators", "round_timeout_s": "--round-timeout"}
+
+
+def build_plan(args: argparse.Namespace) -> tuple[Plan, dict[str, bytes]]:
+    """The plan and files the flags describe, checked as far as can be done here."""
     from fedkube.api.plan import Plan
-    from fedkube.client import experiment_archive
+    from fedkube.tasks.models import BUILTIN_TASKS
 
     files: dict[str, bytes] = {}
     task = args.task
     if args.archive:
-        files[args.archive.name] = args.archive.read_bytes()
-        task = task or f"archive:{args.archive.stem}"
+        files[args.archive.name] = _read(args.archive, "--archive")
+        if args.archive.suffix != ".py" or not args.archive.stem.isidentifier():
+            raise ConfigError(f"--archive {args.archive}: not a Python module (NAME.py, "
+                              f"NAME an identifier); rename it")
+        task = task or f"{USER_TASK_PREFIX}{args.archive.stem}"
+    elif task and task not in BUILTIN_TASKS:
+        raise ConfigError(f"unknown task {task!r}; pass --task "
+                          f"{' or '.join(sorted(BUILTIN_TASKS))}, or --archive MODULE.py "
+                          f"for your own")
     if args.requirements:
-        files["requirements.txt"] = args.requirements.read_bytes()
+        files["requirements.txt"] = _read(args.requirements, "--requirements")
     try:
-        plan = Plan(task=task or "digits-logreg", params=dict(args.param), rounds=args.rounds,
+        plan = Plan(task=task or DEFAULT_TASK, params=dict(args.param), rounds=args.rounds,
                     min_collaborators=args.min_collaborators,
                     round_timeout_s=args.round_timeout,
                     install_requirements=bool(args.requirements))
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from exc
-    archive, model = experiment_archive(plan, files)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        field = str(error["loc"][0]) if error["loc"] else ""
+        flag = PLAN_FLAGS.get(field, field)
+        value = getattr(args, {"round_timeout_s": "round_timeout"}.get(field, field), None)
+        shown = f"{flag} {value}" if value is not None and flag != "--param" else flag
+        raise ConfigError(f"{shown}: {error['msg'].lower()}; see `fedkube experiment submit "
+                          f"--help`") from None
+    return plan, files
+
+
+def _initial(plan: Plan, files: dict[str, bytes], args: argparse.Namespace
+             ) -> tuple[bytes, base_pb2.ModelProto]:
+    """The archive and initial model, user code's failures as one line naming the file."""
+    from fedkube.client import experiment_archive
+    from fedkube.tasks.archive import ArchiveError
+    from fedkube.tasks.params import ParamsError
+
+    try:
+        return experiment_archive(plan, files)
+    except ParamsError as exc:
+        raise ConfigError(f"--param: {exc}") from None
+    except ArchiveError as exc:
+        if not args.archive:
+            raise ConfigError(str(exc)) from None
+        raise ConfigError(f"--archive {args.archive}: {exc}; a task module defines "
+                          f"init_model(params), train(model, data, params) and "
+                          f"validate(model, data, params)") from None
+    except SyntaxError as exc:
+        if not args.archive:
+            raise
+        raise ConfigError(f"--archive {args.archive}: syntax error at line {exc.lineno}: "
+                          f"{exc.msg}; fix the module") from None
+    except Exception as exc:  # the user's module failed to import or in init_model
+        if not args.archive or args.debug:
+            raise
+        raise ConfigError(f"--archive {args.archive}: importing it or its init_model failed: "
+                          f"{type(exc).__name__}: {exc}; fix the module (import what "
+                          f"--requirements installs inside train/validate, not at the "
+                          f"top)") from None
+
+
+def check_submit(args: argparse.Namespace) -> None:
+    """What `submit` checks before it connects: files, flags, the task and its params."""
+    plan, files = build_plan(args)
+    args.prepared = (plan, *_initial(plan, files, args))
+
+
+def submit(client: DirectorClient, args: argparse.Namespace) -> int:
+    plan, archive, model = args.prepared
     collaborators = args.collaborators.split(",") if args.collaborators else None
     client.submit(args.name, archive, collaborators=collaborators, initial_model=model)
-    print(f"experiment {args.name} submitted")
+    print(f"experiment {args.name} submitted ({plan.task}, {plan.rounds} rounds)")
     return 0
 
 
@@ -139,42 +225,88 @@ ACTIONS: dict[str, Action] = {
 
 
 def run_action(args: argparse.Namespace) -> int:
+    if args.action == "submit":
+        check_submit(args)
+    if args.action in ("plot", "model"):
+        writable(args.out, "--out")
     with director_client(args) as client:
         return ACTIONS[args.action](client, args)
 
 
+HELP = {
+    "submit": "upload an experiment: a built-in task or your own module",
+    "list": "your experiments (an admin's: everyone's)",
+    "status": "an experiment's state, round and metrics",
+    "wait": "follow an experiment until it ends (exit 1 unless it finished)",
+    "metrics": "every metric reported so far (follows a running experiment to its end)",
+    "model": "download the best (or last) aggregated model as .npz",
+    "plot": "plot accuracy and loss by round to a PNG",
+    "remove": "delete an experiment and its artefacts from the director",
+}
+
+
+def _param_help() -> str:
+    from fedkube.tasks.models import BUILTIN_TASKS
+    from fedkube.tasks.params import describe
+
+    tasks = "; ".join(f"{name}: {describe(task.params)}"
+                      for name, task in sorted(BUILTIN_TASKS.items()) if task.params)
+    return (f"a task parameter, repeatable; VALUE is read as JSON if it parses (1.0, true, "
+            f"[1,2]), else as a string. Unknown names and bad values are refused before "
+            f"anything is sent. Built-in tasks' parameters: {tasks}. An --archive module may "
+            f"declare its own as PARAMS (a pydantic model or a dict of defaults)")
+
+
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    experiment = commands.add_parser("experiment", help="submit and follow experiments")
-    actions = experiment.add_subparsers(dest="action", required=True)
+    from fedkube.tasks.models import BUILTIN_TASKS
+
+    experiment = commands.add_parser("experiment", help="submit and follow experiments",
+                                     description="The model owner's commands: submit "
+                                                 "experiments and follow them.")
+    actions = experiment.add_subparsers(dest="action", required=True, metavar="ACTION")
     for action in ACTIONS:
-        sub = actions.add_parser(action)
+        sub = actions.add_parser(action, help=HELP[action], description=HELP[action])
         add_client_flags(sub)
         if action == "submit":
-            sub.add_argument("--name", required=True)
+            sub.add_argument("--name", required=True,
+                             help="the experiment's name, unique on the director")
         elif action != "list":
-            sub.add_argument("name")
+            sub.add_argument("name", help="the experiment's name")
         if action in ("list", "status", "metrics"):
-            sub.add_argument("--output", choices=["table", "json"], default="table")
+            sub.add_argument("--output", choices=["table", "json"], default="table",
+                             help="table for people, json for scripts")
         sub.set_defaults(func=run_action)
-    actions.choices["plot"].add_argument("--out", type=Path, required=True,
-                                         help="PNG file to write")
+    actions.choices["plot"].add_argument("--out", type=Path, required=True, metavar="FILE",
+                                         help="the PNG file to write (its directory must exist)")
     submitting = actions.choices["submit"]
-    submitting.add_argument("--task", help="digits-logreg, digits-mlp (default), or with "
-                                           "--archive")
-    submitting.add_argument("--archive", type=Path, help="a Python module with init_model, "
-                                                         "train and validate")
-    submitting.add_argument("--requirements", type=Path, help="a requirements.txt that each "
-                            "envoy installs into a virtualenv of this experiment")
-    submitting.add_argument("--rounds", type=int, default=10)
-    submitting.add_argument("--min-collaborators", type=int)
-    submitting.add_argument("--round-timeout", type=float, default=600.0)
-    submitting.add_argument("--collaborators", help="comma-separated shard names (default: "
-                                                    "all online)")
+    submitting.add_argument("--task", metavar="TASK",
+                            help=f"a built-in task: {', '.join(sorted(BUILTIN_TASKS))} "
+                                 f"(default: {DEFAULT_TASK}; with --archive: the module)")
+    submitting.add_argument("--archive", type=Path, metavar="MODULE.py",
+                            help="your own task: a Python module with init_model(params), "
+                                 "train(model, data, params) and validate(model, data, params)")
+    submitting.add_argument("--requirements", type=Path, metavar="FILE",
+                            help="a requirements.txt that each envoy installs into a "
+                                 "virtualenv of this experiment")
+    submitting.add_argument("--rounds", type=int, default=10, metavar="N",
+                            help="federated rounds: each trains on every shard, then "
+                                 "averages (1 to 100000)")
+    submitting.add_argument("--min-collaborators", type=int, metavar="N",
+                            help="the quorum that closes a round at its timeout "
+                                 "(default: every collaborator)")
+    submitting.add_argument("--round-timeout", type=float, default=600.0, metavar="SECONDS",
+                            help="how long a round waits for its collaborators")
+    submitting.add_argument("--collaborators", metavar="SHARD,...",
+                            help="comma-separated shard names (default: every shard online)")
     submitting.add_argument("--param", type=_param, action="append", default=[],
-                            metavar="K=V")
-    actions.choices["wait"].add_argument("--timeout", type=float, default=3600)
+                            metavar="NAME=VALUE", help=_param_help())
+    actions.choices["wait"].add_argument("--timeout", type=float, default=3600,
+                                         metavar="SECONDS",
+                                         help="give up after this long (exit 4)")
     fetching = actions.choices["model"]
-    fetching.add_argument("--out", type=Path, required=True, help="an .npz file")
+    fetching.add_argument("--out", type=Path, required=True, metavar="FILE",
+                          help="the .npz file to write (its directory must exist)")
     kind = fetching.add_mutually_exclusive_group()
-    kind.add_argument("--best", action="store_true", default=True)
-    kind.add_argument("--last", action="store_true")
+    kind.add_argument("--best", action="store_true", default=True,
+                      help="the model of the best validation round (the default)")
+    kind.add_argument("--last", action="store_true", help="the last round's model")

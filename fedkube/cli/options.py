@@ -32,13 +32,15 @@ def _scalar(annotation: Any) -> Callable[[str], Any]:
 
 def add_field_flags(parser: ArgumentContainer, model: type[BaseModel], names: Sequence[str], *,
                     types: dict[str, Callable[[str], Any]] | None = None,
-                    metavars: dict[str, str] | None = None) -> None:
-    """`--field-name` for each named field of model, typed and documented by the field.
-    Unset flags stay None, so a --config file or the model's default applies."""
+                    metavars: dict[str, str] | None = None,
+                    notes: dict[str, str] | None = None) -> None:
+    """`--field-name` for each named field of model, typed and documented by the field
+    (notes: more to say on the command line, such as a flag's format). Unset flags stay
+    None, so a --config file or the model's default applies."""
     for name in names:
         field = model.model_fields[name]
         kind = (types or {}).get(name) or _scalar(field.annotation)
-        text = field.description or ""
+        text = "; ".join(t for t in (field.description, (notes or {}).get(name)) if t)
         default = (field.default_factory() if field.default_factory is not None  # type: ignore[call-arg]
                    else field.default)
         if default not in (PydanticUndefined, None, 0, []):
@@ -97,15 +99,45 @@ def tls_overrides(args: argparse.Namespace) -> dict[str, Any] | None:
 
 # -- the director's clients ---------------------------------------------------------------
 
-def add_client_flags(parser: argparse.ArgumentParser, *, director_required: bool = True) -> None:
-    parser.add_argument("--director", required=director_required, help="host:port")
-    parser.add_argument("--client-id", default="owner",
-                        help="the caller's name with --insecure (mTLS: the certificate's)")
-    add_tls_flags(parser)
+def add_client_flags(parser: argparse.ArgumentParser) -> None:
+    """Where the director is and who the caller is, for the model owner's commands. Each
+    flag overrides its FEDKUBE_* variable, which overrides the client config file's
+    context (fedkube.cli.contexts); with none of --insecure/--ca/--cert/--key anywhere,
+    the command refuses to run."""
+    from fedkube.cli.contexts import ENV_CLIENT_ID, ENV_CONTEXT, ENV_DIRECTOR, ENV_INSECURE
+
+    group = parser.add_argument_group(
+        "the director and your credentials",
+        "Each flag overrides its FEDKUBE_* variable, which overrides the context of "
+        "~/.config/fedkube/config.yaml; with no --insecure or --ca/--cert/--key anywhere, "
+        "the command refuses to run.")
+    group.add_argument("--director", metavar="HOST:PORT",
+                       help=f"the director's gRPC address (env {ENV_DIRECTOR})")
+    group.add_argument("--context", metavar="NAME",
+                       help=f"a context of the client config file (env {ENV_CONTEXT}; "
+                            f"default: its current-context)")
+    group.add_argument("--client-id", metavar="NAME",
+                       help=f"your name with --insecure; under mTLS, your certificate's "
+                            f"name counts instead (env {ENV_CLIENT_ID}; default: owner)")
+    group.add_argument("--insecure", action="store_true", default=None,
+                       help=f"plaintext gRPC, for local development: the director believes "
+                            f"--client-id (env {ENV_INSECURE}=1)")
+    group.add_argument("--ca", type=Path, metavar="FILE",
+                       help="the federation's CA certificate, PEM (env FEDKUBE_CA)")
+    group.add_argument("--cert", type=Path, metavar="FILE",
+                       help="your certificate, PEM, role owner or admin (env FEDKUBE_CERT)")
+    group.add_argument("--key", type=Path, metavar="FILE",
+                       help="your certificate's private key, PEM (env FEDKUBE_KEY)")
+    parser.set_defaults(client_command=True)
 
 
 def director_client(args: argparse.Namespace) -> DirectorClient:
+    """A client of the director the flags, environment and config file name; refuses
+    (ConfigError) missing or partial credentials before connecting."""
+    from fedkube.cli.contexts import load_tls, resolve
     from fedkube.client import DirectorClient
 
-    return DirectorClient.from_files(args.director, ca=args.ca, cert=args.cert, key=args.key,
-                                     client_id=args.client_id)
+    settings = resolve(args)
+    args.client_settings = settings  # for the error line (fedkube.cli.exits.describe)
+    return DirectorClient(settings.director, tls=load_tls(settings),
+                          client_id=settings.client_id)

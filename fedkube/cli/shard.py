@@ -15,7 +15,8 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "shard", help="answer experiments waiting for this shard's data owner").add_subparsers(
         dest="action", required=True)
     listing = shard.add_parser("pending", help="the experiments waiting for your answer")
-    listing.add_argument("--output", choices=["table", "json"], default="table")
+    listing.add_argument("--output", choices=["table", "json"], default="table",
+                         help="table for people, json for scripts")
     approve = shard.add_parser("approve", help="let an experiment run on this shard")
     refuse = shard.add_parser("refuse", help="refuse an experiment (its owner sees why)")
     for parser in (listing, approve, refuse):

@@ -9,12 +9,17 @@ from fedkube.cli.options import add_client_flags, director_client
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    shards = commands.add_parser("shards", help="list the director's registry of shards")
+    shards = commands.add_parser("shards", help="list the director's registry of shards",
+                                 description="The shards registered with the director: "
+                                             "online or not, their shapes, GPUs and "
+                                             "experiment.")
     add_client_flags(shards)
-    shards.add_argument("--output", choices=["table", "json"], default="table")
+    shards.add_argument("--output", choices=["table", "json"], default="table",
+                        help="table for people, json for scripts")
     shards.add_argument("--wait-online", type=int, default=0, metavar="N",
                         help="first wait until at least N shards are online")
-    shards.add_argument("--timeout", type=float, default=300, help="seconds, for --wait-online")
+    shards.add_argument("--timeout", type=float, default=300, metavar="SECONDS",
+                        help="how long --wait-online waits (exit 4 after it)")
     shards.set_defaults(func=list_shards)
 
 

@@ -27,6 +27,7 @@ from fedkube.api.plan import Plan
 from fedkube.api.review import reviews_of
 from fedkube.proto import base_pb2, director_pb2, director_pb2_grpc
 from fedkube.tasks.archive import build_archive, load_task
+from fedkube.tasks.params import check_params
 from fedkube.transport.channel import open_sync_channel
 from fedkube.transport.identity import CLIENT_ID_HEADER
 from fedkube.transport.limits import CHUNK_BYTES, MODEL_BYTES_HEADER
@@ -220,14 +221,17 @@ class DirectorClient:
              on_update: Callable[[ExperimentView], None] | None = None) -> ExperimentView:
         """Polls the status until the experiment ends, riding out director restarts."""
         deadline = time.monotonic() + timeout
+        first: grpc.RpcError | None = None  # the first failure tells best why (later ones
+        # may be of another of the host's addresses, or a reconnection's backoff)
         while True:
             try:
                 status = self.status(name)
             except grpc.RpcError as exc:
                 if exc.code() != grpc.StatusCode.UNAVAILABLE:
                     raise
+                first = first or exc
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"director unreachable for {timeout}s") from exc
+                    raise TimeoutError(f"director unreachable for {timeout}s") from first
                 time.sleep(interval)
                 continue
             if on_update is not None:
@@ -280,10 +284,14 @@ def experiment_archive(plan: Plan, files: dict[str, bytes] | None = None
     """The archive and initial model for a plan (user modules go in `files`).
 
     The initial model comes from the task's `init_model`, run here: a user module should
-    import packages it lists in requirements.txt inside `train`/`validate`, not at the top."""
+    import packages it lists in requirements.txt inside `train`/`validate`, not at the top.
+    The plan's params are checked first against the task's schema, if it declares one
+    (fedkube.tasks.params.ParamsError)."""
     archive = build_archive(plan, files)
     if not files:
-        return archive, model_to_proto(load_task(plan, None).init_model(plan.params))
+        task = load_task(plan, None)
+        check_params(plan.task, task.params, plan.params)
+        return archive, model_to_proto(task.init_model(plan.params))
     import tempfile
 
     from fedkube.tasks.archive import safe_extract
@@ -291,4 +299,5 @@ def experiment_archive(plan: Plan, files: dict[str, bytes] | None = None
     with tempfile.TemporaryDirectory(prefix="fedkube-submit-") as tmp:
         safe_extract(archive, Path(tmp))
         task = load_task(plan, Path(tmp))
+        check_params(plan.task, task.params, plan.params)
         return archive, model_to_proto(task.init_model(plan.params))

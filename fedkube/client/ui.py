@@ -38,8 +38,11 @@ def wait_with_progress(client: DirectorClient, name: str, *, timeout: float
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
+    console = Console(stderr=True)
+    # A bar on a terminal only: piped, its last frame would be noise on stderr.
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("{task.fields[detail]}"), console=Console(stderr=True)) as bar:
+                  TextColumn("{task.fields[detail]}"), console=console,
+                  disable=not console.is_terminal) as bar:
         task = bar.add_task(name, total=None, detail="")
 
         def update(status: ExperimentView) -> None:

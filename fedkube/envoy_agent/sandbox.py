@@ -212,11 +212,13 @@ def plan_reach(needed: Iterable[Path], identity: Identity,
             if not os.path.exists(path):
                 continue
             real = Path(os.path.realpath(path))
+            if required and not readable(real, identity):
+                problems.append(f"{real} is not readable by {identity}")
+            if real.is_dir() and not _allows(os.stat(real), identity, 1):
+                continue  # of no use to it bound in: what is under it is out of its reach
             blocked = blocking_directory(real, identity)
             if blocked is not None:
                 pending.setdefault(blocked, set()).add(real)
-            if required and not readable(real, identity):
-                problems.append(f"{real} is not readable by {identity}")
     plan = []
     while pending:  # shallowest first: a cover may lie inside an earlier one's bind
         cover = min(pending, key=lambda path: (len(path.parts), str(path)))

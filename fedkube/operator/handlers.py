@@ -10,6 +10,7 @@ each Federation polls its director for all of its Shards and Experiments.
 from __future__ import annotations
 
 import contextvars
+import datetime as dt
 import logging
 import time
 from collections.abc import Callable
@@ -24,13 +25,21 @@ from fedkube.api.resources import GROUP, VERSION, ExperimentSpec, FederationSpec
 from fedkube.client import DirectorClient, EnvoyView
 from fedkube.kube.csr import SIGNER
 from fedkube.operator.conditions import is_true, set_condition
+from fedkube.operator.events import post_event, quiet_kopf, rpc_error
 from fedkube.operator.experiments import build_plan, build_status, director_name
+from fedkube.operator.federations import (
+    Verdict,
+    director_availability,
+    federation_conditions,
+    ready_changed,
+)
 from fedkube.operator.manifests import (
     build_ca_bundle,
     build_envoy_config,
     build_federation_workloads,
     build_tls_secret,
     director_endpoint,
+    labels,
     names,
     node_conflicts,
 )
@@ -56,6 +65,10 @@ from fedkube.transport import certs
 log = logging.getLogger(__name__)
 EXPERIMENT_POLL_S = 1.0
 SHARD_POLL_S = 5.0
+DIRECTOR_CHECK_S = 5.0
+# Deleting an Experiment the director accepted waits this long for the director to forget
+# it, then lets it go with a Warning (its data stays on the director).
+REMOVE_GIVE_UP_S = 60.0
 FINAL_PHASES = ("Succeeded", "Failed")
 
 
@@ -70,6 +83,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     settings.watching.server_timeout = 300
     # Handlers mostly wait on the apiserver and the director: more of them at once.
     settings.execution.max_workers = 32
+    quiet_kopf()  # timers' success lines to DEBUG, the waits we ask for to INFO
     open_state(memo)
 
 
@@ -158,9 +172,59 @@ def reconcile_federation(name: str, namespace: str | None, spec: kopf.Spec, body
     generation = int(meta.get("generation", 0))
     patch.status["directorEndpoint"] = director_endpoint(name, namespace, fed)
     patch.status["observedGeneration"] = generation
-    patch.status["conditions"] = set_condition(
-        list(status.get("conditions", [])), "Ready", True, "Reconciled",
-        "director, envoys and certificates applied", generation=generation)
+    # Applied is not Ready: the director's Deployment and its answers say that
+    # (check_director, every DIRECTOR_CHECK_S).
+    if not status.get("conditions"):
+        patch.status["conditions"] = set_condition(
+            [], "Ready", None, "Reconciling",
+            "director, envoys and certificates applied; the director not checked yet",
+            generation=generation)
+
+
+@kopf.timer(GROUP, VERSION, "federations", interval=DIRECTOR_CHECK_S, idle=0)
+@observed("Federation")
+def check_director(name: str, namespace: str | None, spec: kopf.Spec, status: kopf.Status,
+                   meta: kopf.Meta, body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo,
+                   **kwargs: Any) -> None:
+    """DirectorAvailable from the director's Deployment (and, while it is not available,
+    why, from its Pods); Ready once the director answers. A Ready that changes reason gets
+    an Event."""
+    namespace, state = namespace or "default", state_of(memo)
+    fed = FederationSpec.model_validate(dict(spec))
+    deployment = state.kube.read_deployment(namespace, names(name).director)
+    available = director_availability(deployment, [] if deployment is None or is_true(
+        list((deployment.get("status") or {}).get("conditions") or []), "Available")
+        else state.kube.list_pods(namespace, labels(name, "director")))
+    endpoint = director_endpoint(name, namespace, fed)
+    answer: Verdict | None = None
+    # Behind the Service, a director whose Deployment is not available cannot answer.
+    if fed.director_endpoint or available.status:
+        try:
+            envoys = _registry(state, namespace, name,
+                               state.directors.get(namespace, name, kwargs[INDEX]))
+            online = sum(e.online for e in envoys.values())
+            answer = Verdict(True, "DirectorAnswering",
+                             f"the director at {endpoint} answers: {len(envoys)} shards "
+                             f"registered, {online} online")
+        except FederationMissing:  # being deleted
+            return
+        except kopf.TemporaryError as exc:  # its certificates are not issued yet
+            answer = Verdict(False, "CertificatesPending", str(exc))
+        except grpc.RpcError as exc:
+            answer = Verdict(False, "DirectorUnreachable", f"{endpoint}: {rpc_error(exc)}")
+    before = list(status.get("conditions", []))
+    after = federation_conditions(before, available, answer,
+                                  generation=int(meta.get("generation", 0)))
+    if after != before:
+        patch.status["conditions"] = after
+    changed = ready_changed(before, after)
+    if changed is not None:
+        ready = changed["status"] == "True"
+        (log.info if ready else log.warning)(
+            "federation %s/%s: Ready=%s %s: %s", namespace, name, changed["status"],
+            changed["reason"], changed["message"])
+        post_event(state.recent, body, type="Normal" if ready else "Warning",
+                   reason=changed["reason"], message=changed["message"])
 
 
 # -- talking to a federation's director ----------------------------------------------------
@@ -246,14 +310,17 @@ def sign_shard_certificate(name: str, spec: kopf.Spec, status: kopf.Status, memo
 
 # -- Experiment ---------------------------------------------------------------------------
 
-def _refuse(patch: kopf.Patch, status: kopf.Status, body: kopf.Body, reason: str,
-            message: str, generation: int) -> None:
+def _refuse(state: OperatorState, patch: kopf.Patch, status: kopf.Status, body: kopf.Body,
+            reason: str, message: str, generation: int) -> None:
+    """Accepted=False and Ready=False with the reason; one Event per reason and message
+    (a retry every few seconds for the same reason posts no new one)."""
     conditions = set_condition(list(status.get("conditions", [])), "Accepted", False, reason,
                                message, generation=generation)
     patch.status["conditions"] = set_condition(conditions, "Ready", False, reason, message,
                                                generation=generation)
     patch.status["phase"] = "Pending"
-    kopf.event(body, type="Warning", reason=reason, message=message)
+    post_event(state.recent, body, type="Warning", reason=reason, message=message,
+               by_reason=True)
 
 
 @kopf.on.create(GROUP, VERSION, "experiments")
@@ -267,7 +334,7 @@ def submit_experiment(name: str, namespace: str | None, spec: kopf.Spec, status:
     try:
         director = state.directors.get(namespace, experiment.federation, kwargs[INDEX])
     except FederationMissing as exc:
-        _refuse(patch, status, body, "FederationNotFound", str(exc), generation)
+        _refuse(state, patch, status, body, "FederationNotFound", str(exc), generation)
         raise kopf.TemporaryError(str(exc), delay=min(30, 2 + 2 * retry)) from exc
     plan = build_plan(experiment)
     from fedkube.client import experiment_archive
@@ -278,7 +345,7 @@ def submit_experiment(name: str, namespace: str | None, spec: kopf.Spec, status:
                       _registry(state, namespace, experiment.federation, director).items()}
         collaborators = experiment.shards or sorted(n for n, on in registered.items() if on)
         if not collaborators:
-            _refuse(patch, status, body, "NoShardsOnline",
+            _refuse(state, patch, status, body, "NoShardsOnline",
                     "no shard of the federation is online", generation)
             raise kopf.TemporaryError("no shard online", delay=5)
         # A listed shard whose envoy has not registered yet is worth waiting for (the
@@ -286,46 +353,70 @@ def submit_experiment(name: str, namespace: str | None, spec: kopf.Spec, status:
         unregistered = sorted(set(collaborators) - set(registered))
         if unregistered:
             message = f"waiting for shards to register with the director: {unregistered}"
-            _refuse(patch, status, body, "ShardsNotRegistered", message, generation)
+            _refuse(state, patch, status, body, "ShardsNotRegistered", message, generation)
             raise kopf.TemporaryError(message, delay=min(30, 2 + 2 * retry))
         director.submit(director_name(namespace, name), archive,
                         collaborators=collaborators, initial_model=model)
     except grpc.RpcError as exc:
         code, details = exc.code(), exc.details()
-        if code == grpc.StatusCode.ALREADY_EXISTS:
-            return  # submitted before an operator restart
         if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-            _refuse(patch, status, body, "DirectorUnreachable", str(details), generation)
-            raise kopf.TemporaryError(str(details), delay=5) from exc
-        _refuse(patch, status, body, "Refused", str(details), generation)
-        raise kopf.PermanentError(str(details)) from exc
+            _refuse(state, patch, status, body, "DirectorUnreachable", rpc_error(exc),
+                    generation)
+            raise kopf.TemporaryError(rpc_error(exc), delay=5) from exc
+        # Submitted before an operator restart (or a lost status patch): it is the
+        # director's, and followed as any other.
+        if code != grpc.StatusCode.ALREADY_EXISTS:
+            _refuse(state, patch, status, body, "Refused", str(details), generation)
+            raise kopf.PermanentError(str(details)) from exc
+    message = (f"submitted to the director with {len(collaborators)} collaborators")
     conditions = set_condition(list(status.get("conditions", [])), "Accepted", True,
-                               "Submitted", f"submitted to the director with "
-                               f"{len(collaborators)} collaborators", generation=generation)
-    patch.status["conditions"] = conditions
+                               "Submitted", message, generation=generation)
+    # Not Ready yet, and no longer for the reason of an earlier refusal.
+    patch.status["conditions"] = set_condition(conditions, "Ready", False, "Submitted",
+                                               message, generation=generation)
     patch.status["collaborators"] = collaborators
     patch.status["totalRounds"] = experiment.rounds
     patch.status["progress"] = f"0/{experiment.rounds}"
     patch.status["phase"] = "Accepted"
-    kopf.event(body, type="Normal", reason="Submitted",
+    post_event(state.recent, body, type="Normal", reason="Submitted",
                message=f"submitted to the director of {experiment.federation}")
 
 
 @kopf.on.delete(GROUP, VERSION, "experiments")
 @observed("Experiment")
-def remove_experiment(name: str, namespace: str | None, spec: kopf.Spec, memo: kopf.Memo,
+def remove_experiment(name: str, namespace: str | None, spec: kopf.Spec, status: kopf.Status,
+                      body: kopf.Body, memo: kopf.Memo, runtime: dt.timedelta,
                       **kwargs: Any) -> None:
-    """The finalizer's work: the director forgets the experiment and its models."""
-    namespace = namespace or "default"
+    """The finalizer's work: the director forgets the experiment and its models. One no
+    director accepted goes at once; otherwise the director is asked for up to
+    REMOVE_GIVE_UP_S, and then the Experiment goes with a Warning, its data left on the
+    director (`fedkube experiment remove`)."""
+    namespace, state = namespace or "default", state_of(memo)
+    state.recent.forget(("event", body.get("metadata", {}).get("uid")))
+    if not is_true(list(status.get("conditions", [])), "Accepted"):
+        return  # never submitted: nothing at the director to remove
+    at_director = director_name(namespace, name)
     try:
-        director = state_of(memo).directors.get(namespace, str(spec.get("federation", "")),
-                                                kwargs[INDEX])
-        director.remove(director_name(namespace, name))
+        director = state.directors.get(namespace, str(spec.get("federation", "")),
+                                       kwargs[INDEX])
+        director.remove(at_director)
+        return
     except FederationMissing:
         return
     except grpc.RpcError as exc:
-        if exc.code() not in (grpc.StatusCode.NOT_FOUND,):
-            raise kopf.TemporaryError(f"removing from the director: {exc}", delay=5) from exc
+        if exc.code() == grpc.StatusCode.NOT_FOUND:
+            return
+        reason = rpc_error(exc)
+    except kopf.TemporaryError as exc:  # the federation's certificates are not there
+        reason = str(exc)
+    if runtime.total_seconds() + 5 < REMOVE_GIVE_UP_S:
+        raise kopf.TemporaryError(f"removing {at_director} from the director: {reason}",
+                                  delay=5)
+    message = (f"the director did not remove {at_director} within {REMOVE_GIVE_UP_S:.0f}s "
+               f"({reason}): its data stays on the director; remove it there with "
+               f"`fedkube experiment remove {at_director}`")
+    log.warning("experiment %s/%s: %s", namespace, name, message)
+    kopf.event(body, type="Warning", reason="DirectorDataKept", message=message)
 
 
 # -- following the director: one poll per federation --------------------------------------
@@ -432,8 +523,12 @@ def follow_experiments(name: str, namespace: str | None, memo: kopf.Memo, **kwar
     except FederationMissing:  # being deleted
         return
     except grpc.RpcError as exc:
-        log.warning("federation %s/%s: %s", namespace, name, exc)
+        # Once per change: this poll runs every second (Ready says it too, check_director).
+        if state.recent.fresh(("poll", namespace, name), rpc_error(exc)):
+            log.warning("federation %s/%s: listing experiments: %s", namespace, name,
+                        rpc_error(exc))
         return
+    state.recent.forget(("poll", namespace, name))
     _for_each(state.poll_workers,
               lambda experiment: _follow(state, namespace, name, experiment, director, listed),
               followed)
@@ -450,7 +545,9 @@ def _follow(state: OperatorState, namespace: str, federation: str, experiment: d
     try:
         report = director.status(director_name(namespace, experiment["name"]))
     except grpc.RpcError as exc:
-        log.warning("experiment %s/%s: %s", namespace, experiment["name"], exc)
+        if state.recent.fresh(("poll", namespace, experiment["name"]), rpc_error(exc)):
+            log.warning("experiment %s/%s: %s", namespace, experiment["name"],
+                        rpc_error(exc))
         return
     if seen is not None:
         state.detailed[key] = (seen, time.monotonic())
@@ -463,4 +560,5 @@ def _follow(state: OperatorState, namespace: str, federation: str, experiment: d
     if transition.status["phase"] != status.get("phase"):
         EXPERIMENT_PHASES.labels(transition.status["phase"]).inc()
     for kind, reason, message in transition.events:
-        kopf.event(experiment["ref"], type=kind, reason=reason, message=message)
+        post_event(state.recent, experiment["ref"], type=kind, reason=reason,
+                   message=message)

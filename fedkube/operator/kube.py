@@ -62,6 +62,25 @@ class Kube:
         client.CustomObjectsApi(self.api_client).patch_namespaced_custom_object_status(
             GROUP, VERSION, namespace, plural, name, {"status": changes})
 
+    def read_deployment(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """A Deployment as the API gives it (camelCase keys), or None."""
+        try:
+            found = client.AppsV1Api(self.api_client).read_namespaced_deployment(
+                name, namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return dict(self.api_client.sanitize_for_serialization(  # type: ignore[no-untyped-call]
+            found))
+
+    def list_pods(self, namespace: str, selector: dict[str, str]) -> list[dict[str, Any]]:
+        """The Pods with all of these labels, as the API gives them."""
+        listing = client.CoreV1Api(self.api_client).list_namespaced_pod(
+            namespace, label_selector=",".join(f"{k}={v}" for k, v in selector.items()))
+        return list(self.api_client.sanitize_for_serialization(  # type: ignore[no-untyped-call]
+            listing).get("items", []))
+
     def read_secret(self, namespace: str, name: str) -> dict[str, bytes] | None:
         try:
             secret = client.CoreV1Api(self.api_client).read_namespaced_secret(name, namespace)

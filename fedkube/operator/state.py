@@ -22,6 +22,7 @@ from kubernetes import client
 from fedkube.api.resources import FederationSpec
 from fedkube.client import DirectorClient, EnvoyView
 from fedkube.operator.coalesce import Coalescer
+from fedkube.operator.events import Recent
 from fedkube.operator.kube import Kube
 from fedkube.operator.manifests import director_endpoint, names
 from fedkube.transport.tls import TLSFiles
@@ -125,6 +126,9 @@ class OperatorState:
     # entry (state, progress) when its details were last fetched, and when.
     detailed: dict[tuple[str, str, str], tuple[tuple[str, float], float]] = field(
         default_factory=dict)
+    # The last Event posted per object and the last poll error logged per federation:
+    # the same again is posted or logged only when it changes (fedkube.operator.events).
+    recent: Recent = field(default_factory=Recent)
 
     @classmethod
     def create(cls, api_client: client.ApiClient | None = None) -> OperatorState:

@@ -26,6 +26,7 @@ from pydantic import ValidationError
 from fedkube.api.errors import FedkubeError
 from fedkube.api.plan import PLAN_FILE, USER_TASK_PREFIX, Plan
 from fedkube.tasks.models import BUILTIN_TASKS, Task
+from fedkube.tasks.params import PARAMS_ATTRIBUTE, check_params, schema_from
 
 MAX_MEMBERS = 1000
 MAX_MEMBER_BYTES = 256 << 20
@@ -148,8 +149,10 @@ def load_task(plan: Plan, workspace: Path | None) -> Task:
         try:
             return BUILTIN_TASKS[plan.task]
         except KeyError:
-            raise ArchiveError(f"unknown task {plan.task!r}: built-ins are "
-                               f"{sorted(BUILTIN_TASKS)}, or 'archive:MODULE'") from None
+            raise ArchiveError(f"unknown task {plan.task!r}: the built-in tasks are "
+                               f"{', '.join(sorted(BUILTIN_TASKS))}; for your own module, "
+                               f"'archive:MODULE' (fedkube experiment submit --archive "
+                               f"MODULE.py)") from None
     module_name = plan.task.removeprefix(USER_TASK_PREFIX)
     if workspace is None or not (workspace / f"{module_name}.py").is_file():
         raise ArchiveError(f"the archive has no {module_name}.py")
@@ -163,4 +166,15 @@ def load_task(plan: Plan, workspace: Path | None) -> Task:
                                                                                      None))]
     if missing:
         raise ArchiveError(f"{module_name}.py lacks {missing}")
-    return Task(plan.task, module.init_model, module.train, module.validate)
+    schema = schema_from(getattr(module, PARAMS_ATTRIBUTE, None), module=module_name)
+    return Task(plan.task, module.init_model, module.train, module.validate, schema)
+
+
+def check_builtin_plan(plan: Plan) -> None:
+    """A built-in task's plan: its task exists (ArchiveError) and its params fit the
+    task's schema (fedkube.tasks.params.ParamsError). User tasks pass: their schema is in
+    their module, which only envoys and the owner's client import."""
+    if plan.task.startswith(USER_TASK_PREFIX):
+        return
+    task = load_task(plan, None)
+    check_params(plan.task, task.params, plan.params)

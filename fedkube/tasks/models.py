@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+from pydantic import BaseModel, ConfigDict, Field
 
 from fedkube.tasks.shard import Arrays
 
@@ -33,10 +34,36 @@ class Task:
     init_model: Callable[[Params], Model]
     train: Callable[[Model, Arrays, Params], tuple[Model, Metrics]]
     validate: Callable[[Model, Arrays, Params], Metrics]
+    # The parameters the task takes (names, types, ranges), checked when an experiment is
+    # submitted (fedkube.tasks.params); None: whatever the task makes of them.
+    params: type[BaseModel] | None = None
 
 
-def _p(params: Params, key: str, default: float) -> float:
-    return float(params.get(key, default))
+# -- the built-in tasks' parameters -------------------------------------------------------
+
+class _TaskParams(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    epochs: int = Field(default=1, ge=1, le=10_000, description="local epochs per round")
+    batch_size: int = Field(default=32, ge=1, le=1_000_000, description="samples per step")
+    seed: int = Field(default=0, ge=0, description="seed of the shuffling (and the MLP's "
+                                                   "initial weights)")
+
+
+class LogRegParams(_TaskParams):
+    learning_rate: float = Field(default=0.5, gt=0, le=1000, description="step size")
+    l2: float = Field(default=1e-4, ge=0, le=1000, description="weight decay")
+
+
+class MLPParams(_TaskParams):
+    learning_rate: float = Field(default=0.1, gt=0, le=1000, description="step size")
+    hidden: int = Field(default=64, ge=1, le=65_536, description="units of the hidden layer")
+
+
+def _known(model: type[BaseModel], params: Params) -> Any:
+    """params as the task's model, defaults filled in. Names it does not know are left
+    out: submission refuses them, but an experiment stored before that rule still runs."""
+    return model.model_validate({k: v for k, v in params.items() if k in model.model_fields})
 
 
 def _softmax(z: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
@@ -68,12 +95,13 @@ def _logreg_logits(model: Model, x: npt.NDArray[np.float64]) -> npt.NDArray[np.f
 def logreg_train(model: Model, data: Arrays, params: Params) -> tuple[Model, Metrics]:
     x, y = _flat(data[0]), np.asarray(data[1], dtype=np.int64)
     w, b = model["weights"].astype(np.float64), model["bias"].astype(np.float64)
-    lr, l2 = _p(params, "learning_rate", 0.5), _p(params, "l2", 1e-4)
-    rng = np.random.default_rng(int(params.get("seed", 0)))
+    hp: LogRegParams = _known(LogRegParams, params)
+    lr, l2 = hp.learning_rate, hp.l2
+    rng = np.random.default_rng(hp.seed)
     onehot = np.eye(N_CLASSES)[y]
     losses = []
-    for _ in range(int(params.get("epochs", 1))):
-        for idx in _batches(len(y), int(params.get("batch_size", 32)), rng):
+    for _ in range(hp.epochs):
+        for idx in _batches(len(y), hp.batch_size, rng):
             p = _softmax(x[idx] @ w + b)
             losses.append(float(-np.log(p[np.arange(len(idx)), y[idx]] + 1e-12).mean()))
             grad = (p - onehot[idx]) / len(idx)
@@ -93,8 +121,9 @@ def logreg_validate(model: Model, data: Arrays, params: Params) -> Metrics:
 # -- a small MLP (one hidden ReLU layer) ------------------------------------------------
 
 def mlp_init(params: Params) -> Model:
-    hidden = int(params.get("hidden", 64))
-    rng = np.random.default_rng(int(params.get("seed", 0)))
+    hp: MLPParams = _known(MLPParams, params)
+    hidden = hp.hidden
+    rng = np.random.default_rng(hp.seed)
     return {
         "w1": (rng.standard_normal((N_FEATURES, hidden)) * np.sqrt(2 / N_FEATURES)).astype(
             np.float32),
@@ -114,12 +143,13 @@ def _mlp_forward(m: dict[str, npt.NDArray[np.float64]], x: npt.NDArray[np.float6
 def mlp_train(model: Model, data: Arrays, params: Params) -> tuple[Model, Metrics]:
     x, y = _flat(data[0]), np.asarray(data[1], dtype=np.int64)
     m = {k: v.astype(np.float64) for k, v in model.items()}
-    lr = _p(params, "learning_rate", 0.1)
-    rng = np.random.default_rng(int(params.get("seed", 0)))
+    hp: MLPParams = _known(MLPParams, params)
+    lr = hp.learning_rate
+    rng = np.random.default_rng(hp.seed)
     onehot = np.eye(N_CLASSES)[y]
     losses = []
-    for _ in range(int(params.get("epochs", 1))):
-        for idx in _batches(len(y), int(params.get("batch_size", 32)), rng):
+    for _ in range(hp.epochs):
+        for idx in _batches(len(y), hp.batch_size, rng):
             h, p = _mlp_forward(m, x[idx])
             losses.append(float(-np.log(p[np.arange(len(idx)), y[idx]] + 1e-12).mean()))
             g2 = (p - onehot[idx]) / len(idx)
@@ -140,6 +170,7 @@ def mlp_validate(model: Model, data: Arrays, params: Params) -> Metrics:
 
 
 BUILTIN_TASKS = {
-    "digits-logreg": Task("digits-logreg", logreg_init, logreg_train, logreg_validate),
-    "digits-mlp": Task("digits-mlp", mlp_init, mlp_train, mlp_validate),
+    "digits-logreg": Task("digits-logreg", logreg_init, logreg_train, logreg_validate,
+                          LogRegParams),
+    "digits-mlp": Task("digits-mlp", mlp_init, mlp_train, mlp_validate, MLPParams),
 }

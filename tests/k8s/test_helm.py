@@ -55,9 +55,43 @@ def test_chart_lints_and_renders(cluster: ControlPlane) -> None:
     assert federation["spec"]["envoyResources"] == {"limits": {"memory": "1Gi"}}
 
 
+@pytest.mark.parametrize(("value", "complaint"), [
+    ("operator.livenessPort=eighty", "/operator/livenessPort"),  # not an integer
+    ("federation.directorFrontends=1.5", "/federation/directorFrontends"),
+    ("federation.enabled=yes please", "/federation/enabled"),  # not a boolean
+])
+def test_lint_checks_the_values_against_the_schema(cluster: ControlPlane, value: str,
+                                                   complaint: str) -> None:
+    lint = cluster.helm("lint", str(CHART), "--strict", "--set", value, check=False)
+    assert lint.returncode != 0, lint.stdout
+    assert "1 chart(s) failed" in lint.stdout + lint.stderr
+    assert complaint in lint.stdout + lint.stderr
+
+
+def test_every_value_in_the_schema_is_described() -> None:
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+
+    def undescribed(node: dict[str, object], path: str) -> list[str]:
+        properties = node.get("properties") or {}
+        assert isinstance(properties, dict)
+        return [f"{path}{name}" for name, prop in properties.items()
+                if "description" not in prop] + [
+            missing for name, prop in properties.items()
+            for missing in undescribed(prop, f"{path}{name}.")]
+
+    assert undescribed(schema, "") == []
+    assert set(values) == set(schema["properties"])  # every top-level value in the schema
+
+
 def test_install_creates_crds_and_an_available_operator(cluster: ControlPlane) -> None:
-    cluster.helm("install", RELEASE, str(CHART), "--namespace", NAMESPACE,
-                 "--create-namespace")
+    installed = cluster.helm("install", RELEASE, str(CHART), "--namespace", NAMESPACE,
+                             "--create-namespace").stdout
+    # The chart's NOTES: what was installed, how to check it, what to do next.
+    assert f"release {RELEASE} in namespace {NAMESPACE}" in installed
+    assert f"deployment/{RELEASE}-operator" in installed
+    assert "kubectl get federations,shards,experiments -A" in installed
+    assert "deploy/federation.yaml" in installed and "deploy/experiment.yaml" in installed
     crds = json.loads(cluster.kubectl("get", "crd", "-o", "json").stdout)["items"]
     assert {"federations.fedkube.io", "shards.fedkube.io", "experiments.fedkube.io"} <= {
         c["metadata"]["name"] for c in crds}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,15 @@ class Operated:
 
     def apply(self, *documents: dict[str, Any]) -> None:
         self.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(documents))
+
+    def row(self, kind: str, name: str) -> dict[str, str]:
+        """`kubectl get KIND NAME` as {COLUMN: value} (values without spaces)."""
+        header, line = self.kubectl("get", kind, name).stdout.splitlines()[:2]
+        return dict(zip(header.split(), line.split(), strict=False))
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        items = self.get("events", "--field-selector", f"involvedObject.name={name}")["items"]
+        return list(items)
 
     def not_accepted(self, experiment: str, reason: str, text: str) -> bool:
         """Whether the experiment has Accepted=False for reason, its message naming text."""
@@ -120,18 +130,79 @@ def test_invalid_specs_are_refused_by_the_apiserver(operated: Operated) -> None:
     assert result.returncode != 0 and "spec.nodeName" in result.stderr
 
 
-def test_experiment_of_a_missing_federation_says_so(operated: Operated) -> None:
+def test_the_crds_explain_their_fields(operated: Operated) -> None:
+    def explained() -> str:
+        result = operated.cluster.kubectl("explain", "experiment.spec.rounds", check=False)
+        return result.stdout if result.returncode == 0 else ""
+
+    wait_for(lambda: "training rounds" in explained(), timeout=60,
+             message="kubectl explain experiment.spec.rounds describes it")
+    assert "<no description>" not in explained()
+    spec = operated.cluster.kubectl("explain", "federation.spec").stdout
+    assert "<no description>" not in spec, spec
+
+
+def test_waiting_experiments_say_why_once_and_delete_at_once(operated: Operated) -> None:
+    """An Experiment of a missing Federation and one whose director does not answer: the
+    reason in `kubectl get`, one Event each however often the operator retries, and a
+    deletion that does not wait for a director that never accepted them."""
+    silent = examples("federation.yaml")[0]
+    silent["metadata"]["name"] = "silent"
+    silent["spec"].update(tls="insecure", directorEndpoint=f"localhost:{free_port()}")
     orphan = examples("experiment.yaml")[0]
     orphan["metadata"]["name"] = "orphan"
     orphan["spec"]["federation"] = "nowhere"
-    operated.apply(orphan)
+    unheard = examples("experiment.yaml")[0]
+    unheard["metadata"]["name"] = "unheard"
+    unheard["spec"]["federation"] = "silent"
+    started = time.monotonic()
+    operated.apply(silent, orphan, unheard)
 
     wait_for(lambda: operated.not_accepted("orphan", "FederationNotFound", "nowhere"),
              timeout=60, message="Accepted=False FederationNotFound")
-    events = operated.get("events", "--field-selector", "involvedObject.name=orphan")
-    assert any(e["reason"] == "FederationNotFound" for e in events["items"])
+    wait_for(lambda: operated.not_accepted("unheard", "DirectorUnreachable", "UNAVAILABLE"),
+             timeout=60, message="Accepted=False DirectorUnreachable")
+    assert operated.row("experiment", "orphan")["REASON"] == "FederationNotFound"
+    assert operated.row("experiment", "unheard")["REASON"] == "DirectorUnreachable"
+    # The Federation says so too: its director does not answer.
+    wait_for(lambda: operated.row("federation", "silent").get("REASON")
+             == "DirectorUnreachable", timeout=60, message="Federation Ready=False")
+    assert operated.row("federation", "silent")["READY"] == "False"
+    # The operator retries every few seconds; the Events do not multiply.
+    time.sleep(max(0.0, 22 - (time.monotonic() - started)))
+    for name, reason in (("orphan", "FederationNotFound"), ("unheard", "DirectorUnreachable")):
+        events = operated.events(name)
+        assert [e["reason"] for e in events] == [reason], events
     assert operated.operator.running
-    operated.kubectl("delete", "experiment", "orphan", "--wait=true", "--timeout=60s")
+    for name in ("orphan", "unheard"):
+        began = time.monotonic()
+        operated.kubectl("delete", "experiment", name, "--wait=true", "--timeout=15s")
+        assert time.monotonic() - began < 15
+    operated.kubectl("delete", "federation", "silent", "--wait=true", "--timeout=60s")
+    log = operated.operator.output()
+    assert "_InactiveRpcError" not in log
+    assert "Timer 'follow_experiments' succeeded" not in log
+    assert "failed temporarily" not in "".join(
+        line for line in log.splitlines() if "ERROR" in line)
+
+
+def test_a_federation_whose_director_cannot_schedule_is_not_ready(operated: Operated
+                                                                  ) -> None:
+    """Its manifests applied, its director's Pod Pending: not Ready, with the scheduler's
+    reason in `kubectl get federation` and its message in the condition."""
+    stuck = examples("federation.yaml")[0]
+    stuck["metadata"]["name"] = "stuck"
+    stuck["spec"].update(tls="insecure", directorResources={"requests": {"cpu": "500"}})
+    operated.apply(stuck)
+    wait_for(lambda: operated.row("federation", "stuck").get("REASON") == "Unschedulable",
+             timeout=90, message="Federation Ready=False Unschedulable")
+    assert operated.row("federation", "stuck")["READY"] == "False"
+    conditions = {c["type"]: c for c in operated.get("federation", "stuck")["status"][
+        "conditions"]}
+    assert conditions["DirectorAvailable"]["status"] == "False"
+    assert "nodes are available" in conditions["Ready"]["message"]
+    assert "Unschedulable" in [e["reason"] for e in operated.events("stuck")]
+    operated.kubectl("delete", "federation", "stuck", "--wait=true", "--timeout=60s")
 
 
 def test_experiment_waits_for_unregistered_shards(operated: Operated) -> None:
@@ -257,7 +328,8 @@ def test_shards_say_why_they_are_not_ready(operated: Operated) -> None:
     unreachable["metadata"]["name"] = "unreachable"
     unreachable["spec"].update(tls="insecure", directorEndpoint=f"localhost:{free_port()}")
     shards = [{"apiVersion": "fedkube.io/v1alpha1", "kind": "Shard",
-               "metadata": {"name": name}, "spec": {"federation": federation}}
+               "metadata": {"name": name},
+               "spec": {"federation": federation, "nodeName": "cpu-node-1"}}
               for name, federation in (("stray", "nowhere"), ("cut-off", "unreachable"))]
     operated.apply(unreachable, *shards)
 
@@ -270,6 +342,10 @@ def test_shards_say_why_they_are_not_ready(operated: Operated) -> None:
              message="Ready=False FederationNotFound")
     wait_for(lambda: ready_reason("cut-off") == "DirectorUnreachable", timeout=60,
              message="Ready=False DirectorUnreachable")
+    # kubectl get says so, and where each shard is, whatever its status.
+    for shard, reason in (("stray", "FederationNotFound"), ("cut-off", "DirectorUnreachable")):
+        row = operated.row("shard", shard)
+        assert (row["READY"], row["REASON"], row["NODE"]) == ("False", reason, "cpu-node-1")
     operated.kubectl("delete", "shard", "stray", "cut-off", "--wait=true", "--timeout=60s")
     operated.kubectl("delete", "federation", "unreachable", "--wait=true", "--timeout=60s")
     wait_for(lambda: operated.kubectl("get", "deployment,daemonset", "-l",
@@ -286,6 +362,11 @@ def test_experiment_runs_to_succeeded(operated: Operated) -> None:
         return len(items) == 2 and all(s.get("status", {}).get("online") for s in items)
 
     wait_for(shards_online, timeout=60, message="both shards Online")
+    # The federation's director answers (at its directorEndpoint: a local process here,
+    # while the Deployment's Pod waits for a volume no provisioner makes).
+    wait_for(lambda: operated.row("federation", "digits").get("REASON")
+             == "DirectorAnswering", timeout=60, message="Federation Ready=True")
+    assert operated.row("federation", "digits")["READY"] == "True"
     table = operated.kubectl("get", "shards").stdout
     assert "hospital-a" in table and "true" in table and "gpu-node-1" in table
     config = operated.get("configmap", "digits-envoy-config")["data"]
@@ -305,8 +386,8 @@ def test_experiment_runs_to_succeeded(operated: Operated) -> None:
                for c in status["conditions"])
     table = operated.kubectl("get", "experiments").stdout
     header, row = table.splitlines()[:2]
-    assert header.split()[:5] == ["NAME", "READY", "STATUS", "ROUND", "METRIC"]
-    assert row.split()[:4] == ["digits-logreg", "True", "Succeeded", "5/5"]
+    assert header.split()[:6] == ["NAME", "READY", "STATUS", "REASON", "ROUND", "METRIC"]
+    assert row.split()[:5] == ["digits-logreg", "True", "Succeeded", "Succeeded", "5/5"]
     reasons = {e["reason"] for e in operated.get(
         "events", "--field-selector", "involvedObject.name=digits-logreg")["items"]}
     assert {"Submitted", "Started", "Succeeded"} <= reasons
