@@ -14,6 +14,7 @@ import hashlib
 import io
 import json
 import os
+import pwd
 import secrets
 import shutil
 import signal
@@ -421,7 +422,8 @@ def test_the_sandbox_user_is_an_envoys_own_uid_when_it_runs_as_root() -> None:
     assert other is not None and other.uid != one.uid
     assert sandbox.sandbox_identity(SandboxSettings(user="root"), "env1", euid=0) is None
     nobody = sandbox.sandbox_identity(SandboxSettings(user="nobody"), "env1", euid=0)
-    assert nobody is not None and not nobody.dedicated and nobody.uid == 65534
+    assert nobody is not None and not nobody.dedicated
+    assert nobody.uid == pwd.getpwnam("nobody").pw_uid
     # An envoy that is not root runs them as itself, and cannot be told otherwise.
     assert sandbox.sandbox_identity(settings, "env1", euid=1000) is None
     with pytest.raises(ConfigError, match="only an envoy running as root"):

@@ -22,6 +22,10 @@ if TYPE_CHECKING:
     from fedkube.proto import base_pb2
 
 DEFAULT_TASK = "digits-logreg"
+# `--output` of the listing commands (here and `fedkube shards`).
+OUTPUTS = ("table", "wide", "json")
+OUTPUT_HELP = ("table for people (plain aligned text when piped), wide for more columns, "
+               "json for scripts")
 
 Action = Callable[["DirectorClient", argparse.Namespace], int]
 
@@ -142,12 +146,22 @@ def submit(client: DirectorClient, args: argparse.Namespace) -> int:
 
 
 def list_experiments(client: DirectorClient, args: argparse.Namespace) -> int:
+    from fedkube.client.ui import EXPERIMENT_COLUMNS, experiment_rows, print_table
+
     rows = client.experiments()
     if args.output == "json":
         print(json.dumps([{"name": n, "status": s, "progress": p} for n, s, p in rows]))
-    else:
-        for name, status, progress in rows:
-            print(f"{name:30} {status:12} {progress:6.0%}")
+        return 0
+    views = {}
+    if args.output == "wide":  # one more call per experiment: its rounds and metric
+        from contextlib import suppress
+
+        import grpc
+
+        for name, _, _ in rows:
+            with suppress(grpc.RpcError):  # removed meanwhile, say: its row shows "-"
+                views[name] = client.status(name)
+    print_table(EXPERIMENT_COLUMNS, experiment_rows(rows, views), wide=args.output == "wide")
     return 0
 
 
@@ -155,20 +169,31 @@ def _status_json(status: ExperimentView) -> str:
     return json.dumps({**asdict(status), "round": status.round})
 
 
+def _best_round(client: DirectorClient, view: ExperimentView) -> int | None:
+    """The round of the best model, from the metrics reported so far (None if unknown)."""
+    import grpc
+
+    from fedkube.client.ui import best_round
+
+    best = view.best_metrics.get(view.metric)
+    if best is None:
+        return None
+    try:
+        metrics = client.metrics(view.name, follow=False, snapshot_s=1.0)
+    except grpc.RpcError:
+        return None
+    return best_round(metrics, view.metric, best)
+
+
 def status(client: DirectorClient, args: argparse.Namespace) -> int:
+    from fedkube.client.ui import status_lines
+
     view = client.status(args.name)
     if args.output == "json":
         print(_status_json(view))
     else:
-        print(f"{view.name}: {view.status}, round {view.round}/{view.total_rounds}"
-              + (f", {view.metric} last {view.last_metrics} best {view.best_metrics}"
-                 if view.metric else "")
-              + (f", queued at {view.queue_position}" if view.queue_position else "")
-              + (f", awaiting approval from {', '.join(view.awaiting_approval)}"
-                 if view.awaiting_approval else "")
-              + "".join(f"\nrefused by {shard}: {r.reason}" for shard, r in view.review.items()
-                        if r.decision == "refused")
-              + (f"\nerror: {view.error}" if view.error else ""))
+        print("\n".join(status_lines(view, round_of_best=_best_round(client, view),
+                                     wide=args.output == "wide")))
     return 0
 
 
@@ -181,24 +206,28 @@ def wait(client: DirectorClient, args: argparse.Namespace) -> int:
 
 
 def metrics(client: DirectorClient, args: argparse.Namespace) -> int:
+    from fedkube.client.ui import METRIC_COLUMNS, metric_rows, print_table
+
     values = client.metrics(args.name)
     if args.output == "json":
         print(json.dumps([asdict(m) for m in values]))
     else:
-        for m in values:
-            print(f"round {m.round:4} {m.origin:16} {m.task:20} {m.name:10} {m.value:.4f}")
+        print_table(METRIC_COLUMNS, metric_rows(values), wide=args.output == "wide")
     return 0
 
 
 def plot(client: DirectorClient, args: argparse.Namespace) -> int:
     from fedkube.client.plot import plot_metrics
+    from fedkube.client.ui import trained_rounds
 
     values = client.metrics(args.name, follow=False)  # a running experiment: so far
     if not values:
         print(f"experiment {args.name} has no metrics yet", file=sys.stderr)
         return 1
-    plot_metrics(values, args.out)
-    print(f"metrics of {args.name} ({max(m.round for m in values) + 1} rounds) plotted "
+    view = client.status(args.name)
+    plot_metrics(values, args.out, experiment=args.name, metric=view.metric or "accuracy")
+    rounds = trained_rounds(values)
+    print(f"metrics of {args.name} ({rounds} round{'s' if rounds != 1 else ''}) plotted "
           f"to {args.out}")
     return 0
 
@@ -273,8 +302,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         elif action != "list":
             sub.add_argument("name", help="the experiment's name")
         if action in ("list", "status", "metrics"):
-            sub.add_argument("--output", choices=["table", "json"], default="table",
-                             help="table for people, json for scripts")
+            sub.add_argument("--output", choices=OUTPUTS, default="table", help=OUTPUT_HELP)
         sub.set_defaults(func=run_action)
     actions.choices["plot"].add_argument("--out", type=Path, required=True, metavar="FILE",
                                          help="the PNG file to write (its directory must exist)")

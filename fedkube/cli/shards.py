@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from fedkube.cli.experiment import OUTPUT_HELP, OUTPUTS
 from fedkube.cli.options import add_client_flags, director_client
 
 
@@ -14,8 +15,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
                                              "online or not, their shapes, GPUs and "
                                              "experiment.")
     add_client_flags(shards)
-    shards.add_argument("--output", choices=["table", "json"], default="table",
-                        help="table for people, json for scripts")
+    shards.add_argument("--output", choices=OUTPUTS, default="table", help=OUTPUT_HELP)
     shards.add_argument("--wait-online", type=int, default=0, metavar="N",
                         help="first wait until at least N shards are online")
     shards.add_argument("--timeout", type=float, default=300, metavar="SECONDS",
@@ -32,9 +32,8 @@ def list_shards(args: argparse.Namespace) -> int:
     if args.output == "json":
         print(json.dumps([vars(e) for e in envoys], indent=2))
         return 0
-    from rich.console import Console
+    from fedkube.client.ui import SHARD_COLUMNS, print_table, shard_rows
 
-    from fedkube.client.ui import shards_table
-
-    Console().print(shards_table(envoys))
+    print_table(SHARD_COLUMNS, shard_rows(envoys), wide=args.output == "wide",
+                title="Shards registered with the director")
     return 0

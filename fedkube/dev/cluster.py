@@ -14,6 +14,7 @@ import os
 import shutil
 import ssl
 import subprocess
+import sys
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from fedkube.api.errors import ConfigError
 from fedkube.dev.processes import free_port, spawn_logged, tail_logs, wait_for
 from fedkube.transport import certs
 
@@ -71,14 +73,31 @@ DEFAULT_NODES = (FakeNode("gpu-node-1", gpus=8), FakeNode("gpu-node-2", gpus=4,
                  FakeNode("cpu-node-1"))
 
 
+# What a cold build costs, said before it starts (measured on 2 busy cores).
+BUILD_NOTICE = ("building the Kubernetes control plane (etcd, kwok, helm, kubectl, "
+                "kube-apiserver, kube-controller-manager, kube-scheduler) from Go modules "
+                "into ~/.cache/fedkube/k8s-testenv: once, about 15 minutes on 2 idle "
+                "cores, up to 30 on busy ones; each step is logged below")
+
+
 def binaries_dir() -> Path:
-    """$KUBEBUILDER_ASSETS when it holds every binary, else the cached build (built if cold)."""
+    """$KUBEBUILDER_ASSETS when it holds every binary, else the cached build (built if
+    cold: then a line says what it is and how long it takes, and the build's own log of
+    each step follows on stderr)."""
     assets = os.environ.get("KUBEBUILDER_ASSETS")
     if assets and all((Path(assets) / name).exists() for name in BINARIES):
         return Path(assets)
-    out = subprocess.run(["bash", str(BUILD_SCRIPT)], check=True, capture_output=True,
-                         text=True).stdout.strip().splitlines()[-1]
-    return Path(out) / "bin"
+    build = subprocess.Popen(["bash", str(BUILD_SCRIPT)], stdout=subprocess.PIPE, text=True)
+    try:  # a warm cache answers at once; anything longer is a build
+        out, _ = build.communicate(timeout=3)
+    except subprocess.TimeoutExpired:
+        print(f"[k8s-testenv] {BUILD_NOTICE}", file=sys.stderr, flush=True)
+        out, _ = build.communicate()
+    if build.returncode != 0:
+        raise ConfigError(f"the Kubernetes binaries could not be built ({BUILD_SCRIPT} "
+                          f"exited {build.returncode}, its error above); install Go, or set "
+                          f"KUBEBUILDER_ASSETS to a directory holding {', '.join(BINARIES)}")
+    return Path(out.strip().splitlines()[-1]) / "bin"
 
 
 def kwok_stages(bin_dir: Path) -> list[Path]:
