@@ -40,8 +40,10 @@ def fedkube_envoys(tmp_path: Path, port: int, count: int, openfl_python: Path, *
     class (rank i of shards), each run in a directory holding its module, as an OpenFL
     envoy's is; under mTLS with its certificate, named relative to that directory."""
     envoys = []
-    # An OpenFL experiment is its owner's code: these data owners allow it.
-    policy = write_policy(tmp_path, {"userCode": True}, name=f"policy-{first}")
+    # An OpenFL experiment is its owner's code, with its workspace's requirements.txt:
+    # these data owners allow both.
+    policy = write_policy(tmp_path, {"userCode": True, "requirements": True},
+                          name=f"policy-{first}")
     for rank in range(first, first + count):
         name = f"env{rank}"
         home = tmp_path / f"{name}-home"

@@ -94,9 +94,11 @@ def test_without_quorum_it_fails_with_each_shards_reason(
     plan = Plan(task="digits-logreg", rounds=2, params={"learning_rate": 1.0},
                 round_timeout_s=60, min_collaborators=1)
     submit_plan(client, "unwelcome", plan, ["env0", "env1"])
-    wait_for(lambda: awaiting(client, "unwelcome") == ["env1"], timeout=60,
-             message="env1 awaiting its data owner")
-    assert client.status("unwelcome").review["env0"].decision == "refused"
+    def decided() -> dict[str, str]:
+        return {s: r.decision for s, r in client.status("unwelcome").review.items()}
+
+    wait_for(lambda: decided() == {"env0": "refused", "env1": "awaiting"}, timeout=60,
+             message="env0 refused by its policy, env1 awaiting its data owner")
     fedkube("shard", "refuse", "unwelcome", "--work-dir", str(tmp_path / "env1"),
             "--reason", "not during the audit")
     final = client.wait("unwelcome", timeout=60)

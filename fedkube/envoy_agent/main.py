@@ -43,6 +43,16 @@ def certificate_renewal(config: EnvoyConfig) -> Callable[[], None] | None:
                              lifetime_s=config.tls.certificate_lifetime_s)
 
 
+def with_sandbox_flags(policy: ShardPolicy, flags: SandboxSettings) -> ShardPolicy:
+    """The policy with what the envoy's own sandbox flags allow added: `--allow-requirements`
+    is the data owner's `requirements: true`, said on the command line (one rule, so the
+    review and the runtime never disagree)."""
+    return policy.model_copy(update={
+        "requirements": policy.requirements or flags.allow_requirements,
+        "require_hashes": policy.require_hashes or flags.require_hashes,
+        "pass_env": list(dict.fromkeys([*policy.pass_env, *flags.pass_env]))})
+
+
 def sandbox_settings(config: EnvoyConfig, policy: ShardPolicy) -> SandboxSettings:
     """The sandbox of the envoy's config, with what the shard policy allows on top: its
     environment names passed, requirements (and hashes) where either allows (or asks)."""
@@ -75,13 +85,13 @@ def run_envoy(config: EnvoyConfig) -> None:
             shard = load_shard(config.shard.loader, dict(config.shard.options))
     except (ShardLoaderError, OpenFLEnvironmentError) as exc:
         raise ConfigError(str(exc)) from exc
-    from fedkube.api.policy import load_policy
+    from fedkube.api.policy import ShardPolicy, load_policy
 
     # A bad policy stops the envoy before it registers: a shard never runs on a policy
     # that its data owner did not mean.
-    policy = load_policy(config.policy) if isinstance(config.policy, Path) else config.policy
-    if policy is not None:
-        config = config.model_copy(update={"sandbox": sandbox_settings(config, policy)})
+    given = load_policy(config.policy) if isinstance(config.policy, Path) else config.policy
+    policy = with_sandbox_flags(given or ShardPolicy(), config.sandbox)
+    config = config.model_copy(update={"sandbox": sandbox_settings(config, policy)})
     renew = certificate_renewal(config)
     if renew is not None:
         renew()

@@ -311,12 +311,14 @@ class ProcessRuntime:
                       copies: Sequence[tuple[Path, Path]], identity: Identity | None) -> int:
         """Starts the launcher, waits for its end (the collaborator's), and kills whatever
         is left of the sandbox; the collaborator's exit code."""
-        process = await asyncio.create_subprocess_exec(
-            *sandbox.launcher_command(), stdin=asyncio.subprocess.PIPE, stdout=sink,
-            stderr=asyncio.subprocess.STDOUT, env=env, start_new_session=True)
-        sync = (asyncio.get_running_loop().create_task(self._sync_credentials(copies, identity))
-                if copies else None)
+        process = sync = None
         try:
+            process = await asyncio.create_subprocess_exec(
+                *sandbox.launcher_command(), stdin=asyncio.subprocess.PIPE, stdout=sink,
+                stderr=asyncio.subprocess.STDOUT, env=env, start_new_session=True)
+            if copies:
+                sync = asyncio.get_running_loop().create_task(
+                    self._sync_credentials(copies, identity))
             assert process.stdin is not None
             with contextlib.suppress(ConnectionError):  # gone at once: its code says why
                 process.stdin.write(spec.encode())
@@ -324,7 +326,8 @@ class ProcessRuntime:
                 process.stdin.close()
             return await process.wait()
         except asyncio.CancelledError:
-            await self._stop(process)
+            if process is not None:
+                await self._stop(process)
             raise
         finally:
             if sync is not None:
@@ -344,9 +347,10 @@ class ProcessRuntime:
             await process.wait()
 
     @staticmethod
-    def _clean_up(spec: LaunchSpec, process: asyncio.subprocess.Process) -> None:
-        """Once the launcher is gone: what it may not have killed (it was killed itself)."""
-        if process.returncode is not None and process.returncode < 0:
+    def _clean_up(spec: LaunchSpec, process: asyncio.subprocess.Process | None) -> None:
+        """Once the launcher is gone (or never started): what it may not have killed (it
+        was killed itself)."""
+        if process is not None and process.returncode is not None and process.returncode < 0:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(process.pid, signal.SIGKILL)  # its session's first group is its own
         if spec.cgroup:
