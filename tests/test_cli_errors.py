@@ -7,6 +7,7 @@ never a traceback (docs/quickstart.md, "Exit codes")."""
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import subprocess
 import sys
@@ -190,7 +191,7 @@ def places(tmp_path_factory: pytest.TempPathFactory, cert_dir: CertDir,
                  director_process(work / "mtls", mtls, cert_dir=cert_dir.path).start()]
     try:
         for port, process in zip((plain, mtls), directors, strict=True):
-            wait_for(lambda p=port: port_open(p), timeout=60,
+            wait_for(functools.partial(port_open, port), timeout=60,
                      message=f"director on {port}: {process.output()[-2000:]}")
         (work / "config").mkdir()
         _user_modules(work)

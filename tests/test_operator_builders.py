@@ -9,11 +9,11 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
+from fedkube.api.compute import ComputeResources
 from fedkube.api.crds import build_crd, crd_files
 from fedkube.api.reference import reference_markdown
 from fedkube.api.resources import (
     EXPERIMENT,
-    ComputeResources,
     ExperimentSpec,
     FederationSpec,
     ShardSpec,
