@@ -242,3 +242,27 @@ def test_plot_has_integer_round_ticks_a_title_and_the_baseline(tmp_path: Path) -
         plt.close(without)
     plot_metrics(events(), tmp_path / "m.png", experiment="x", baseline=0.9)
     assert (tmp_path / "m.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_the_shell_completes_commands_and_flags(tmp_path: Path) -> None:
+    """`fedkube completion bash` prints the shell code; the completion it runs answers
+    from the parser itself (argcomplete), subcommands and flags alike."""
+    import os
+    import subprocess
+    import sys
+
+    code = subprocess.run([sys.executable, "-m", "fedkube.cli", "completion", "bash"],
+                          capture_output=True, text=True, timeout=60)
+    assert code.returncode == 0 and "complete" in code.stdout and "fedkube" in code.stdout
+
+    def complete(line: str) -> list[str]:
+        out = tmp_path / "completions"
+        env = {**os.environ, "_ARGCOMPLETE": "1", "COMP_LINE": line,
+               "COMP_POINT": str(len(line)), "_ARGCOMPLETE_STDOUT_FILENAME": str(out),
+               "_ARGCOMPLETE_IFS": "\n"}
+        subprocess.run([sys.executable, "-m", "fedkube.cli"], env=env, timeout=60,
+                       capture_output=True)
+        return [word.strip() for word in out.read_text().split("\n")]
+
+    assert complete("fedkube exper") == ["experiment"]
+    assert "--rounds" in complete("fedkube experiment submit --ro")

@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from fedkube.api.config import EnvoyConfig, SandboxSettings, TLSSettings
+from fedkube.api.config import EnvoyConfig, SandboxSettings
 from fedkube.api.errors import ConfigError
 from fedkube.api.plan import Plan
 from fedkube.client import DirectorClient, experiment_archive
@@ -447,7 +447,10 @@ def test_sandbox_flags_reach_the_envoy_config(tmp_path: Path) -> None:
     assert isinstance(config, EnvoyConfig)
     assert config.sandbox == SandboxSettings(pass_env=["HF_HOME"], allow_requirements=True,
                                              require_hashes=True, user="nobody")
-    assert EnvoyConfig(name="e", director="h:1", tls=TLSSettings(insecure=True)).sandbox == \
-        SandboxSettings()
+    defaults = EnvoyConfig.model_validate({"name": "e", "director": "h:1",
+                                           "tls": {"insecure": True}})
+    assert defaults.sandbox == SandboxSettings()
+    # The work directory is absolute and the shard's own, not the current folder.
+    assert defaults.work_dir.is_absolute() and defaults.work_dir.name == "envoy-e"
     with pytest.raises(ValueError, match="require_hashes goes with allow_requirements"):
         SandboxSettings(require_hashes=True)

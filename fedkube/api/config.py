@@ -6,6 +6,7 @@ the same fields, and flags given on the command line win over the file.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -30,6 +31,12 @@ def parse_shape(value: str | list[Any] | tuple[Any, ...]) -> list[str]:
     if not shape or any(not dim.isdigit() or int(dim) <= 0 for dim in shape):
         raise ValueError(f"a shape is a comma-separated list of positive integers, got {value!r}")
     return shape
+
+
+def state_dir() -> Path:
+    """fedkube's state directory: $XDG_STATE_HOME/fedkube (~/.local/state/fedkube)."""
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "fedkube"
 
 
 class _Strict(BaseModel):
@@ -74,8 +81,9 @@ class TLSSettings(_Strict):
 class DirectorConfig(_Strict):
     host: str = Field(default="127.0.0.1", description="address to listen on")
     port: Port = Field(default=DEFAULT_PORT, description="gRPC port (0: any free port)")
-    data_dir: Path = Field(default=Path("fedkube-data"), description=(
-        "where the store, the experiments' archives and their models live"))
+    data_dir: Path = Field(default_factory=lambda: state_dir() / "director", description=(
+        "where the store, the experiments' archives and their models live (default: "
+        "$XDG_STATE_HOME/fedkube/director, i.e. ~/.local/state/fedkube/director)"))
     sample_shape: list[str] = Field(default_factory=lambda: ["8", "8"], description=(
         "the shape of one sample that every shard must have"))
     target_shape: list[str] = Field(default_factory=lambda: ["1"], description=(
@@ -185,8 +193,9 @@ class EnvoyConfig(_Strict):
         "GPU indices this envoy owns (default: every GPU its environment shows)"))
     runtime: Literal["process", "pod"] = "process"
     pod: PodSettings = Field(default_factory=PodSettings)
-    work_dir: Path = Field(default=Path("fedkube-envoy"), description=(
-        "where the envoy keeps experiments' archives and collaborator logs"))
+    work_dir: Path = Field(description=(
+        "where the envoy keeps experiments' archives and collaborator logs (default: "
+        "$XDG_STATE_HOME/fedkube/envoy-NAME, i.e. ~/.local/state/fedkube/envoy-NAME)"))
     tls: TLSSettings
     max_backoff: float = Field(default=30.0, gt=0, description="cap of the reconnect delay, s")
     openfl_python: Path | None = Field(default=None, description=(
@@ -203,6 +212,14 @@ class EnvoyConfig(_Strict):
         "the shard policy (a YAML file, or its fields inline in a config file): who may "
         "use this shard, with what, and whether its data owner approves each experiment "
         "by hand (default: built-in tasks only, no requirements, approved automatically)"))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_work_dir(cls, data: Any) -> Any:
+        """Absolute and one per shard by default: never a folder of wherever it started."""
+        if isinstance(data, dict) and data.get("work_dir") is None and data.get("name"):
+            data = {**data, "work_dir": state_dir() / f"envoy-{data['name']}"}
+        return data
 
 
 ConfigT = TypeVar("ConfigT", bound=BaseModel)

@@ -96,13 +96,31 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for group in COMMAND_GROUPS:
         group.register(commands)
+    completion = commands.add_parser(
+        "completion", help="print the shell code that completes fedkube's commands and flags",
+        description='Add `eval "$(fedkube completion bash)"` to ~/.bashrc (zsh: '
+                    '`eval "$(fedkube completion zsh)"` in ~/.zshrc).')
+    completion.add_argument("shell", choices=["bash", "zsh", "fish", "tcsh"])
+    completion.set_defaults(func=print_completion)
     return parser
+
+
+def print_completion(args: argparse.Namespace) -> int:
+    from argcomplete.shell_integration import shellcode
+
+    print(shellcode(["fedkube"], shell=args.shell))
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     from fedkube.startup import reexec_with_huge_pages, setup_logging
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Completes and exits when the shell asks (_ARGCOMPLETE set); otherwise does nothing.
+    import argcomplete
+
+    argcomplete.autocomplete(parser)
+    args = parser.parse_args(argv)
     if getattr(args, "moves_models", False):
         reexec_with_huge_pages(sys.argv[1:] if argv is None else list(argv))
     setup_logging("debug" if args.debug and args.log_level == "info" else args.log_level,

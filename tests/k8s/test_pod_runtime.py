@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ def _runtime(cluster: ControlPlane, node: str, *, unschedulable_after_s: float =
              ) -> PodRuntime:
     envoy = EnvoyConfig(name="hospital-b", director="digits-director.default.svc:50051",
                         tls=TLSSettings(insecure=True), runtime="pod",
+                        work_dir=Path(tempfile.mkdtemp(prefix="hospital-b-")),
                         pod=PodSettings(namespace=NAMESPACE, node_name=node,
                                         image="fedkube:test",
                                         unschedulable_after_s=unschedulable_after_s))
