@@ -183,3 +183,20 @@ def test_shard_annotations_answer_only_the_experiment_they_name() -> None:
         "accepted", "approved by the data owner")
     assert answer_in({"fedkube.io/approve": "ns.e", "fedkube.io/refuse": "ns.e",
                       "fedkube.io/reason": "audit"}, "ns.e") == ("refused", "audit")
+
+
+def test_a_collaborator_past_the_policys_wall_time_is_stopped_and_the_owner_told(
+        tmp_path: Path, processes: list[Process]) -> None:
+    from tests.helpers import SLOW_TASK, start_federation
+
+    _, client, _ = start_federation(
+        tmp_path, processes, 1, delays={0: 1.0},
+        policy={"userCode": True, "maxWallTimeSeconds": 3,
+                "passEnv": ["FEDKUBE_TEST_TRAIN_DELAY_S"]})
+    plan = Plan(task="archive:slow", rounds=100, params={"learning_rate": 1.0},
+                round_timeout_s=60)
+    submit_plan(client, "too-long", plan, ["env0"], files={"slow.py": SLOW_TASK})
+    final = client.wait("too-long", timeout=90)
+    assert final.status == "failed"
+    assert "ran past the 3 s its data owner allows (maxWallTimeSeconds)" in final.error
+    assert final.round < 100  # stopped long before its 100 rounds of a second each

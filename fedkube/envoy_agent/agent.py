@@ -208,7 +208,16 @@ class EnvoyAgent:
         job = CollaboratorJob(experiment=experiment, collaborator=self.name, archive=archive,
                               work_dir=work_dir, cuda_devices=devices, gpus=gpus,
                               resources=resources)
-        await self.runtime.run(job)
+        limit = self.policy.max_wall_time_seconds
+        try:
+            # Cancelling the run stops the collaborator (and all it started) before
+            # this returns, as at the envoy's own stop.
+            async with asyncio.timeout(limit):
+                await self.runtime.run(job)
+        except TimeoutError:
+            raise CollaboratorFailed(
+                f"shard policy: the collaborator ran past the {limit} s its data owner "
+                f"allows (maxWallTimeSeconds); stopped") from None
 
     # -- the data owner's review ----------------------------------------------------------
 
