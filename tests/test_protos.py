@@ -73,9 +73,9 @@ def test_generated_code_is_fresh(tmp_path: Path) -> None:
     subprocess.run([sys.executable, str(ROOT / "tools/gen_protos.py"), str(tmp_path)],
                    check=True, capture_output=True)
     generated = sorted((tmp_path / "fedkube/proto").glob("*_pb2*.py*"))
-    # base, director, aggregator, the streaming extension and the director's own frontend API:
-    # for each the messages (.py, .pyi) and the gRPC stubs (.py, .pyi)
-    assert len(generated) == 20
+    # base, director, aggregator, the streaming and review extensions and the director's own
+    # frontend API: for each the messages (.py, .pyi) and the gRPC stubs (.py, .pyi)
+    assert len(generated) == 24
     for path in generated:
         committed = ROOT / "fedkube/proto" / path.name
         assert committed.read_text() == path.read_text(), (
