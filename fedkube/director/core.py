@@ -67,6 +67,15 @@ class OwnerLimits:
 
 
 @dataclass(frozen=True)
+class Claim:
+    """A new experiment's key, held while it uploads, and the bytes its owner may still
+    store (None: owners are not limited)."""
+
+    key: str
+    budget: int | None
+
+
+@dataclass(frozen=True)
 class Acknowledgement:
     accepted: bool
     reason: str = ""
@@ -262,7 +271,9 @@ class Director:
         return self.data_dir / "experiments" / name
 
     def validate_new_experiment(self, name: str, collaborators: Sequence[str],
-                                owner: str = "") -> None:
+                                owner: str = "") -> int | None:
+        """Refuses what may not be submitted; returns the bytes the owner's experiment may
+        still store (upload_budget), or None when owners are not limited."""
         if not EXPERIMENT_NAME.fullmatch(name):
             raise InvalidArgumentError(
                 f"experiment name {name!r} must be 1-253 lowercase letters, digits, '.', '-' "
@@ -279,9 +290,10 @@ class Director:
         unknown = sorted(set(collaborators) - set(self._envoys))
         if unknown:
             raise InvalidArgumentError(f"unknown collaborators (no such shard): {unknown}")
-        self._check_limits(owner)
+        return self._check_limits(owner)
 
-    def _check_limits(self, owner: str) -> None:
+    def _check_limits(self, owner: str) -> int | None:
+        """The owner's limits; returns its upload budget (one walk of its directories)."""
         limits = self.limits
         queued = sum(1 for e in self._experiments.values()
                      if e.owner == owner and e.status is ExperimentState.PENDING)
@@ -290,11 +302,13 @@ class Director:
                 f"you have {queued} experiments queued, the most this director takes from "
                 f"one owner (--max-queued-per-owner {limits.max_queued}); wait for some to "
                 "start, or remove some")
-        if limits.max_stored_bytes and self.stored_bytes(owner) >= limits.max_stored_bytes:
+        budget = self.upload_budget(owner)
+        if budget == 0:
             raise ResourceExhaustedError(
                 f"your experiments hold {self.stored_bytes(owner)} bytes on the director, "
                 f"its limit per owner (--max-stored-bytes-per-owner "
                 f"{limits.max_stored_bytes}); remove some (fedkube experiment remove)")
+        return budget
 
     def stored_bytes(self, owner: str) -> int:
         """What an owner's experiments hold on the director's disk."""
@@ -307,11 +321,11 @@ class Director:
             return None
         return max(0, self.limits.max_stored_bytes - self.stored_bytes(owner))
 
-    def claim_name(self, owner: str, name: str, collaborators: Sequence[str]) -> str:
+    def claim_name(self, owner: str, name: str, collaborators: Sequence[str]) -> Claim:
         """Checks a new experiment and holds a key for it until release_name (an upload
-        under way); returns the key: its name, or, when another owner's experiment has
-        that key, the name with a digest of owner and name."""
-        self.validate_new_experiment(name, collaborators, owner)
+        under way); returns the key (its name, or, when another owner's experiment has
+        that key, the name with a digest of owner and name) and the owner's budget."""
+        budget = self.validate_new_experiment(name, collaborators, owner)
         taken = self._experiments.keys() | self._claimed.keys()
         key = name
         digest = hashlib.sha256(f"{owner}\0{name}".encode()).hexdigest()
@@ -321,7 +335,7 @@ class Director:
             key = f"{name[:252 - len(suffix)].rstrip('._-')}-{suffix}"
             attempt += 1
         self._claimed[key] = (owner, name)
-        return key
+        return Claim(key, budget)
 
     def release_name(self, key: str) -> None:
         self._claimed.pop(key, None)
@@ -333,7 +347,7 @@ class Director:
         """Registers an experiment whose archive is already at archive_path; queues it.
         `key` is what claim_name returned for it (claimed here when not given)."""
         if key is None:
-            key = self.claim_name(owner, name, collaborators)
+            key = self.claim_name(owner, name, collaborators).key
         elif self._claimed.get(key) != (owner, name):
             raise InternalError(f"experiment key {key!r} is not claimed for {name!r}")
         try:

@@ -86,9 +86,9 @@ class ExperimentUploads:
             async for message in messages:
                 if first is None:
                     first = message
-                    key = self.director.claim_name(owner, message.name,
-                                                   list(message.collaborator_names))
-                    budget = self.director.upload_budget(owner)
+                    claim = self.director.claim_name(owner, message.name,
+                                                     list(message.collaborator_names))
+                    key, budget = claim.key, claim.budget
                     tmp = _fresh_directory(self.director.experiment_dir(key))
                     sink = tmp.open("wb")
                     model = ModelWriter(tmp.parent, self.max_model_bytes)
