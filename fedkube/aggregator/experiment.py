@@ -148,12 +148,37 @@ class Outcome(Protocol):
     def experiment_done(self, name: str, *, error: str | None) -> None: ...
 
 
-def refused_error(refusals: Mapping[str, str], left: int, quorum: int) -> str:
-    """Why an experiment its shards refused cannot run: each refusal's reason."""
-    reasons = "; ".join(f"{shard}: {reason or 'no reason given'}"
-                        for shard, reason in sorted(refusals.items()))
-    return (f"refused by its shards ({reasons}); {left} collaborator"
-            f"{'' if left == 1 else 's'} left, quorum {quorum}")
+class ShardReview:
+    """The shards' decisions as an experiment's rounds keep them (both kinds of rounds;
+    fedkube.director.core.Director.decide): while one awaits its data owner nobody gets
+    tasks and nothing times out; a refused one leaves the collaborators for good."""
+
+    def __init__(self) -> None:
+        self.awaiting: set[str] = set()
+        self.refusals: dict[str, str] = {}
+
+    def take(self, collaborators: list[str], shard: str, decision: str, reason: str) -> bool:
+        """Applies a collaborator's decision; True when it refused (and has left
+        collaborators)."""
+        if decision == "awaiting":
+            self.awaiting.add(shard)
+            return False
+        self.awaiting.discard(shard)
+        if decision != "refused":
+            return False
+        self.refusals[shard] = reason
+        collaborators.remove(shard)
+        return True
+
+    def failure(self, left: int, quorum: int) -> str | None:
+        """Why the experiment cannot run, when the refusals left fewer than its quorum:
+        each refusal's reason."""
+        if left >= quorum:
+            return None
+        reasons = "; ".join(f"{shard}: {reason or 'no reason given'}"
+                            for shard, reason in sorted(self.refusals.items()))
+        return (f"refused by its shards ({reasons}); {left} collaborator"
+                f"{'' if left == 1 else 's'} left, quorum {quorum}")
 
 
 class ExperimentAggregator:
@@ -178,10 +203,7 @@ class ExperimentAggregator:
         self.events: list[MetricEvent] = []
         self.dropped: set[str] = set()  # out now: missed a deadline, not back yet
         self.dropouts: set[str] = set(dropouts)  # ever dropped, for the status
-        # The shards' review (fedkube.director.core.Director.decide): while one awaits
-        # its data owner, nobody gets tasks and nothing times out; refused ones are out.
-        self.awaiting: set[str] = set()
-        self.refusals: dict[str, str] = {}
+        self.shard_review = ShardReview()
         self.changed = asyncio.Event()
         if start_round > 0:
             self._resume_metrics(start_round)
@@ -412,7 +434,7 @@ class ExperimentAggregator:
         if self.phase is not RoundPhase.OPEN or self._receiving.locked():
             return
         now = self.clock()
-        if self.awaiting:  # a data owner's answer may take days: the clocks wait too
+        if self.shard_review.awaiting:  # an answer may take days: the clocks wait too
             self._round_opened = now
             if self._round_started is not None:
                 self._round_started = now
@@ -443,20 +465,15 @@ class ExperimentAggregator:
         (failing the experiment when those left are fewer than its quorum)."""
         if self.done or shard not in self.collaborators:
             return
-        if decision == "awaiting":
-            self.awaiting.add(shard)
-            return
-        self.awaiting.discard(shard)
-        if decision == "refused":
-            self.refusals[shard] = reason
-            self.collaborators.remove(shard)
+        if self.shard_review.take(self.collaborators, shard, decision, reason):
             self.dropped.discard(shard)
-            if len(self.collaborators) < self.quorum:
-                self._finish(refused_error(self.refusals, len(self.collaborators),
-                                           self.quorum))
+            error = self.shard_review.failure(len(self.collaborators), self.quorum)
+            if error is not None:
+                self._finish(error)
                 return
             self._in_background(self._when_free(self._advance))
-        self._signal()
+        if decision != "awaiting":
+            self._signal()
 
     # -- RPCs ----------------------------------------------------------------------------
 
@@ -474,7 +491,7 @@ class ExperimentAggregator:
                             "collaborator": sender})
         if self.done:
             return aggregator_pb2.GetTasksResponse(round_number=self.round, quit=True)
-        if self.awaiting:
+        if self.shard_review.awaiting:
             return aggregator_pb2.GetTasksResponse(round_number=self.round,
                                                    sleep_time=WAIT_SECONDS)
         tasks = self.tasks_for(sender)

@@ -48,9 +48,9 @@ from fedkube.aggregator.experiment import (
     STARTUP_TIMEOUT_S,
     MetricEvent,
     Outcome,
+    ShardReview,
     append_metric,
     check_data_size,
-    refused_error,
     resumed_events,
     save_model,
 )
@@ -140,9 +140,7 @@ class OpenFLRounds:
         self.done = False
         self.events: list[MetricEvent] = []
         self.changed = asyncio.Event()
-        # The shards' review, as ExperimentAggregator keeps it.
-        self.awaiting: set[str] = set()
-        self.refusals: dict[str, str] = {}
+        self.shard_review = ShardReview()
         self._lock = asyncio.Lock()
         self._closing: set[asyncio.Task[None]] = set()  # a round end a cut-off started
         self._tensors: dict[tuple[str, str], base_pb2.NamedTensor] = {}
@@ -219,7 +217,7 @@ class OpenFLRounds:
         self._check_sender(sender)
         if self.done:
             return aggregator_pb2.GetTasksResponse(round_number=self.round, quit=True)
-        if self.awaiting:
+        if self.shard_review.awaiting:
             return aggregator_pb2.GetTasksResponse(round_number=self.round,
                                                    sleep_time=WAIT_SECONDS)
         tasks = self._tasks_left(sender)
@@ -406,7 +404,7 @@ class OpenFLRounds:
         fails an experiment nobody started."""
         if self.done or self._lock.locked():
             return
-        if self.awaiting:  # a data owner's answer may take days: the clocks wait too
+        if self.shard_review.awaiting:  # an answer may take days: the clocks wait too
             self._opened = self.clock()
             if self._policy_started is not None:
                 self._policy_started = self._opened
@@ -542,25 +540,21 @@ class OpenFLRounds:
         minimum, is left)."""
         if self.done or shard not in self.collaborators:
             return
-        if decision == "awaiting":
-            self.awaiting.add(shard)
-            return
-        self.awaiting.discard(shard)
-        if decision == "refused":
-            self.refusals[shard] = reason
-            self.collaborators.remove(shard)
+        if self.shard_review.take(self.collaborators, shard, decision, reason):
             self._results.pop(shard, None)
             if shard in self._done:
                 self._done.remove(shard)
-            quorum = max(1, self.plan.straggler.minimum_reporting)
-            if len(self.collaborators) < quorum:
-                self._finish(refused_error(self.refusals, len(self.collaborators), quorum))
+            error = self.shard_review.failure(len(self.collaborators),
+                                              max(1, self.plan.straggler.minimum_reporting))
+            if error is not None:
+                self._finish(error)
                 return
             if self._done and self._round_can_end() and not self._closing:
                 task = asyncio.get_running_loop().create_task(self._end_round_when_free())
                 self._closing.add(task)
                 task.add_done_callback(self._closing.discard)
-        self._signal()
+        if decision != "awaiting":
+            self._signal()
 
     def fail(self, error: str) -> None:
         self._finish(error)
